@@ -1,0 +1,36 @@
+# Two entry points, both usable on a fresh machine with only python3:
+#   make demo   train the example transformer with the monitor, write TensorBoard logs and a report
+#   make test   lint, type-check and run the test suite
+# Both create (or reuse) the virtual environment in .venv.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+# The CPU build of torch; installed before the package so that its `torch>=` range is satisfied.
+TORCH   ?= torch==2.13.0
+DEMO_DIR ?= runs/demo
+
+.PHONY: demo test lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/char_transformer.py --log-dir $(DEMO_DIR)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs lightning_logs .pytest_cache .mypy_cache .ruff_cache
