@@ -197,6 +197,7 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         # Run state (saved in checkpoints).
         self._steps: dict[int, int] = {}  # optimizer index -> optimizer steps taken
         self._alert_count = 0
+        self._skipped_steps = 0
         # Per-fit state (rebuilt in on_fit_start).
         self._optimizers: list[torch.optim.Optimizer] = []
         self._grad_stats: list[GradientStats] = []
@@ -291,7 +292,7 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
             step=step,
             grad=grad,
             lrs=[float(g["lr"]) for g in optimizer.param_groups],
-            grad_count=sum(p.grad is not None for p in stats.params),
+            grad_count=stats.last_grad_count,
             log=do_log,
         )
 
@@ -336,6 +337,7 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
             "version": _STATE_VERSION,
             "steps": dict(self._steps),
             "alert_count": self._alert_count,
+            "skipped_steps": self._skipped_steps,
             "detector": self.detector.state_dict(),
         }
 
@@ -344,6 +346,7 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         after a resume is undefined (not logged)."""
         self._steps = {int(k): int(v) for k, v in state_dict.get("steps", {}).items()}
         self._alert_count = int(state_dict.get("alert_count", 0))
+        self._skipped_steps = int(state_dict.get("skipped_steps", 0))
         self.detector.load_state_dict(state_dict.get("detector", {}))
         for stats in self._grad_stats:
             stats.forget()
@@ -369,6 +372,10 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         cosine_f = cosine if math.isfinite(cosine) else None
 
         alerts: list[Alert] = []
+        if pending.grad_count == 0 and loss_f is None:
+            # training_step returned None: Lightning counts the step, nothing was learned.
+            self._skipped_steps += 1
+            return
         if pending.grad_count == 0:
             alerts.append(
                 Alert(

@@ -125,7 +125,9 @@ class GradientStats:
         self._ref: _FlatViews | None = None
         self._prev_sq = torch.zeros((), device=self.device)
         self._prev_valid = torch.zeros((), dtype=torch.bool, device=self.device)
-        self._pending_sq: Tensor | None = None
+        self._skipped = False
+        #: How many parameters had a gradient at the last :meth:`local_sums` call.
+        self.last_grad_count = 0
 
     def forget(self) -> None:
         """Drop the reference gradient: the next cosine is undefined (used after resume)."""
@@ -161,23 +163,25 @@ class GradientStats:
             grads.append(local_tensor(g))
             if want_ref:
                 refs.append(self._ref.views[i])  # type: ignore[union-attr]
+        self.last_grad_count = len(grads)
+        self._skipped = not grads
+        if not grads:
+            # No gradient at all (a skipped batch): leave the reference as it is, so the next
+            # cosine compares with the last real gradient.
+            return torch.zeros(2, device=self.device)
         sq = _sum_sq(grads, self.device)
         if not want_ref:
             return torch.stack([sq, torch.zeros_like(sq)])
         assert self._ref is not None
         if missing:
             torch._foreach_zero_(missing)
-        if grads:
-            if all(g.dtype == r.dtype for g, r in zip(grads, refs, strict=True)):
-                torch._foreach_mul_(refs, grads)
-                dot = self._ref.dot_sum(self.device)
-                torch._foreach_copy_(refs, grads)
-            else:  # mixed precision reference: compute the products in float32
-                prods = [(g.float() * r.float()).sum() for g, r in zip(grads, refs, strict=True)]
-                dot = torch.stack(prods).sum()
-                torch._foreach_copy_(refs, grads)
-        else:
-            dot = torch.zeros((), device=self.device)
+        if all(g.dtype == r.dtype for g, r in zip(grads, refs, strict=True)):
+            torch._foreach_mul_(refs, grads)
+            dot = self._ref.dot_sum(self.device)
+        else:  # reference in another dtype (bf16): products in float32, one kernel per tensor
+            prods = [(g.float() * r.float()).sum() for g, r in zip(grads, refs, strict=True)]
+            dot = torch.stack(prods).sum()
+        torch._foreach_copy_(refs, grads)
         return torch.stack([sq, dot])
 
     def finish(self, sums: Tensor) -> Tensor:
@@ -187,6 +191,8 @@ class GradientStats:
         reference's for the next step.
         """
         sq, dot = sums[0], sums[1]
+        if self._skipped:
+            return torch.stack([sq, torch.full_like(dot, float("nan"))])
         norm = sq.sqrt()
         denom = (sq * self._prev_sq).sqrt()
         valid = self._prev_valid & torch.isfinite(denom) & (denom > 0) & torch.isfinite(dot)
