@@ -270,7 +270,7 @@ def test_resume_from_checkpoint_restores_state(tmp_path: os.PathLike) -> None:
     values = {8: 2.0, 10: 15.0, 3: 12.0}
     loader = make_loader(n=32, batch_size=4)
     ckpt_dir = os.path.join(str(tmp_path), "ckpt")
-    first = WarmupMonitor(warmup_steps=16)
+    first = WarmupMonitor(warmup_steps=8)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True)
     model = tiny_module_class(pl)(scripted=_scripted(values))
     fit(
@@ -288,7 +288,7 @@ def test_resume_from_checkpoint_restores_state(tmp_path: os.PathLike) -> None:
     assert state["alert_count"] == 1  # the 12.0 at step 3
 
     hooked: list[Alert] = []
-    second = WarmupMonitor(warmup_steps=16, on_alert=hooked.append)
+    second = WarmupMonitor(warmup_steps=8, on_alert=hooked.append)
     trainer = fit(
         pl,
         tmp_path,
@@ -352,3 +352,13 @@ def test_key_prefix_and_bf16_reference(tmp_path: os.PathLike) -> None:
     for t in range(1, 5):
         expected = F.cosine_similarity(_flat(rec.grads[t]), _flat(rec.grads[t - 1]), dim=0).item()
         assert scalars["wm/grad_cosine"][t] == pytest.approx(expected, abs=1e-2)
+
+
+def test_warns_when_training_is_shorter_than_warmup(tmp_path: os.PathLike) -> None:
+    import pytorch_lightning as pl
+
+    with pytest.warns(
+        UserWarning, match="warmup_steps=16 is longer than the Trainer's max_steps=4"
+    ):
+        trainer = fit(pl, tmp_path, [WarmupMonitor(warmup_steps=16)], max_steps=4)
+    assert sorted(read_scalars(trainer.log_dir)["warmup/loss"]) == [0, 1, 2, 3]
