@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -15,9 +13,10 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from warmup_monitor._checks import check_choice, check_int
-from warmup_monitor.alerts import ALERTS_FILENAME, Alert, AlertDispatcher, AlertKind
+from warmup_monitor.alerts import ALERTS_FILENAME, Alert, AlertDispatcher
 from warmup_monitor.detectors import InstabilityDetector
-from warmup_monitor.stats import CosineMode, GradientStats, UpdateRatio
+from warmup_monitor.engine import MonitorEngine
+from warmup_monitor.stats import CosineMode
 from warmup_monitor.tensorboard import write_layout
 
 log = logging.getLogger("warmup_monitor")
@@ -52,17 +51,6 @@ def _tensorboard_logger_types() -> tuple[type, ...]:
         return tuple(types)
     types.append(LTensorBoardLogger)
     return tuple(types)
-
-
-@dataclass
-class _Pending:
-    """What ``on_before_optimizer_step`` measured, waiting for the step's loss."""
-
-    step: int
-    grad: Tensor  # [grad_norm, cosine] on the device
-    lrs: list[float]
-    grad_count: int
-    log: bool
 
 
 class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
@@ -107,7 +95,11 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
     Args:
         warmup_steps: Planned warmup length in optimizer steps (>= 1).
         log_every_n_steps: Log every this many optimizer steps during warmup (detection still
-            runs on every step).
+            sees every step).
+        check_every_n_steps: On steps that do not log, read the kept values back to the host
+            (one batched read) every this many steps; detectors see every step in order, a
+            decision comes at most ``check_every_n_steps - 1`` steps late. Raise it with
+            ``log_every_n_steps`` to take no host sync on quiet steps.
         post_warmup_steps: Keep monitoring (and logging) this many optimizer steps after warmup
             ends; ``-1`` monitors until training ends.
         post_warmup_log_every_n_steps: Logging interval after warmup (default:
@@ -140,6 +132,7 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         *,
         warmup_steps: int,
         log_every_n_steps: int = 1,
+        check_every_n_steps: int = 1,
         post_warmup_steps: int = 100,
         post_warmup_log_every_n_steps: int | None = None,
         spike_factor: float | None = None,
@@ -194,42 +187,26 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
             raise TypeError(f"`update_ratio` must be a bool, got {update_ratio!r}")
         self.update_ratio = update_ratio
 
-        # Run state (saved in checkpoints).
-        self._steps: dict[int, int] = {}  # optimizer index -> optimizer steps taken
-        self._alert_count = 0
-        self._skipped_steps = 0
-        # Per-fit state (rebuilt in on_fit_start).
-        self._optimizers: list[torch.optim.Optimizer] = []
-        self._grad_stats: list[GradientStats] = []
-        self._update: list[UpdateRatio | None] = []
-        self._pending: dict[int, _Pending] = {}
-        self._loss_sum: Tensor | None = None
-        self._loss_count = 0
+        self.check_every_n_steps = check_every_n_steps
+        self._engine = MonitorEngine(
+            warmup_steps=self.warmup_steps,
+            log_every_n_steps=self.log_every_n_steps,
+            check_every_n_steps=check_int("check_every_n_steps", check_every_n_steps, minimum=1),
+            post_warmup_steps=self.post_warmup_steps,
+            post_warmup_log_every_n_steps=self.post_warmup_log_every_n_steps,
+            detector=self.detector,
+            cosine=self.cosine,
+            reference_dtype=self._reference_dtype,
+            update_ratio=self.update_ratio,
+            key_prefix=self.log_key_prefix,
+        )
         self._dispatcher: AlertDispatcher | None = None
         self._log_dir: str | None = None
-        self._released = False
-
-    # ------------------------------------------------------------------ schedule of the window
 
     @property
-    def monitor_until(self) -> float:
-        """The first optimizer step no longer monitored (``inf`` with ``post_warmup_steps=-1``)."""
-        if self.post_warmup_steps < 0:
-            return math.inf
-        return self.warmup_steps + self.post_warmup_steps
-
-    def _is_active(self, step: int) -> bool:
-        return step < self.monitor_until
-
-    def _should_log(self, step: int) -> bool:
-        if step < self.warmup_steps:
-            return step % self.log_every_n_steps == 0
-        return (step - self.warmup_steps) % self.post_warmup_log_every_n_steps == 0
-
-    def _key(self, name: str, opt_idx: int) -> str:
-        if opt_idx == 0:
-            return f"{self.log_key_prefix}{name}"
-        return f"{self.log_key_prefix}opt{opt_idx}/{name}"
+    def engine(self) -> MonitorEngine:
+        """The Lightning-free engine doing the work (step counts, detectors, statistics)."""
+        return self._engine
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -245,21 +222,18 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._optimizers = list(trainer.optimizers)
-        self._grad_stats = []
-        self._update = []
-        for idx, opt in enumerate(self._optimizers):
-            params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
-            self._grad_stats.append(
-                GradientStats(params, cosine=self.cosine, reference_dtype=self._reference_dtype)
-            )
-            self._update.append(UpdateRatio(params) if self.update_ratio else None)
-            if idx not in self._steps:
-                # Automatic optimization steps one optimizer: its count is the global step.
-                self._steps[idx] = trainer.global_step if len(self._optimizers) == 1 else 0
-        self._pending = {}
-        self._reset_loss()
-        self._released = False
+        engine = self._engine
+        optimizers = list(trainer.optimizers)
+        # Automatic optimization steps one optimizer: its step count is the global step.
+        first = trainer.global_step if len(optimizers) == 1 else 0
+        engine.attach(optimizers, first_step=first)
+        engine.world_size = trainer.world_size
+        if type(trainer.strategy).__name__ == "FSDPStrategy":
+            # FSDP1 (GPU only): gradients are flat shards on each rank.
+            engine.sharded = True
+            engine.shards_span_world = True
+        engine.metrics_sinks = []
+        engine.alert_sinks = []
         if trainer.is_global_zero:
             writers = self._tensorboard_writers(trainer)
             for writer in writers:
@@ -270,31 +244,19 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
                 on_alert=self.on_alert,
                 text_tag=f"{self.log_key_prefix}alerts",
             )
+            engine.alert_sinks.append(self._dispatcher.dispatch)
+            loggers = list(trainer.loggers)
+
+            def log_metrics(metrics: dict[str, float], step: int) -> None:
+                for logger in loggers:
+                    logger.log_metrics(metrics, step=step)
+
+            engine.metrics_sinks.append(log_metrics)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        idx = self._optimizer_index(optimizer)
-        if idx is None:
-            return
-        step = self._steps.get(idx, 0)
-        if not self._is_active(step):
-            self._release()
-            return
-        stats = self._grad_stats[idx]
-        sums = stats.local_sums()
-        grad = stats.finish(sums)
-        do_log = self._should_log(step)
-        updater = self._update[idx]
-        if updater is not None and do_log:
-            updater.snapshot()
-        self._pending[idx] = _Pending(
-            step=step,
-            grad=grad,
-            lrs=[float(g["lr"]) for g in optimizer.param_groups],
-            grad_count=stats.last_grad_count,
-            log=do_log,
-        )
+        self._engine.before_step(optimizer)
 
     def on_train_batch_end(
         self,
@@ -304,137 +266,34 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         batch: Any,
         batch_idx: int,
     ) -> None:
-        loss = _extract_loss(outputs)
-        if loss is not None:
-            loss = loss.detach().float()
-            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-            self._loss_count += 1
-        if not self._pending:
-            return
+        self._engine.add_loss(_extract_loss(outputs))
+        # Automatic optimization divides each micro-batch's loss by the accumulation factor.
         scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
-        mean_loss = None
-        if self._loss_sum is not None and self._loss_count:
-            mean_loss = self._loss_sum * (scale / self._loss_count)
-        for idx in sorted(self._pending):
-            self._finish_step(trainer, idx, self._pending[idx], mean_loss if idx == 0 else None)
-        self._pending = {}
-        self._reset_loss()
+        self._engine.end_batch(loss_scale=float(scale))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._engine.detach()
         if self._dispatcher is not None:
             self._dispatcher.close()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._engine.detach()
         if self._dispatcher is not None:
             self._dispatcher.close()
-        self._release()
 
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue: step counts, alert count, the detector's state."""
-        return {
-            "version": _STATE_VERSION,
-            "steps": dict(self._steps),
-            "alert_count": self._alert_count,
-            "skipped_steps": self._skipped_steps,
-            "detector": self.detector.state_dict(),
-        }
+        """Everything needed to continue: step counts, counters, the detectors' states."""
+        return {"version": _STATE_VERSION, **self._engine.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`. The previous gradient is not saved: the first cosine
         after a resume is undefined (not logged)."""
-        self._steps = {int(k): int(v) for k, v in state_dict.get("steps", {}).items()}
-        self._alert_count = int(state_dict.get("alert_count", 0))
-        self._skipped_steps = int(state_dict.get("skipped_steps", 0))
-        self.detector.load_state_dict(state_dict.get("detector", {}))
-        for stats in self._grad_stats:
-            stats.forget()
+        self._engine.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ internals
-
-    def _finish_step(
-        self, trainer: pl.Trainer, idx: int, pending: _Pending, loss: Tensor | None
-    ) -> None:
-        step = pending.step
-        self._steps[idx] = step + 1
-        values = [pending.grad[0], pending.grad[1]]
-        values.append(loss if loss is not None else torch.full_like(pending.grad[0], math.nan))
-        updater = self._update[idx]
-        upd_sums = updater.local_sums() if updater is not None and updater.has_snapshot else None
-        if upd_sums is not None:
-            values.append(UpdateRatio.finish(upd_sums).to(pending.grad.device))
-        # The one device-to-host read of this step.
-        host = torch.stack(values).tolist()
-        grad_norm, cosine, loss_value = host[0], host[1], host[2]
-        update_ratio = host[3] if len(host) > 3 else None
-        loss_f = loss_value if loss is not None else None
-        cosine_f = cosine if math.isfinite(cosine) else None
-
-        alerts: list[Alert] = []
-        if pending.grad_count == 0 and loss_f is None:
-            # training_step returned None: Lightning counts the step, nothing was learned.
-            self._skipped_steps += 1
-            return
-        if pending.grad_count == 0:
-            alerts.append(
-                Alert(
-                    step=step,
-                    kind=AlertKind.MONITOR,
-                    message="no parameter of the optimizer has a gradient at this step",
-                    details={"optimizer": idx},
-                )
-            )
-        alerts.extend(self.detector.update(step, loss_f, grad_norm, cosine_f))
-        self._alert_count += len(alerts)
-
-        if pending.log or alerts:
-            metrics: dict[str, float] = {self._key("lr", idx): pending.lrs[0]}
-            if len(pending.lrs) > 1:
-                for j, lr in enumerate(pending.lrs):
-                    metrics[self._key(f"lr/pg{j}", idx)] = lr
-            if loss_f is not None:
-                metrics[self._key("loss", idx)] = loss_f
-                ratio = self.detector.loss_ratio(loss_f)
-                if ratio is not None:
-                    metrics[self._key("loss_ratio", idx)] = ratio
-            if math.isfinite(grad_norm) or pending.grad_count:
-                metrics[self._key("grad_norm", idx)] = grad_norm
-            if cosine_f is not None:
-                metrics[self._key("grad_cosine", idx)] = cosine_f
-            if update_ratio is not None and math.isfinite(update_ratio):
-                metrics[self._key("update_ratio", idx)] = update_ratio
-            metrics[self._key("warmup_steps", idx)] = float(self.warmup_steps)
-            metrics[self._key("alerts", idx)] = float(self._alert_count)
-            metrics[self._key("unstable", idx)] = 1.0 if alerts else 0.0
-            if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    logger.log_metrics(metrics, step=step)
-        if self._dispatcher is not None:
-            for alert in alerts:
-                alert.details.setdefault("optimizer", idx)
-                self._dispatcher.dispatch(alert)
-
-    def _optimizer_index(self, optimizer: Any) -> int | None:
-        raw = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer wraps the raw one
-        for i, opt in enumerate(self._optimizers):
-            if opt is raw:
-                return i
-        return None
-
-    def _reset_loss(self) -> None:
-        self._loss_sum = None
-        self._loss_count = 0
-
-    def _release(self) -> None:
-        if self._released:
-            return
-        for stats in self._grad_stats:
-            stats.release()
-        for upd in self._update:
-            if upd is not None:
-                upd.release()
-        self._released = True
 
     def _alerts_path(self) -> str | None:
         if self.alerts_file is None:
