@@ -1,0 +1,120 @@
+"""One training run for the distributed tests: single process, DDP or FSDP2 on 2 CPU processes.
+
+Every run sees the same global batches: a single process trains on batches of 8 samples; each of
+2 ranks trains on its half (``data[rank::2]``, 4 samples a batch, no distributed sampler), so the
+averaged gradient equals the single process's. Each rank writes ``rank{R}.json`` with the
+monitor's state and the alerts it decided on; rank zero's TensorBoard files are in ``--out``.
+
+Usage: python distributed_run.py --mode single|ddp|fsdp --out DIR [--nan-rank R --nan-step S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from warmup_monitor import Alert, WarmupMonitor
+
+warnings.filterwarnings("ignore")
+
+
+class Net(pl.LightningModule):
+    def __init__(self, nan_rank: int, nan_step: int, fsdp: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(6, 32),
+            torch.nn.Tanh(),
+            torch.nn.Linear(32, 32),
+            torch.nn.Tanh(),
+            torch.nn.Linear(32, 1),
+        )
+        self.nan_rank, self.nan_step, self.fsdp = nan_rank, nan_step, fsdp
+
+    def configure_model(self) -> None:
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.layers:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(self.layers, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.layers(x), y)
+        if self.global_rank == self.nan_rank and self.trainer.global_step == self.nan_step:
+            loss = loss - loss.detach() + math.nan  # the value only: gradients stay finite
+        return loss
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        opt = torch.optim.AdamW(self.parameters(), lr=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=["single", "ddp", "fsdp"], required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--nan-rank", type=int, default=-1)
+    ap.add_argument("--nan-step", type=int, default=-1)
+    ap.add_argument("--steps", type=int, default=8)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=g)
+    y = torch.sin(x.sum(dim=1, keepdim=True)) + 0.1 * torch.randn(64, 1, generator=g)
+    alerts: list[Alert] = []
+    monitor = WarmupMonitor(warmup_steps=6, post_warmup_steps=10, on_alert=alerts.append)
+    if args.mode == "single":
+        strategy: object = "auto"
+        devices = 1
+    elif args.mode == "ddp":
+        strategy, devices = "ddp", 2
+    else:
+        from pytorch_lightning.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        devices = 2
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=args.steps,
+        callbacks=[monitor],
+        logger=pl.loggers.TensorBoardLogger(args.out, name="", version=""),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+    )
+    rank, world = trainer.global_rank, trainer.world_size
+    data = TensorDataset(x[rank::world], y[rank::world])
+    loader = DataLoader(data, batch_size=8 // world, shuffle=False)
+    trainer.fit(Net(args.nan_rank, args.nan_step, args.mode == "fsdp"), loader)
+    state = monitor.state_dict()
+    result = {
+        "rank": rank,
+        "world": world,
+        "state": json.loads(json.dumps(state, default=str)),
+        "alert_count": monitor.engine.alert_count,
+        "alerts": [a.to_dict() for a in alerts],
+    }
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
