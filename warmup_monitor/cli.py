@@ -1,0 +1,134 @@
+"""``warmup-monitor``: the command line.
+
+``warmup-monitor report RUN_DIR [RUN_DIR ...] [--json] [--out DIR] [--prefix warmup/]``
+
+Exit codes: 0 reported; 1 internal error; 2 usage error; 3 a RUN_DIR does not exist or is not a
+directory; 4 no event file in a RUN_DIR; 5 a run without the monitor's keys; 6 reported, but
+something was skipped (a truncated or corrupted event file, a bad JSONL line); 7 the ``--out``
+files could not be written. With several problems the lowest of 3-7 wins; the runs that could be
+read are reported all the same.
+
+This module imports neither the callback nor Lightning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from warmup_monitor.report.analysis import RunSummary, summarize
+from warmup_monitor.report.render import print_report, render_html, render_png, to_json
+from warmup_monitor.report.runs import (
+    EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_SKIPPED,
+    ReportError,
+    RunData,
+    find_run_dirs,
+    load_run,
+)
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="warmup-monitor", description="Tools around the WarmupMonitor callback."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    report = sub.add_parser(
+        "report",
+        help="summarize runs: verdict, alerts, advice",
+        description=(
+            "Read the TensorBoard event files and warmup_alerts.jsonl of each run and print a "
+            "summary with a verdict and advice. A directory without event files of its own is "
+            "searched for runs below it (e.g. lightning_logs/ holds version_0/, version_1/)."
+        ),
+        epilog=(
+            "exit codes: 0 reported; 2 usage; 3 no such directory; 4 no event files; "
+            "5 no warmup keys; 6 reported, something skipped; 7 could not write --out"
+        ),
+    )
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run's log directory")
+    report.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    report.add_argument(
+        "--out", metavar="DIR", help="also write DIR/report.png and DIR/report.html"
+    )
+    report.add_argument(
+        "--prefix", default="warmup/", help="the monitor's log_key_prefix (default: warmup/)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) and usage errors (2)
+        return int(e.code or 0)
+    return _report(args.run_dirs, as_json=args.json, out=args.out, prefix=args.prefix)
+
+
+def _report(run_dirs: Sequence[str], *, as_json: bool, out: str | None, prefix: str) -> int:
+    err = Console(stderr=True, highlight=False)
+    codes: list[int] = []
+    errors: list[str] = []
+    runs: list[RunData] = []
+    for given in run_dirs:
+        given = os.path.normpath(given)
+        try:
+            found = find_run_dirs(given)
+        except ReportError as e:
+            codes.append(e.exit_code)
+            errors.append(str(e))
+            continue
+        for path in found:
+            rel = os.path.relpath(path, given)
+            name = given if rel == "." else os.path.join(given, rel)
+            try:
+                runs.append(load_run(path, name=name, prefix=prefix))
+            except ReportError as e:
+                codes.append(e.exit_code)
+                errors.append(str(e))
+    summaries: list[RunSummary] = [summarize(run) for run in runs]
+    if any(r.problems for r in runs):
+        codes.append(EXIT_SKIPPED)
+
+    if as_json:
+        print(json.dumps(to_json(summaries, errors), indent=2))
+    elif summaries:
+        # Piped output gets a wide table rather than rich's 80 columns.
+        width = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
+        print_report(summaries, Console(highlight=False, width=width))
+    for r in summaries:
+        for note in r.notes:
+            err.print(f"note: {r.name}: {note}", markup=False)
+        for problem in r.problems:
+            err.print(f"skipped: {r.name}: {problem}", markup=False, style="yellow")
+    for message in errors:
+        err.print(f"error: {message}", markup=False, style="red")
+
+    if out is not None and summaries:
+        try:
+            os.makedirs(out, exist_ok=True)
+            png = render_png(runs, summaries)
+            with open(os.path.join(out, "report.png"), "wb") as f:
+                f.write(png)
+            with open(os.path.join(out, "report.html"), "w", encoding="utf-8") as f:
+                f.write(render_html(summaries, png, errors))
+        except OSError as e:
+            err.print(f"error: could not write the report to {out}: {e}", markup=False)
+            codes.append(EXIT_OUTPUT)
+        else:
+            if not as_json:
+                err.print(f"wrote {os.path.join(out, 'report.png')} and report.html", markup=False)
+    return min(codes) if codes else EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
