@@ -277,6 +277,11 @@ class MonitorEngine:
 
         return hook
 
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The watched optimizers, in index order."""
+        return [w.optimizer for w in self._watches]
+
     # ------------------------------------------------------------------ per step
 
     def watch_of(self, optimizer: Any) -> _Watch | None:
