@@ -56,6 +56,7 @@ def tiny_module_class(ns: ModuleType) -> type:
             optimizer: str = "sgd",
             none_at: tuple[int, ...] = (),
             inf_grad_at: int | None = None,
+            batch_from_step: bool = False,
         ) -> None:
             super().__init__()
             torch.manual_seed(0)
@@ -68,12 +69,18 @@ def tiny_module_class(ns: ModuleType) -> type:
             self.optimizer_name = optimizer
             self.none_at = none_at
             self.inf_grad_at = inf_grad_at
+            # Draw each batch from the global step instead of the loader: data stays aligned
+            # with the step across a resume, whatever the loops' epoch bookkeeping does.
+            self.batch_from_step = batch_from_step
             self.batch_losses: list[tuple[int, float]] = []
 
         def training_step(self, batch: Any, batch_idx: int) -> Any:
             if batch_idx in self.none_at:
                 return None
             x, y = batch
+            if self.batch_from_step:
+                data = make_data(n=len(x), seed=1000 + self.trainer.global_step)
+                x, y = data.tensors
             loss = torch.nn.functional.mse_loss(self.net(x), y)
             if self.scripted is not None:
                 # The value is scripted; the gradient stays that of the real loss.
@@ -89,6 +96,8 @@ def tiny_module_class(ns: ModuleType) -> type:
         def configure_optimizers(self) -> Any:
             if self.optimizer_name == "adamw":
                 opt: torch.optim.Optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr)
+            elif self.optimizer_name == "plain_sgd":
+                opt = torch.optim.SGD(self.parameters(), lr=self.lr)
             else:
                 opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
             if not self.warmup:

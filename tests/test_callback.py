@@ -7,6 +7,7 @@ import logging
 import math
 import os
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -362,3 +363,52 @@ def test_warns_when_training_is_shorter_than_warmup(tmp_path: os.PathLike) -> No
     ):
         trainer = fit(pl, tmp_path, [WarmupMonitor(warmup_steps=16)], max_steps=4)
     assert sorted(read_scalars(trainer.log_dir)["warmup/loss"]) == [0, 1, 2, 3]
+
+
+def test_resumed_run_logs_what_the_uninterrupted_run_logs(tmp_path: os.PathLike) -> None:
+    import pytorch_lightning as pl
+
+    values = {0: 1.0, 9: 30.0, 11: 12.0}
+    scripted = _scripted(values)
+
+    def run(root: str, max_steps: int, ckpt: str | None, hooked: list[Alert]) -> dict:
+        ckpt_dir = os.path.join(root, "ckpt")
+        monitor = WarmupMonitor(warmup_steps=12, on_alert=hooked.append)
+        with pytest.warns(UserWarning, match="longer than") if max_steps < 12 else _nullcontext():
+            trainer = fit(
+                pl,
+                root,
+                [monitor, pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
+                model=tiny_module_class(pl)(scripted=scripted, batch_from_step=True),
+                max_steps=max_steps,
+                loader=make_loader(n=32, batch_size=4),
+                enable_checkpointing=True,
+                ckpt_path=ckpt,
+            )
+        return read_scalars(trainer.log_dir)
+
+    whole_alerts: list[Alert] = []
+    whole = run(os.path.join(str(tmp_path), "whole"), 12, None, whole_alerts)
+    part_root = os.path.join(str(tmp_path), "parts")
+    run(part_root, 8, None, [])
+    resumed_alerts: list[Alert] = []
+    resumed = run(part_root, 12, os.path.join(part_root, "ckpt", "last.ckpt"), resumed_alerts)
+    for key in ["lr", "loss", "loss_ratio", "grad_norm", "update_ratio", "alerts", "unstable"]:
+        for step in range(8, 12):
+            assert resumed[f"warmup/{key}"][step] == pytest.approx(
+                whole[f"warmup/{key}"][step], rel=1e-6
+            ), (key, step)
+    for step in range(9, 12):
+        assert resumed["warmup/grad_cosine"][step] == pytest.approx(
+            whole["warmup/grad_cosine"][step], abs=1e-6
+        )
+    assert [(a.step, a.kind) for a in resumed_alerts] == [
+        (a.step, a.kind) for a in whole_alerts if a.step >= 8
+    ]
+    assert [a.step for a in whole_alerts] == [9, 11]
+
+
+def _nullcontext() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext()
