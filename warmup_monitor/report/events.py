@@ -226,8 +226,12 @@ def _add_fallback(
     order: int,
     scalars: dict[str, list[tuple[int, int, float]]],
     texts: dict[str, list[tuple[int, str]]],
+    plugins: dict[str, str],
 ) -> bool:
-    """Parse one record with TensorBoard's protobuf class; False if it is not an Event."""
+    """Parse one record with TensorBoard's protobuf class; False if it is not an Event.
+
+    ``plugins`` remembers each tag's plugin (named in its first event's metadata only).
+    """
     try:
         event = event_pb2.Event.FromString(record)
     except Exception:
@@ -235,6 +239,8 @@ def _add_fallback(
     if not event.HasField("summary"):
         return True
     for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name:
+            plugins[value.tag] = value.metadata.plugin_data.plugin_name
         kind = value.WhichOneof("value")
         if kind == "simple_value":
             scalars.setdefault(value.tag, []).append((order, event.step, value.simple_value))
@@ -243,7 +249,7 @@ def _add_fallback(
                 array = tensor_util.make_ndarray(value.tensor)
             except Exception:
                 continue
-            if array.dtype.kind in "SUO":
+            if array.dtype.kind in "SUO" and plugins.get(value.tag) == "text":
                 items = [
                     x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
                     for x in array.reshape(-1).tolist()
@@ -277,6 +283,7 @@ def read_event_files(paths: Iterable[str], prefix: str = "") -> EventData:
     out = EventData()
     chunks: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
     slow: dict[str, list[tuple[int, int, float]]] = {}
+    plugins: dict[str, str] = {}
     offset = 0  # record order across files
     for path in paths:
         name = os.path.basename(path)
@@ -303,7 +310,7 @@ def read_event_files(paths: Iterable[str], prefix: str = "") -> EventData:
         unparsable = 0
         for i in np.flatnonzero(~ok).tolist():
             s, n = int(starts[i]), int(lengths[i])
-            if not _add_fallback(data[s : s + n], offset + i, slow, out.texts):
+            if not _add_fallback(data[s : s + n], offset + i, slow, out.texts, plugins):
                 unparsable += 1
         if unparsable:
             out.problems.append(

@@ -260,8 +260,12 @@ def load_run(path: str, name: str | None = None, prefix: str = "warmup/") -> Run
         alerts, jsonl_problems = read_alerts_jsonl(jsonl)
         problems.extend(jsonl_problems)
         source = "jsonl"
-    elif events.texts.get(f"{prefix}alerts"):
-        alerts = _alerts_from_text(events.texts[f"{prefix}alerts"])
+    elif text := [
+        row
+        for tag in (f"{prefix}alerts", f"{prefix}alerts/text_summary")  # torch's add_text
+        for row in events.texts.get(tag, [])
+    ]:
+        alerts = _alerts_from_text(text)
         source = "tensorboard"
         notes.append(
             f"no {ALERTS_FILENAME}: alerts were read from the TensorBoard text (without details)"
