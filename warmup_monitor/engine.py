@@ -201,7 +201,7 @@ class MonitorEngine:
         return (step - self.warmup_steps) % self.post_warmup_log_every_n_steps == 0
 
     def _should_read(self, step: int) -> bool:
-        return self.should_log(step) or (step + 1) % self.check_every_n_steps == 0
+        return self.should_log(step) or step % self.check_every_n_steps == 0
 
     def key(self, name: str, opt_idx: int = 0) -> str:
         """The metric key of ``name`` for optimizer ``opt_idx``."""
