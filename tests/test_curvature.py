@@ -1,0 +1,551 @@
+"""The curvature probe against dense Hessians, and the guard's promise to leave training alone."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import warmup_monitor.curvature
+from warmup_monitor.curvature import (
+    SharpnessResult,
+    adam_preconditioner,
+    estimate_stability,
+    probe_guard,
+    stability_margin,
+    stability_threshold,
+    top_hessian_eigenvalue,
+)
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _quadratic(eigs: list[float], seed: int = 0) -> tuple[Tensor, list[Tensor], Callable]:
+    """A quadratic loss with Hessian ``Q diag(eigs) Q^T`` over two parameter tensors."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(eigs)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    hessian = (q * torch.tensor(eigs, dtype=torch.float64)) @ q.T
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    h32, b32 = hessian.float(), b.float()
+    w = torch.randn(n - 3, generator=g).requires_grad_()
+    v = torch.randn(3, generator=g).requires_grad_()
+
+    def loss() -> Tensor:
+        x = torch.cat([w, v])
+        return 0.5 * x @ h32 @ x + b32 @ x
+
+    return hessian, [w, v], loss
+
+
+def _mlp(seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3), nn.Tanh(), nn.Linear(3, 1))
+    model = model.to(dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(64, 4, generator=g, dtype=dtype)
+    y = torch.sin(x.sum(1, keepdim=True)) + 0.1 * torch.randn(64, 1, generator=g, dtype=dtype)
+    return model, x, y
+
+
+def _dense_hessian(
+    model: nn.Module, loss_of: Callable[[Callable[[Tensor], Tensor]], Tensor]
+) -> Tensor:
+    """The full Hessian of ``loss_of(forward)`` over ``model``'s parameters, in float64."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+    model64 = copy.deepcopy(model).double()
+
+    def f(flat: Tensor) -> Tensor:
+        params = {n: t.view(s) for n, t, s in zip(names, flat.split(sizes), shapes, strict=True)}
+        return loss_of(lambda x: torch.func.functional_call(model64, params, (x.double(),)))
+
+    return torch.autograd.functional.hessian(f, flat0, vectorize=True)
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+# ------------------------------------------------------------------------------- eigenvalue
+
+
+def test_quadratic_with_known_hessian_matches_to_1e_3() -> None:
+    eigs = [7.0, 5.5, 3.0, 1.0, 0.5, 0.1, -0.3, -2.0]
+    _, params, loss = _quadratic(eigs)
+    result = top_hessian_eigenvalue(loss, params, max_iters=20, tol=1e-4)
+    assert isinstance(result, SharpnessResult)
+    assert result.converged
+    assert _rel(result.value, 7.0) < 1e-3
+    assert result.iterations <= 8  # an 8-dimensional Krylov space is the whole space
+    assert result.elapsed > 0
+    assert all(p.grad is None for p in params)  # nothing accumulated
+
+
+def test_top_algebraic_eigenvalue_when_a_negative_one_dominates() -> None:
+    # Power iteration would return -20; the lr is bounded by the largest algebraic eigenvalue.
+    eigs = [-20.0, -5.0, 0.2, 1.0, 2.5, 3.0]
+    _, params, loss = _quadratic(eigs, seed=3)
+    result = top_hessian_eigenvalue(loss, params, tol=1e-5)
+    assert _rel(result.value, 3.0) < 1e-3
+    low_memory = top_hessian_eigenvalue(loss, params, tol=1e-5, reorthogonalize=False)
+    assert _rel(low_memory.value, 3.0) < 1e-3
+
+
+def test_small_mlp_matches_dense_hessian_to_1e_2() -> None:
+    model, x, y = _mlp()
+    params = list(model.parameters())
+    result = top_hessian_eigenvalue(lambda: F.mse_loss(model(x), y), params, max_iters=30)
+    hessian = _dense_hessian(model, lambda fwd: F.mse_loss(fwd(x), y.double()))
+    expected = torch.linalg.eigvalsh(hessian)[-1].item()
+    assert result.converged
+    assert _rel(result.value, expected) < 1e-2
+    assert _rel(result.value, expected) < 2e-3  # in practice much better than the contract
+
+
+def test_attention_model_runs_on_the_math_kernel() -> None:
+    """``scaled_dot_product_attention``'s CPU flash kernel has no double backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(12, 4, generator=g) / 2).requires_grad_()
+    bias = torch.zeros(12).requires_grad_()
+    x = torch.randn(2, 5, 4, generator=g)
+
+    def loss(w: Tensor, b: Tensor) -> Tensor:
+        q, k, v = F.linear(x.to(w.dtype), w, b).view(2, 5, 3, 2, 2).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).square().mean()
+
+    result = top_hessian_eigenvalue(lambda: loss(weight, bias), [weight, bias], tol=1e-5)
+    flat0 = torch.cat([weight.detach().reshape(-1), bias.detach()]).double()
+    with sdpa_kernel([SDPBackend.MATH]):
+        hessian = torch.autograd.functional.hessian(
+            lambda f: loss(f[:48].view(12, 4), f[48:]), flat0, vectorize=True
+        )
+    assert _rel(result.value, torch.linalg.eigvalsh(hessian)[-1].item()) < 1e-2
+
+
+def test_warm_start_and_seed() -> None:
+    model, x, y = _mlp(seed=2)
+    params = list(model.parameters())
+
+    def loss() -> Tensor:
+        return F.mse_loss(model(x), y)
+
+    cold = top_hessian_eigenvalue(loss, params, max_iters=30, tol=1e-4, return_vector=True)
+    assert cold.vector is not None and cold.vector.shape == (sum(p.numel() for p in params),)
+    warm = top_hessian_eigenvalue(loss, params, max_iters=30, tol=1e-4, init=cold.vector)
+    assert warm.iterations < cold.iterations
+    assert _rel(warm.value, cold.value) < 1e-3
+    again = top_hessian_eigenvalue(loss, params, max_iters=30, tol=1e-4)
+    assert again.value == cold.value and again.iterations == cold.iterations  # deterministic
+
+
+def test_budget_exhausted_is_reported_not_converged() -> None:
+    eigs = [1.0 + 0.01 * i for i in range(40)]  # clustered: slow to separate
+    _, params, loss = _quadratic(eigs, seed=1)
+    result = top_hessian_eigenvalue(loss, params, max_iters=2, tol=1e-9)
+    assert result.iterations == 2 and not result.converged
+    assert result.value <= max(eigs) + 1e-5  # a Ritz value: from below
+    assert math.isfinite(result.residual)
+
+
+def test_linear_loss_has_zero_sharpness() -> None:
+    w = torch.randn(5, requires_grad=True)
+    result = top_hessian_eigenvalue(lambda: (3.0 * w).sum(), [w])
+    assert result.value == 0.0 and result.converged and result.iterations == 0
+
+
+# ------------------------------------------------------------------------------- preconditioned
+
+
+def test_preconditioned_matches_dense_symmetric_form() -> None:
+    model, x, y = _mlp(seed=4)
+    params = list(model.parameters())
+    g = torch.Generator().manual_seed(9)
+    precond = [torch.rand(p.shape, generator=g) * 3 + 0.05 for p in params]
+    result = top_hessian_eigenvalue(
+        lambda: F.mse_loss(model(x), y), params, preconditioner=precond, max_iters=40, tol=1e-5
+    )
+    hessian = _dense_hessian(model, lambda fwd: F.mse_loss(fwd(x), y.double()))
+    d = torch.cat([p.reshape(-1) for p in precond]).double().rsqrt()
+    expected = torch.linalg.eigvalsh(d[:, None] * hessian * d[None, :])[-1].item()
+    assert _rel(result.value, expected) < 1e-2
+    assert _rel(result.value, expected) < 2e-3
+
+
+def _adam_after_steps(opt_cls: type, steps: int = 5, **kw: object):
+    model, x, y = _mlp(seed=5)
+    opt = opt_cls(model.parameters(), lr=1e-2, **kw)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+    opt.zero_grad()
+    return model, x, y, opt
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_adam_preconditioned_sharpness_threshold_and_margin(opt_cls: type) -> None:
+    model, x, y, opt = _adam_after_steps(opt_cls, betas=(0.9, 0.99), eps=1e-6)
+    params = list(model.parameters())
+    precond = adam_preconditioner(opt)
+    for p, d in zip(params, precond, strict=True):
+        state = opt.state[p]
+        v_hat = state["exp_avg_sq"] / (1 - 0.99 ** float(state["step"]))
+        torch.testing.assert_close(d, v_hat.sqrt() + 1e-6)
+
+    est = estimate_stability(lambda: F.mse_loss(model(x), y), opt, max_iters=40, tol=1e-5)
+    hessian = _dense_hessian(model, lambda fwd: F.mse_loss(fwd(x), y.double()))
+    dinv = torch.cat([d.reshape(-1) for d in precond]).double().rsqrt()
+    expected = torch.linalg.eigvalsh(dinv[:, None] * hessian * dinv[None, :])[-1].item()
+    assert est.preconditioned
+    assert _rel(est.sharpness, expected) < 1e-2
+    assert est.threshold == pytest.approx(38.0 / 1e-2)  # (2 + 2 * 0.9) / (0.1 * lr)
+    assert est.margin == pytest.approx(est.sharpness * 1e-2 / 38.0)
+    assert est.lr == 1e-2
+
+
+def test_amsgrad_uses_max_exp_avg_sq() -> None:
+    model, _, _, opt = _adam_after_steps(torch.optim.Adam, amsgrad=True)
+    p = next(model.parameters())
+    state = opt.state[p]
+    v_hat = state["max_exp_avg_sq"] / (1 - 0.999 ** float(state["step"]))
+    torch.testing.assert_close(adam_preconditioner(opt, [p])[0], v_hat.sqrt() + 1e-8)
+
+
+def test_sgd_margin_and_per_group_lr() -> None:
+    model, x, y = _mlp(seed=6)
+    first, rest = list(model.parameters())[:2], list(model.parameters())[2:]
+    opt = torch.optim.SGD(
+        [{"params": first, "lr": 0.05}, {"params": rest, "lr": 0.2}], lr=0.1, momentum=0.9
+    )
+    hessian = _dense_hessian(model, lambda fwd: F.mse_loss(fwd(x), y.double()))
+    est = estimate_stability(lambda: F.mse_loss(model(x), y), opt, max_iters=40, tol=1e-5)
+    # Joint update: x <- x - diag(lr) (momentum) H x; its edge is lambda_max(diag(lr) H) = 3.8.
+    n_first = sum(p.numel() for p in first)
+    lrs = torch.cat([torch.full((n_first,), 0.05), torch.full((len(hessian) - n_first,), 0.2)])
+    s = lrs.double().sqrt()
+    expected_margin = torch.linalg.eigvalsh(s[:, None] * hessian * s[None, :])[-1].item() / 3.8
+    assert est.lr == 0.2 and not est.preconditioned
+    assert est.threshold == pytest.approx(3.8 / 0.2)
+    assert _rel(est.margin, expected_margin) < 1e-2
+
+
+def test_all_zero_lr_gives_zero_margin() -> None:
+    model, x, y = _mlp(seed=6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    est = estimate_stability(lambda: F.mse_loss(model(x), y), opt, max_iters=30)
+    hessian = _dense_hessian(model, lambda fwd: F.mse_loss(fwd(x), y.double()))
+    assert est.threshold == math.inf and est.margin == 0.0
+    assert _rel(est.sharpness, torch.linalg.eigvalsh(hessian)[-1].item()) < 1e-2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "coefficient"),
+    [
+        ({}, 2.0),
+        ({"momentum": 0.9}, 3.8),
+        ({"momentum": 0.5, "dampening": 0.5}, 6.0),
+        ({"momentum": 0.9, "nesterov": True}, 3.8 / 2.8),
+    ],
+)
+def test_sgd_thresholds(kwargs: dict, coefficient: float) -> None:
+    w = torch.zeros(3, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1, **kwargs)
+    assert stability_threshold(opt) == pytest.approx(coefficient / 0.1)
+    assert stability_threshold(opt, opt.param_groups[0]) == pytest.approx(coefficient / 0.1)
+
+
+def test_sgd_threshold_is_the_edge_of_the_real_optimizer() -> None:
+    """On a quadratic, torch's SGD stays bounded along curvatures just below the threshold and
+    blows up along curvatures just above it: the table is the optimizer's, not a paper's."""
+    factors = torch.tensor([0.9, 0.98, 1.02, 1.1])
+    for kwargs in ({}, {"momentum": 0.9}, {"momentum": 0.9, "nesterov": True}):
+        w = torch.ones(4, requires_grad=True)
+        opt = torch.optim.SGD([w], lr=0.1, **kwargs)
+        curvatures = factors * stability_threshold(opt)  # one decoupled direction per factor
+        for _ in range(2000):
+            opt.zero_grad()
+            (0.5 * curvatures * w.square()).sum().backward()
+            opt.step()
+        assert (w.detach().abs() < 1.0).tolist() == [True, True, False, False], (kwargs, w)
+
+
+def test_stability_margin() -> None:
+    assert stability_margin(100.0, 20.0) == 5.0
+    assert stability_margin(100.0, math.inf) == 0.0
+    with pytest.raises(ValueError, match="threshold"):
+        stability_margin(1.0, 0.0)
+    with pytest.raises(TypeError, match="sharpness"):
+        stability_margin("1", 2.0)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------- the guard
+
+
+class _BNDropNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.drop = nn.Dropout(0.5)
+        self.frozen_bn = nn.BatchNorm1d(16)
+        self.fc2 = nn.Linear(16, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.frozen_bn(self.drop(torch.tanh(self.bn(self.fc1(x))))))
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {
+        "modes": [m.training for m in model.modules()],
+        "grads": [p.grad for p in model.parameters()],
+        "grad_values": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "buffer_ids": {n: id(b) for n, b in model.named_buffers()},
+        "params": [p.detach().clone() for p in model.parameters()],
+        "rng": torch.get_rng_state(),
+    }
+
+
+def _assert_same(model: nn.Module, before: dict) -> None:
+    after = _snapshot(model)
+    assert after["modes"] == before["modes"]
+    for g_after, g_before, v_before in zip(
+        after["grads"], before["grads"], before["grad_values"], strict=True
+    ):
+        assert g_after is g_before  # the very same tensor object (or None)
+        if v_before is not None:
+            assert torch.equal(g_after, v_before)
+    assert after["buffer_ids"] == before["buffer_ids"]
+    for name, value in before["buffers"].items():
+        assert torch.equal(after["buffers"][name], value), name
+    for p_after, p_before in zip(after["params"], before["params"], strict=True):
+        assert torch.equal(p_after, p_before)
+    assert torch.equal(after["rng"], before["rng"])
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_guard_leaves_training_bit_identical(mode: str) -> None:
+    torch.manual_seed(0)
+    model = _BNDropNet()
+    model.train()
+    model.frozen_bn.eval()  # a submodule mode that model.train() would overwrite
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    F.mse_loss(model(x), y).backward()  # gradients exist, as in on_before_optimizer_step
+    model.fc2.bias.grad = None  # ... and one parameter has none
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = _snapshot(model)
+
+    seen: dict = {}
+
+    def loss() -> Tensor:
+        seen["training"] = model.training
+        seen["grads"] = [p.grad for p in model.parameters()]
+        return F.mse_loss(model(x), y)
+
+    with probe_guard(model, mode=mode):  # type: ignore[arg-type]
+        est = estimate_stability(loss, opt, max_iters=10)
+    assert math.isfinite(est.sharpness) and est.sharpness > 0
+    assert seen["training"] is (mode == "train")
+    assert all(g is None for g in seen["grads"])  # the probe saw no gradient
+    _assert_same(model, before)
+    # The next training step draws the dropout mask it would have drawn without the probe.
+    torch.manual_seed(1)
+    expected = model.drop(torch.ones(8, 16))
+    torch.manual_seed(1)
+    with probe_guard(model):
+        top_hessian_eigenvalue(lambda: F.mse_loss(model(x), y), list(model.parameters()))
+    assert torch.equal(model.drop(torch.ones(8, 16)), expected)
+
+
+def test_guard_restores_after_a_misbehaving_probe_and_an_error() -> None:
+    torch.manual_seed(0)
+    model = _BNDropNet()
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    F.mse_loss(model(x), y).backward()
+    before = _snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"), probe_guard(model, mode="train"):
+        F.mse_loss(model(x), y).backward()  # writes .grad
+        model.bn.running_mean.add_(1.0)  # in place
+        model.bn.running_var = torch.zeros(16)  # re-assigned
+        torch.randn(100)  # consumes the RNG
+        model.fc1.eval()
+        raise RuntimeError("boom")
+    _assert_same(model, before)
+
+
+def test_guard_enables_autograd_under_no_grad_and_inference_mode() -> None:
+    model, x, y = _mlp()
+    params = list(model.parameters())
+    with torch.inference_mode(), probe_guard(model):
+        value = top_hessian_eigenvalue(lambda: F.mse_loss(model(x), y), params).value
+    with torch.no_grad(), probe_guard(model):
+        again = top_hessian_eigenvalue(lambda: F.mse_loss(model(x), y), params).value
+    assert value == again > 0
+
+
+def test_probe_does_not_touch_global_rng_or_grads_without_guard() -> None:
+    model, x, y = _mlp()
+    rng = torch.get_rng_state()
+    top_hessian_eigenvalue(lambda: F.mse_loss(model(x), y), list(model.parameters()))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------- bad arguments
+
+
+def test_bad_arguments_name_the_argument() -> None:
+    model, x, y = _mlp()
+    params = list(model.parameters())
+
+    def loss() -> Tensor:
+        return F.mse_loss(model(x), y)
+
+    cases: list[tuple[type[Exception], str, Callable[[], object]]] = [
+        (ValueError, "max_iters", lambda: top_hessian_eigenvalue(loss, params, max_iters=0)),
+        (TypeError, "max_iters", lambda: top_hessian_eigenvalue(loss, params, max_iters=2.0)),
+        (ValueError, "tol", lambda: top_hessian_eigenvalue(loss, params, tol=0.0)),
+        (ValueError, "seed", lambda: top_hessian_eigenvalue(loss, params, seed=-1)),
+        (TypeError, "loss_fn", lambda: top_hessian_eigenvalue(3.0, params)),  # type: ignore[arg-type]
+        (TypeError, "params", lambda: top_hessian_eigenvalue(loss, params[0])),  # type: ignore[arg-type]
+        (ValueError, "params", lambda: top_hessian_eigenvalue(loss, [])),
+        (ValueError, r"params\[0\]", lambda: top_hessian_eigenvalue(loss, [params[0] * 2])),
+        (ValueError, "listed twice", lambda: top_hessian_eigenvalue(loss, params + params[:1])),
+        (
+            ValueError,
+            "preconditioner",
+            lambda: top_hessian_eigenvalue(loss, params, preconditioner=[torch.ones(1)]),
+        ),
+        (
+            ValueError,
+            r"preconditioner\[0\]",
+            lambda: top_hessian_eigenvalue(
+                loss, params, preconditioner=[torch.ones(2)] * len(params)
+            ),
+        ),
+        (
+            ValueError,
+            "positive",
+            lambda: top_hessian_eigenvalue(
+                loss, params, preconditioner=[torch.zeros_like(p) for p in params]
+            ),
+        ),
+        (ValueError, "init", lambda: top_hessian_eigenvalue(loss, params, init=torch.ones(3))),
+        (
+            ValueError,
+            "return_vector",
+            lambda: top_hessian_eigenvalue(loss, params, return_vector=True, reorthogonalize=False),
+        ),
+        (TypeError, "scalar", lambda: top_hessian_eigenvalue(lambda: model(x), params)),
+        (TypeError, "Tensor", lambda: top_hessian_eigenvalue(lambda: 1.0, params)),  # type: ignore[arg-type,return-value]
+        (
+            RuntimeError,
+            "does not require grad",
+            lambda: top_hessian_eigenvalue(lambda: loss().detach(), params),
+        ),
+        (TypeError, "module", lambda: probe_guard(3).__enter__()),  # type: ignore[arg-type]
+        (ValueError, "mode", lambda: probe_guard(model, mode="test").__enter__()),  # type: ignore[arg-type]
+    ]
+    for exc, match, call in cases:
+        with pytest.raises(exc, match=match):
+            call()
+    assert all(p.grad is None for p in params)
+
+
+def test_bad_optimizers_and_groups() -> None:
+    model, x, y = _mlp()
+
+    def loss() -> Tensor:
+        return F.mse_loss(model(x), y)
+
+    rms = torch.optim.RMSprop(model.parameters())
+    with pytest.raises(TypeError, match="SGD, Adam and AdamW"):
+        estimate_stability(loss, rms)
+    with pytest.raises(TypeError, match="optimizer"):
+        stability_threshold(object())  # type: ignore[arg-type]
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="first optimizer step"):
+        estimate_stability(loss, adam)  # no state before the first step
+    with pytest.raises(TypeError, match="Adam"):
+        adam_preconditioner(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="param_group"):
+        stability_threshold(adam, 1)
+    with pytest.raises(ValueError, match="param_group"):
+        stability_threshold(adam, {"params": [], "lr": 0.1})
+    with pytest.raises(ValueError, match="maximize"):
+        stability_threshold(torch.optim.SGD(model.parameters(), lr=0.1, maximize=True))
+
+
+# ------------------------------------------------------------------------------- distributed
+
+
+_WORKER = r"""
+import sys, types
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# Load warmup_monitor.curvature without the package's __init__ (which imports Lightning): the
+# two ranks start in seconds. The code under test is the same file.
+package = types.ModuleType("warmup_monitor")
+package.__path__ = [sys.argv[4]]
+sys.modules["warmup_monitor"] = package
+from warmup_monitor.curvature import top_hessian_eigenvalue
+
+rank, world, init_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+g = torch.Generator().manual_seed(1)
+x = torch.randn(64, 4, generator=g)
+y = torch.sin(x.sum(1, keepdim=True))
+xs, ys = x[rank::world], y[rank::world]  # each rank its own half of the batch
+result = top_hessian_eigenvalue(
+    lambda: F.mse_loss(model(xs), ys), list(model.parameters()), distributed=True
+)
+print(repr(result.value))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.distributed
+def test_distributed_hvp_gives_the_global_batch_value_on_every_rank(tmp_path: Path) -> None:
+    package_dir = os.path.dirname(warmup_monitor.curvature.__file__)
+    init_file = str(tmp_path / "init")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(rank), "2", init_file, package_dir],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err
+    values = [float(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert values[0] == values[1]  # bit-identical on every rank
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 4, generator=g)
+    y = torch.sin(x.sum(1, keepdim=True))
+    single = top_hessian_eigenvalue(lambda: F.mse_loss(model(x), y), list(model.parameters()))
+    # The mean of the two half-batch losses is the full-batch loss: the same Hessian.
+    assert _rel(values[0], single.value) < 1e-3
