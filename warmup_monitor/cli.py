@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(run_dirs: Sequence[str], *, as_json: bool, out: str | None, prefix: str) -> int:
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     codes: list[int] = []
     errors: list[str] = []
     runs: list[RunData] = []

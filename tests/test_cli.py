@@ -1,0 +1,160 @@
+"""``warmup-monitor report``: output, ``--json``, ``--out``, and one exit code per problem."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_report import SPIKE_STEPS, make_real_run, write_scalars
+
+from warmup_monitor.alerts import ALERTS_FILENAME
+from warmup_monitor.cli import main
+from warmup_monitor.report.events import event_files
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``<root>/run/version_0`` with two forced loss spikes and ``version_1`` without."""
+    root = tmp_path_factory.mktemp("logs")
+    make_real_run(root, version=0)
+    make_real_run(root, version=1, scripted=None, max_steps=30)
+    return root
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_report_table_and_advice(logs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = str(logs / "run" / "version_0")
+    code, out, err = run_main(["report", run], capsys)
+    assert code == 0, err
+    assert "unstable but recovered" in out
+    assert "loss_spike x2 @ 12, 13" in out
+    assert "loss spiked twice during warmup (steps 12, 13)" in out
+    assert err == ""
+
+
+def test_json_counts_and_steps_match_the_jsonl(
+    logs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = logs / "run" / "version_0"
+    code, out, _ = run_main(["report", str(run), "--json"], capsys)
+    assert code == 0
+    doc = json.loads(out)
+    (summary,) = doc["runs"]
+    expected: dict[str, list[int]] = {}
+    for line in (run / ALERTS_FILENAME).read_text(encoding="utf-8").splitlines():
+        alert = json.loads(line)
+        expected.setdefault(alert["kind"], []).append(alert["step"])
+    assert summary["alerts_by_kind"] == expected == {"loss_spike": list(SPIKE_STEPS)}
+    assert summary["alert_count"] == 2
+    assert summary["verdict"] == "unstable but recovered"
+    assert summary["planned_warmup"] == 20 and summary["extensions"] == []
+    assert doc["errors"] == []
+
+
+def test_a_root_directory_reports_every_run_below_it(
+    logs: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, _ = run_main(["report", str(logs), "--json", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    doc = json.loads(out)
+    names = [r["name"] for r in doc["runs"]]
+    assert names == [str(logs / "run" / "version_0"), str(logs / "run" / "version_1")]
+    assert [r["verdict"] for r in doc["runs"]] == ["unstable but recovered", "healthy"]
+    png = (tmp_path / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert page.count("<tr><td>") == 2 and "data:image/png;base64," in page
+
+
+def test_missing_directory(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, err = run_main(["report", str(tmp_path / "nope")], capsys)
+    assert code == 3
+    assert "no such directory" in err and out == ""
+    (tmp_path / "file").write_text("x")
+    assert run_main(["report", str(tmp_path / "file")], capsys)[0] == 3
+
+
+def test_no_event_files(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    code, _, err = run_main(["report", str(tmp_path / "empty")], capsys)
+    assert code == 4
+    assert "no TensorBoard event file" in err
+
+
+def test_run_without_warmup_keys(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    write_scalars(tmp_path, {"train/loss": [(0, 1.0), (1, 0.5)]})
+    code, _, err = run_main(["report", str(tmp_path)], capsys)
+    assert code == 5
+    assert "none of the monitor's keys" in err and "warmup/lr" in err
+
+
+def test_truncated_event_file_reports_what_it_can(
+    logs: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(logs / "run" / "version_0", run)
+    events = Path(event_files(str(run))[0])
+    events.write_bytes(events.read_bytes()[:-10])
+    code, out, err = run_main(["report", str(run)], capsys)
+    assert code == 6
+    assert "loss_spike x2 @ 12, 13" in out  # the report is still there
+    assert "skipped:" in err and "truncated record at byte" in err
+
+
+def test_bad_jsonl_line(logs: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(logs / "run" / "version_0", run)
+    with open(run / ALERTS_FILENAME, "a", encoding="utf-8") as f:
+        f.write('{"step": 40, "kind": "loss_sp')
+    code, out, err = run_main(["report", str(run), "--json"], capsys)
+    assert code == 6
+    assert json.loads(out)["runs"][0]["alerts_by_kind"] == {"loss_spike": [12, 13]}
+    assert f"{ALERTS_FILENAME} line 3: truncated or not JSON; skipped" in err
+
+
+def test_good_runs_are_reported_beside_a_bad_one(
+    logs: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    good = str(logs / "run" / "version_1")
+    code, out, _ = run_main(["report", good, str(tmp_path / "missing"), "--json"], capsys)
+    assert code == 3
+    doc = json.loads(out)
+    assert [r["name"] for r in doc["runs"]] == [good]
+    assert doc["errors"] and "no such directory" in doc["errors"][0]
+
+
+def test_unwritable_out(logs: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_main(
+        ["report", str(logs / "run" / "version_1"), "--out", str(blocker)], capsys
+    )
+    assert code == 7
+    assert "could not write the report" in err
+
+
+def test_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_main(["report"], capsys)[0] == 2
+    assert run_main(["frobnicate"], capsys)[0] == 2
+    code, out, _ = run_main(["report", "--help"], capsys)
+    assert code == 0 and "exit codes" in out
+
+
+def test_console_script(logs: Path) -> None:
+    script = os.path.join(os.path.dirname(sys.executable), "warmup-monitor")
+    if not os.path.exists(script):
+        pytest.skip("the console script is not installed (pip install -e .)")
+    done = subprocess.run(
+        [script, "report", str(logs / "nope")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 3 and "no such directory" in done.stderr
