@@ -102,3 +102,12 @@ def test_nan_on_one_rank_reaches_every_rank_without_deadlock(runs: dict[str, Pat
     assert [(a.step, a.kind.value) for a in on_disk] == [(3, "non_finite")]
     # Training went on to the end on both ranks.
     assert all(r["state"]["steps"]["0"] == 8 for r in ranks)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_one_small_all_reduce_per_step_and_no_barrier(runs: dict[str, Path], mode: str) -> None:
+    for rank in _ranks(runs[mode]):
+        steps = rank["collectives"]
+        assert len(steps) == 8
+        assert all(s["all_reduce"] == 1 for s in steps), steps
+        assert all(s["barrier"] == 0 and s["broadcast"] == 0 for s in steps), steps

@@ -63,6 +63,30 @@ class Net(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class CollectiveCounter(pl.Callback):
+    """Counts Python-level collectives per training step (spies on the real functions)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {"all_reduce": 0, "barrier": 0, "broadcast": 0}
+        self.per_step: list[dict[str, int]] = []
+        self._last = dict(self.calls)
+        dist = torch.distributed
+        for name in self.calls:
+            real = getattr(dist, name)
+
+            def spy(*a, _real=real, _name=name, **k):  # type: ignore[no-untyped-def]
+                self.calls[_name] += 1
+                return _real(*a, **k)
+
+            setattr(dist, name, spy)
+
+    def on_train_batch_start(self, *args) -> None:  # type: ignore[no-untyped-def]
+        self._last = dict(self.calls)
+
+    def on_train_batch_end(self, *args) -> None:  # type: ignore[no-untyped-def]
+        self.per_step.append({k: self.calls[k] - self._last[k] for k in self.calls})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=["single", "ddp", "fsdp"], required=True)
@@ -78,6 +102,7 @@ def main() -> None:
     y = torch.sin(x.sum(dim=1, keepdim=True)) + 0.1 * torch.randn(64, 1, generator=g)
     alerts: list[Alert] = []
     monitor = WarmupMonitor(warmup_steps=6, post_warmup_steps=10, on_alert=alerts.append)
+    counter = CollectiveCounter()
     if args.mode == "single":
         strategy: object = "auto"
         devices = 1
@@ -93,7 +118,7 @@ def main() -> None:
         devices=devices,
         strategy=strategy,
         max_steps=args.steps,
-        callbacks=[monitor],
+        callbacks=[monitor, counter],
         logger=pl.loggers.TensorBoardLogger(args.out, name="", version=""),
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -111,6 +136,7 @@ def main() -> None:
         "state": json.loads(json.dumps(state, default=str)),
         "alert_count": monitor.engine.alert_count,
         "alerts": [a.to_dict() for a in alerts],
+        "collectives": counter.per_step,
     }
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
