@@ -2,9 +2,11 @@
 
 Verdict:
 
-* ``healthy``: no instability alert (``transient``, ``monitor`` and ``warmup_extended`` are not
-  instability: the first recovered at once, the second is about the monitor, the third is the
-  controller acting on alerts counted elsewhere).
+* ``healthy``: no instability alert. ``transient``, ``monitor`` and ``warmup_extended`` are not
+  instability (the first says an episode recovered at once, the second is about the monitor, the
+  third is the controller acting on alerts counted elsewhere), and neither are the alerts of an
+  episode that a ``transient`` alert closed (``details.episode_start``/``episode_steps``), except
+  the :data:`SEVERE_KINDS`, which always count.
 * ``unstable but recovered``: instability alerts, and by the last logged step the run recovered:
   the controller did not give up (no ``warmup_exhausted``), the last
   :data:`RECOVERY_STEPS` logged steps (or 10 % of them, whichever is more) raised no instability
@@ -58,6 +60,16 @@ INSTABILITY_KINDS = frozenset(
         AlertKind.PERSISTENT_INSTABILITY,
         AlertKind.WARMUP_EXHAUSTED,
         AlertKind.EDGE_OF_STABILITY,
+    )
+)
+#: Instability kinds that count even inside an episode that recovered at once.
+SEVERE_KINDS = frozenset(
+    k.value
+    for k in (
+        AlertKind.LOSS_SPIKE,
+        AlertKind.NON_FINITE,
+        AlertKind.PERSISTENT_INSTABILITY,
+        AlertKind.WARMUP_EXHAUSTED,
     )
 )
 #: Quiet logged steps needed at the end of a run to call it recovered (or 10 % of the steps).
@@ -117,6 +129,7 @@ class RunSummary:
     cosine_negative_fraction: float | None
     aligned_from: int | None
     first_instability_step: int | None
+    instability_steps: list[int]
     lr_at_first_instability: float | None
     lr_before_first_instability: float | None
     verdict: str
@@ -272,7 +285,12 @@ def summarize(run: RunData) -> RunSummary:
     by_kind: dict[str, list[int]] = {}
     for a in sorted(run.alerts, key=lambda a: a.step):
         by_kind.setdefault(a.kind, []).append(a.step)
-    unstable_steps = sorted(st for k, v in by_kind.items() if k in INSTABILITY_KINDS for st in v)
+    passing = transient_steps(run.alerts)
+    unstable_steps = sorted(
+        a.step
+        for a in run.alerts
+        if a.kind in SEVERE_KINDS or (a.kind in INSTABILITY_KINDS and a.step not in passing)
+    )
     if run.alerts_source == "none" and (u := s.get("unstable")) is not None:
         # No alert records: the per-step flag still tells where instability was.
         unstable_steps = u.steps[u.values > 0].astype(int).tolist()
@@ -323,6 +341,7 @@ def summarize(run: RunData) -> RunSummary:
         cosine_negative_fraction=cos_neg,
         aligned_from=aligned_from(cosine, effective),
         first_instability_step=first,
+        instability_steps=unstable_steps,
         lr_at_first_instability=None if first is None else _value_at(lr, first),
         lr_before_first_instability=None if first is None else _value_at(lr, first, True),
         verdict=verdict(unstable_steps, set(by_kind), loss, initial),
@@ -331,6 +350,21 @@ def summarize(run: RunData) -> RunSummary:
     )
     summary.advice = advise(summary)
     return summary
+
+
+def transient_steps(alerts: list[AlertRecord]) -> set[int]:
+    """Steps of the episodes that ``transient`` alerts say recovered at once (the step before
+    the alert when its details do not say)."""
+    steps: set[int] = set()
+    for a in alerts:
+        if a.kind != AlertKind.TRANSIENT.value:
+            continue
+        start, length = a.details.get("episode_start"), a.details.get("episode_steps")
+        if _is_int(start) and _is_int(length):
+            steps.update(range(int(start), int(start) + int(length)))
+        else:
+            steps.add(a.step - 1)
+    return steps
 
 
 def _initial_loss(loss: Series | None, ratio: Series | None) -> float | None:
@@ -369,7 +403,12 @@ def advise(r: RunSummary) -> list[str]:
     """Concrete advice from the summary's numbers (each sentence states the facts it rests on)."""
     out: list[str] = []
     w, eff = r.planned_warmup, r.effective_warmup
-    unstable = {k: v for k, v in r.alerts_by_kind.items() if k in INSTABILITY_KINDS}
+    counted = set(r.instability_steps)
+    unstable = {
+        k: [st for st in v if st in counted]
+        for k, v in r.alerts_by_kind.items()
+        if k in INSTABILITY_KINDS and any(st in counted for st in v)
+    }
     if r.verdict == HEALTHY:
         out.extend(_advise_healthy(r))
         return out
@@ -385,8 +424,10 @@ def advise(r: RunSummary) -> list[str]:
                 if during == 0
                 else f" ({during} during warmup)"
             )
+        plural = "s" if len(steps) > 1 else ""
         out.append(
-            f"{_PHRASES.get(kind, kind)} {_times(len(steps))}{where} (steps {_steps_text(steps)})"
+            f"{_PHRASES.get(kind, kind)} {_times(len(steps))}{where} "
+            f"(step{plural} {_steps_text(steps)})"
         )
     if "unknown (no alert file)" in r.alerts_by_kind:
         steps = r.alerts_by_kind["unknown (no alert file)"]
@@ -470,7 +511,7 @@ def _advise_healthy(r: RunSummary) -> list[str]:
     transient = r.alerts_by_kind.get(AlertKind.TRANSIENT.value, [])
     if transient:
         out.append(
-            f"{len(transient)} transient excursion(s) recovered at once (steps "
+            f"{len(transient)} excursion(s) recovered at once (transient alerts at step(s) "
             f"{_steps_text(transient)}): nothing to change for them"
         )
     a = r.aligned_from

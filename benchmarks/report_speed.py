@@ -1,0 +1,203 @@
+"""How long ``warmup-monitor report`` takes on a long run.
+
+Writes (once, then reuses) a synthetic run of ``--steps`` logged steps x ``--keys`` scalars in the
+monitor's key names, plus an alerts JSONL, then times:
+
+* ``read+analyze``: ``load_run`` + ``summarize`` in this process (what the report computes);
+* ``table``: the same plus printing the rich table;
+* ``png+html``: drawing ``report.png`` and ``report.html``;
+* ``cli``: ``warmup-monitor report DIR`` as a subprocess, Python start-up and imports included;
+* with ``--compare``: TensorBoard's ``EventAccumulator`` and ``RawEventFileLoader`` on the same
+  file (pure-Python checksums without TensorFlow: slow).
+
+The event file has the exact layout ``torch.utils.tensorboard.SummaryWriter.add_scalar`` writes
+(``--writer summarywriter`` writes it with SummaryWriter itself, about 100 s per million records;
+the default writes the same records directly).
+
+Usage::
+
+    .venv/bin/python benchmarks/report_speed.py                # 100,000 steps x 10 keys
+    .venv/bin/python benchmarks/report_speed.py --compare      # also TensorBoard's readers
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+KEYS = (
+    "lr",
+    "loss",
+    "loss_ratio",
+    "grad_norm",
+    "grad_cosine",
+    "update_ratio",
+    "warmup_steps",
+    "alerts",
+    "unstable",
+    "lr_factor",
+)
+
+
+def _value(key: str, step: int, warmup: int) -> float:
+    if key == "lr":
+        return 1e-3 * min(1.0, (step + 1) / warmup)
+    if key in ("loss", "loss_ratio"):
+        base = 4.0 / (1.0 + step / 5000)
+        return base if key == "loss" else base / 4.0
+    if key == "grad_norm":
+        return 1.0 + 0.5 * math.sin(step / 50)
+    if key == "grad_cosine":
+        return 0.3 * math.sin(step / 7)
+    if key == "warmup_steps":
+        return float(warmup)
+    return 0.0
+
+
+def write_run(path: str, steps: int, keys: int, writer: str, warmup: int = 2000) -> None:
+    os.makedirs(path, exist_ok=True)
+    names = [f"warmup/{k}" for k in KEYS[:keys]] + [f"warmup/extra{i}" for i in range(keys - 10)]
+    if writer == "summarywriter":
+        from torch.utils.tensorboard import SummaryWriter
+
+        sw = SummaryWriter(path)
+        for s in range(steps):
+            for name in names:
+                sw.add_scalar(name, _value(name[7:], s, warmup), s)
+        sw.close()
+    else:
+        import google_crc32c
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        def masked(data: bytes) -> bytes:
+            c = google_crc32c.value(data)
+            return struct.pack("<I", (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+        out = io.BytesIO()
+
+        def record(event: event_pb2.Event) -> None:
+            data = event.SerializeToString()
+            header = struct.pack("<Q", len(data))
+            out.write(header + masked(header) + data + masked(data))
+
+        now = time.time()
+        record(event_pb2.Event(wall_time=now, file_version="brain.Event:2"))
+        for s in range(steps):
+            for name in names:
+                value = summary_pb2.Summary.Value(
+                    tag=name, simple_value=_value(name[7:], s, warmup)
+                )
+                record(
+                    event_pb2.Event(
+                        wall_time=now + s * 1e-3, step=s, summary=summary_pb2.Summary(value=[value])
+                    )
+                )
+        with open(os.path.join(path, f"events.out.tfevents.{int(now)}.bench.0.0"), "wb") as f:
+            f.write(out.getvalue())
+    with open(os.path.join(path, "warmup_alerts.jsonl"), "w", encoding="utf-8") as f:
+        for s in range(100, steps, max(1, steps // 30)):
+            alert = {"step": s, "kind": "transient", "message": "synthetic", "value": 1.0}
+            f.write(json.dumps({**alert, "threshold": 2.0, "details": {}}) + "\n")
+
+
+def timed(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--keys", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "wm_report_bench"))
+    parser.add_argument("--writer", choices=("direct", "summarywriter"), default="direct")
+    parser.add_argument("--compare", action="store_true", help="also time TensorBoard's readers")
+    args = parser.parse_args()
+
+    run = os.path.join(args.dir, f"run_{args.steps}x{args.keys}_{args.writer}")
+    if not os.path.isdir(run):
+        t = time.perf_counter()
+        write_run(run, args.steps, args.keys, args.writer)
+        print(f"wrote {run} in {time.perf_counter() - t:.1f} s")
+    size = sum(os.path.getsize(os.path.join(run, f)) for f in os.listdir(run))
+
+    from rich.console import Console
+
+    from warmup_monitor.report.analysis import summarize
+    from warmup_monitor.report.events import FAST_CRC
+    from warmup_monitor.report.render import print_report, render_html, render_png
+    from warmup_monitor.report.runs import load_run
+
+    data = load_run(run)
+    assert len(data.series["loss"]) == args.steps, "not every step was read"
+    summary = summarize(data)
+
+    def table() -> None:
+        print_report([summarize(load_run(run))], Console(file=io.StringIO(), width=160))
+
+    def pictures() -> None:
+        render_html([summary], render_png([data], [summary]))
+
+    script = os.path.join(os.path.dirname(sys.executable), "warmup-monitor")
+    rows = [
+        ("read+analyze", timed(lambda: summarize(load_run(run)), args.repeat)),
+        ("read+analyze+table", timed(table, args.repeat)),
+        ("png+html", timed(pictures, args.repeat)),
+        (
+            "cli (subprocess, start-up included)",
+            timed(lambda: subprocess.run([script, "report", run], capture_output=True), 1),
+        ),
+        (
+            "cli --out (subprocess)",
+            timed(
+                lambda: subprocess.run(
+                    [script, "report", run, "--out", os.path.join(args.dir, "out")],
+                    capture_output=True,
+                ),
+                1,
+            ),
+        ),
+    ]
+    if args.compare:
+        from tensorboard.backend.event_processing import event_file_loader
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        def accumulator() -> None:
+            EventAccumulator(run, size_guidance={"scalars": 0}).Reload()
+
+        def raw_loader() -> None:
+            for f in os.listdir(run):
+                if "tfevents" in f:
+                    for _ in event_file_loader.RawEventFileLoader(os.path.join(run, f)).Load():
+                        pass
+
+        rows.append(("tensorboard EventAccumulator", timed(accumulator, 1)))
+        rows.append(("tensorboard RawEventFileLoader (framing only)", timed(raw_loader, 1)))
+
+    print(
+        f"\n{args.steps:,} steps x {args.keys} keys = {args.steps * args.keys:,} records, "
+        f"{size / 2**20:.1f} MiB; crc32c in C: {FAST_CRC}; python {sys.version.split()[0]}, "
+        f"{os.cpu_count()} CPUs\n"
+    )
+    print("| what | seconds |\n|---|---|")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
