@@ -359,7 +359,8 @@ def transient_steps(alerts: list[AlertRecord]) -> set[int]:
     for a in alerts:
         if a.kind != AlertKind.TRANSIENT.value:
             continue
-        start, length = a.details.get("episode_start"), a.details.get("episode_steps")
+        start: Any = a.details.get("episode_start")
+        length: Any = a.details.get("episode_steps")
         if _is_int(start) and _is_int(length):
             steps.update(range(int(start), int(start) + int(length)))
         else:
