@@ -1,31 +1,64 @@
 """Gradient statistics on the device: global norm, consecutive-gradient cosine, update ratio.
 
-The hot path is a handful of ``torch._foreach_*`` kernels over tensor lists built once, writing
-into preallocated flat buffers. Nothing here reads a value back to the host: every result is a
-device tensor, and the caller decides when to pay for one batched read.
+Nothing here reads a value back to the host: every result is a device tensor, and the caller
+decides when to pay for one batched read. Parameter lists, buffers and the kernel plan are
+built once per fit; a step runs a few kernels over them.
 
-Sharded gradients (FSDP2 ``DTensor``) are handled by computing *local* sums of squares and dot
-products on each shard; the caller reduces those few numbers across ranks (a sum) and then
-calls ``finish``. Whole gradients are never gathered.
+Two kernel plans compute the same numbers:
+
+- ``"foreach"`` (accelerators): a handful of ``torch._foreach_*`` kernels over the gradient list
+  and single kernels over flat buffers. On a GPU a foreach kernel is one launch for the whole
+  list.
+- ``"blocked"`` (CPU): on the CPU a foreach kernel is a C++ loop of one kernel per tensor, and
+  each kernel is a separate pass over memory. The blocked plan instead walks the gradients in
+  blocks of about 64K elements (small tensors flattened together, large ones cut in chunks) and
+  runs every operation of a block while the block sits in the L2 cache: per element, the
+  gradient and the reference are read from memory once and the reference is written once.
+
+Sharded gradients (FSDP2 ``DTensor``) are handled by computing *local* sums on each shard; the
+caller reduces those two numbers across ranks (a sum) and then calls ``finish``. Whole gradients
+are never gathered.
 
 This module imports no Lightning.
 """
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Literal
+from dataclasses import dataclass, field
+from itertools import accumulate, repeat
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
 
-__all__ = ["CosineMode", "GradientStats", "UpdateRatio", "local_tensor"]
+# One C++ call that flattens and concatenates a list of tensors (what DDP and apex use).
+from torch._utils import _flatten_dense_tensors as _flatten
 
-CosineMode = Literal["exact", "off"]
+from warmup_monitor._checks import check_choice, check_float, check_int
+
+__all__ = ["CosineMode", "GradientStats", "Kernels", "UpdateRatio", "local_tensor"]
+
+CosineMode = Literal["exact", "sketch", "off"]
+Kernels = Literal["auto", "blocked", "foreach"]
 
 #: A function that sums a small float32 tensor across the ranks holding shards (identity if none).
 Reducer = Callable[[Tensor], Tensor]
+
+#: Elements per block of the CPU plan. A block of gradient and one of reference (float32, 1 MiB
+#: together) stay in cache between the operations on the block; each operation costs a few
+#: microseconds of dispatch, a small part of a block's memory time.
+BLOCK = 1 << 17
+#: Alignment in bytes (a cache line) of each tensor or unit in the flat reference buffer.
+#: Unaligned views cost about a third more time per pass on the CPU (measured).
+_ALIGN_BYTES = 64
+#: Fewest buckets of a sketch. A group with at most this many elements gets one bucket per
+#: element, which makes its sketch cosine exact.
+MIN_BUCKETS = 1024
+#: Bytes of sketch state per bucket: current and previous sketch plus 1.25 signs, all float32.
+_SKETCH_BYTES_PER_BUCKET = 13
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -34,54 +67,149 @@ def local_tensor(t: Tensor) -> Tensor:
     return to_local() if callable(to_local) else t
 
 
-class _FlatViews:
-    """One contiguous buffer per (device, dtype), with a view shaped like each tensor.
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    Built once; afterwards the views are written in place by foreach kernels and the flat
-    buffers are reduced by single kernels (one ``sum`` instead of one per tensor).
+
+def _flat_sq(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Sum of squares of a 1-D tensor, accumulated in ``dtype``.
+
+    On the CPU one norm kernel accumulates a whole tensor in a single pass (0.7% off at 50M
+    float32 elements, measured), so the CPU sums dot products of ``BLOCK``-element chunks
+    (about 3e-8 off at 50M).
+    """
+    if x.device.type != "cpu":
+        return torch.linalg.vector_norm(x, dtype=dtype).square()
+    chunks = x.split(BLOCK)
+    out = torch.empty(len(chunks), dtype=dtype)
+    for c, o in zip(chunks, out.unbind(), strict=True):
+        c = c if c.dtype == dtype else c.to(dtype)
+        torch.dot(c, c, out=o)
+    return out.sum()
+
+
+def _sq_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """Squared L2 norm of each tensor of a non-empty same-device list (1-D, in ``dtype``)."""
+    if tensors[0].device.type != "cpu":
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).square()
+    big = [t.numel() > BLOCK for t in tensors]
+    small = [t for t, b in zip(tensors, big, strict=True) if not b]
+    small_sq = iter(
+        torch.stack(torch._foreach_norm(small, 2, dtype=dtype)).square().unbind() if small else ()
+    )
+    return torch.stack(
+        [
+            _flat_sq(t.reshape(-1), dtype) if b else next(small_sq)
+            for t, b in zip(tensors, big, strict=True)
+        ]
+    )
+
+
+def _sum_sq(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """Sum of squares of a non-empty list of same-device tensors."""
+    return _sq_norms(tensors, dtype).sum()
+
+
+@dataclass
+class _Unit:
+    """Consecutive tensors of a group handled together by the blocked plan.
+
+    Either a run of whole tensors (flattened into one block) or one large tensor cut into
+    ``BLOCK``-element chunks (one block each, views of the gradient: no copy).
     """
 
-    def __init__(self, like: Sequence[Tensor], dtype: torch.dtype | None = None) -> None:
-        groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-        for i, t in enumerate(like):
-            groups[(t.device, dtype or t.dtype)].append(i)
-        self.flats: list[Tensor] = []
-        self.views: list[Tensor] = [torch.empty(0)] * len(like)
-        for (device, dt), idx in groups.items():
-            flat = torch.zeros(sum(like[i].numel() for i in idx), device=device, dtype=dt)
-            offset = 0
-            for i in idx:
-                n = like[i].numel()
-                self.views[i] = flat[offset : offset + n].view_as(like[i])
-                offset += n
-            self.flats.append(flat)
-
-    def dot_sum(self, device: torch.device) -> Tensor:
-        """Sum of all elements of all buffers, in float32, on ``device``."""
-        parts = [f.sum(dtype=torch.float32).to(device) for f in self.flats]
-        return torch.stack(parts).sum() if parts else torch.zeros((), device=device)
-
-    def sq_sum(self, device: torch.device) -> Tensor:
-        """Sum of squares of all buffers, in float32, on ``device``."""
-        parts = [
-            torch.linalg.vector_norm(f, dtype=torch.float32).square().to(device) for f in self.flats
-        ]
-        return torch.stack(parts).sum() if parts else torch.zeros((), device=device)
+    first: int
+    stop: int
+    chunked: bool
+    spans: list[tuple[int, int]]  # (virtual start, length) of each block
 
 
-def _sum_sq(tensors: list[Tensor], device: torch.device) -> Tensor:
-    """Sum of squares over a list of tensors, in float32, with one foreach kernel per dtype."""
-    if not tensors:
-        return torch.zeros((), device=device)
-    by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
-    for t in tensors:
-        by_key[(t.device, t.dtype)].append(t)
-    parts = []
-    for (dev, _), ts in by_key.items():
-        norms = torch._foreach_norm(ts, 2.0)
-        parts.append(torch.stack(norms).float().square().sum().to(device))
-        del dev
-    return torch.stack(parts).sum()
+@dataclass
+class _Piece:
+    """A contiguous stretch of a block that lands in one contiguous range of sketch buckets."""
+
+    start: int  # offset in the block
+    length: int
+    whole: bool  # the piece is the whole block
+    cur: Tensor  # view of the current sketch
+    sign: Tensor  # view of the sign table
+
+
+@dataclass
+class _RoundItem:
+    """One tensor's (or part of a tensor's) contribution to a sketch round (foreach plan)."""
+
+    index: int  # group-local tensor index
+    part: slice | None  # None: the whole tensor
+    cur: Tensor  # view of the current sketch (shaped like the tensor when whole)
+    sign: Tensor
+
+
+@dataclass
+class _Group:
+    """The local parameters of one device and dtype: one virtual flat vector, in param order."""
+
+    index: list[int]  # positions in GradientStats.params, in layout order
+    shapes: list[torch.Size]
+    sizes: list[int]
+    offsets: list[int]
+    device: torch.device
+    dtype: torch.dtype
+    blocked: bool
+    units: list[_Unit] = field(default_factory=list)
+    # Exact mode.
+    ref: Tensor | None = None
+    ref_views: list[Tensor] = field(default_factory=list)  # shaped like the tensors (foreach)
+    ref_blocks: list[Tensor] = field(default_factory=list)  # one flat view per block (blocked)
+    lossless: bool = True  # the reference dtype holds the gradient dtype exactly
+    # Sketch mode.
+    buckets: int = 0
+    cur: Tensor | None = None
+    prev: Tensor | None = None
+    signs: Tensor | None = None
+    pieces: list[list[_Piece]] = field(default_factory=list)  # per block (blocked plan)
+    rounds: list[list[_RoundItem]] = field(default_factory=list)  # foreach plan
+    prev_sq: Tensor | None = None  # previous step's local sum of squares of this group
+    prev_sketch_sq: Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return _compute_dtype(self.dtype)
+
+    def buffer_bytes(self) -> int:
+        tensors = [self.ref, self.cur, self.prev, self.signs]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _plan_units(sizes: list[int], block: int) -> list[_Unit]:
+    """Cut a group into units: runs of small tensors up to ``block`` elements, chunked big ones."""
+    units: list[_Unit] = []
+    offset = 0
+    run_first, run_len = 0, 0
+
+    def close_run(stop: int) -> None:
+        if stop > run_first:
+            units.append(_Unit(run_first, stop, False, [(offset - run_len, run_len)]))
+
+    for i, n in enumerate(sizes):
+        if n > block:
+            close_run(i)
+            spans = [(offset + a, min(block, n - a)) for a in range(0, n, block)]
+            units.append(_Unit(i, i + 1, True, spans))
+            offset += n
+            run_first, run_len = i + 1, 0
+            continue
+        if run_len + n > block:
+            close_run(i)
+            run_first, run_len = i, 0
+        run_len += n
+        offset += n
+    close_run(len(sizes))
+    return units
 
 
 class GradientStats:
@@ -98,17 +226,65 @@ class GradientStats:
     gradient counts as a zero gradient. The cosine is undefined (NaN here, never logged) on the
     first step, after :meth:`forget`, and when either gradient is zero or non-finite.
 
-    In ``"exact"`` mode one flat reference buffer of the gradients' size (in ``reference_dtype``,
-    default the parameters' dtype) holds the previous gradient. Per step the cost is one norm
-    kernel over the gradients, one in-place product and one sum over the reference, and one copy
-    of the gradients into it.
+    Cosine modes:
+
+    - ``"exact"`` keeps the previous gradient in one flat buffer of the gradients' size (in
+      ``reference_dtype``, default the parameters' dtype; ``torch.bfloat16`` halves it at about
+      1e-3 of cosine error). Per step: the dot product with the reference, the sum of squares,
+      and a copy of the gradient into the reference, in one pass on the CPU (blocked plan) or
+      four foreach/flat kernels on an accelerator.
+    - ``"sketch"`` keeps a count sketch of the previous gradient instead: extra memory of
+      ``sketch_fraction`` of the gradients' (default 2%), cosine within a few hundredths of the
+      exact one (see below). Choose it when one more gradient-sized buffer does not fit; choose
+      ``"exact"`` otherwise: it is exact and, on a GPU, as fast.
+    - ``"off"`` computes only the norm and keeps no buffer.
+
+    The sketch. Lay the local gradients end to end in parameter order (a virtual vector of
+    ``n`` elements) and cut it into rounds of ``k`` elements. Element ``p`` goes to bucket
+    ``p mod k`` with sign ``s[rho[p // k] + p mod k]``, where ``s`` is a fixed random sign table
+    of ``1.25 k`` entries and ``rho`` one random offset per round (seeded by ``sketch_seed``):
+
+    .. math::
+
+        S(g)_b = \\textstyle\\sum_{p \\equiv b \\,(\\mathrm{mod}\\, k)} s_p\\, g_p, \\qquad
+        \\widehat{\\cos}_t = \\frac{\\langle S(g_t), S(g_{t-1}) \\rangle}
+                                  {\\|S(g_t)\\|\\,\\|S(g_{t-1})\\|}
+
+    Colliding elements carry independent random signs, so cross terms cancel in expectation
+    (as in a count sketch with hashed buckets) while the hash needs no stored index: a round is
+    a contiguous range of buckets, computed with one fused multiply-add per tensor and round.
+    The error of this ratio estimator is about ``(1 - cos^2) / sqrt(k)``. ``k`` is chosen so that
+    the current and previous sketch and the sign table (13 bytes a bucket) take
+    ``sketch_fraction`` of the gradients' bytes, with at least :data:`MIN_BUCKETS` buckets (a
+    group of at most that many elements is sketched one element a bucket: exactly).
+
+    Shards: each rank sketches only its local shard, so the sketch is block-diagonal across
+    ranks. :meth:`local_sums` returns this rank's ``[sum_sq, dot]`` where in sketch mode ``dot``
+    is ``||g_t|| ||g_{t-1}|| cos_sketch`` over the local shard: those add across ranks into an
+    estimate of the global dot product, so the caller's reduction is a sum of two numbers in
+    every mode. (Under DTensors the rank is added to ``sketch_seed`` so that shards' errors are
+    independent.)
 
     Args:
         params: The parameters whose ``.grad`` is read (frozen ones may be included: they are
             skipped while their ``.grad`` is ``None``).
-        cosine: ``"exact"`` keeps the previous gradient; ``"off"`` computes only the norm.
-        reference_dtype: dtype of the reference buffer, e.g. ``torch.bfloat16`` to halve its
-            memory (the cosine then carries bf16 rounding, about 1e-3 relative).
+        cosine: ``"exact"``, ``"sketch"`` or ``"off"`` (above).
+        reference_dtype: dtype of the exact reference buffer, e.g. ``torch.bfloat16`` to halve
+            its memory (the cosine then carries bf16 rounding, about 1e-3).
+        sketch_fraction: Memory of the sketch as a fraction of the gradients' bytes, in (0, 1].
+        sketch_seed: Seed of the sketch's signs and offsets.
+        kernels: ``"blocked"`` (CPU), ``"foreach"`` (accelerators) or ``"auto"``: blocked for
+            parameters on the CPU, foreach elsewhere. Both give the same values.
+
+    Raises:
+        ValueError: a choice or fraction out of range, or a non-floating ``reference_dtype``.
+        TypeError: ``reference_dtype`` is not a ``torch.dtype``.
+
+    Example::
+
+        stats = GradientStats(model.parameters(), cosine="sketch")
+        loss.backward()
+        norm, cosine = stats.finish(stats.local_sums()).tolist()  # NaN cosine at first
     """
 
     def __init__(
@@ -117,72 +293,376 @@ class GradientStats:
         *,
         cosine: CosineMode = "exact",
         reference_dtype: torch.dtype | None = None,
+        sketch_fraction: float = 0.02,
+        sketch_seed: int = 0,
+        kernels: Kernels = "auto",
     ) -> None:
         self.params = list(params)
-        self.cosine = cosine
+        self.cosine: CosineMode = check_choice("cosine", cosine, ("exact", "sketch", "off"))  # type: ignore[assignment]
+        if reference_dtype is not None:
+            if not isinstance(reference_dtype, torch.dtype):
+                raise TypeError(
+                    f"`reference_dtype` must be a torch.dtype or None, got {reference_dtype!r}"
+                )
+            if not reference_dtype.is_floating_point:
+                raise ValueError(
+                    f"`reference_dtype` must be a floating dtype, got {reference_dtype}"
+                )
         self.reference_dtype = reference_dtype
-        self.device = local_tensor(self.params[0]).device if self.params else torch.device("cpu")
-        self._ref: _FlatViews | None = None
+        self.sketch_fraction = check_float("sketch_fraction", sketch_fraction, above=0.0)
+        if self.sketch_fraction > 1.0:
+            raise ValueError(f"`sketch_fraction` must be <= 1, got {sketch_fraction}")
+        self.sketch_seed = check_int("sketch_seed", sketch_seed, minimum=0)
+        self.kernels: Kernels = check_choice("kernels", kernels, ("auto", "blocked", "foreach"))  # type: ignore[assignment]
+
+        locals_ = [local_tensor(p) for p in self.params]
+        self._dtensor = any(loc is not p for loc, p in zip(locals_, self.params, strict=True))
+        self.device = locals_[0].device if locals_ else torch.device("cpu")
+        by_key: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+        for i, t in enumerate(locals_):
+            by_key[(t.device, t.dtype)].append(i)
+        self._groups: list[_Group] = []
+        for (device, dtype), index in by_key.items():
+            # Layout order: tensors of at most a block first (they are flattened together in
+            # runs), then the large ones (cut in chunks). Fewer, fuller blocks.
+            index = sorted(index, key=lambda i: locals_[i].numel() > BLOCK)
+            sizes = [locals_[i].numel() for i in index]
+            offsets = [0, *accumulate(sizes)][: len(sizes)]
+            blocked = kernels == "blocked" or (kernels == "auto" and device.type == "cpu")
+            self._groups.append(
+                _Group(
+                    index=index,
+                    shapes=[locals_[i].shape for i in index],
+                    sizes=sizes,
+                    offsets=offsets,
+                    device=device,
+                    dtype=dtype,
+                    blocked=blocked,
+                )
+            )
+        # A single group covering every parameter in order needs no per-step re-indexing.
+        self._identity = len(self._groups) == 1 and self._groups[0].index == list(
+            range(len(self.params))
+        )
+        self._built = False
+        self._sparse: list[int] = []
+        self._layout_missing = -1  # missing-gradient count when layouts were last checked
         self._prev_sq = torch.zeros((), device=self.device)
         self._prev_valid = torch.zeros((), dtype=torch.bool, device=self.device)
         self._skipped = False
         #: How many parameters had a gradient at the last :meth:`local_sums` call.
         self.last_grad_count = 0
 
+    # ------------------------------------------------------------------ memory
+
+    @property
+    def grad_bytes(self) -> int:
+        """Bytes of this rank's gradients (all watched parameters' local shards)."""
+        return sum(g.numel * g.dtype.itemsize for g in self._groups)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the buffers this instance holds now (reference or sketch state)."""
+        return sum(g.buffer_bytes() for g in self._groups)
+
+    @property
+    def sketch_buckets(self) -> int:
+        """Total sketch buckets (0 before the first step and outside sketch mode)."""
+        return sum(g.buckets for g in self._groups)
+
+    # ------------------------------------------------------------------ lifecycle
+
     def forget(self) -> None:
         """Drop the reference gradient: the next cosine is undefined (used after resume)."""
         self._prev_valid = torch.zeros((), dtype=torch.bool, device=self.device)
 
     def release(self) -> None:
-        """Free the reference buffer (it is rebuilt, and the cosine restarts, if used again)."""
-        self._ref = None
+        """Free the buffers (they are rebuilt, and the cosine restarts, if used again)."""
+        for g in self._groups:
+            g.ref, g.ref_views, g.ref_blocks = None, [], []
+            g.cur, g.prev, g.signs, g.pieces, g.rounds = None, None, None, [], []
+            g.prev_sq, g.prev_sketch_sq, g.buckets = None, None, 0
+            g.units = []
+        self._built = False
         self.forget()
 
+    def _build(self) -> None:
+        rank_offset = 0
+        if (
+            self._dtensor
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
+            rank_offset = torch.distributed.get_rank()
+        for g in self._groups:
+            if g.blocked:
+                g.units = _plan_units(g.sizes, BLOCK)
+            if self.cosine == "exact":
+                self._build_reference(g)
+            elif self.cosine == "sketch":
+                self._build_sketch(g, self.sketch_seed + rank_offset)
+        self._built = True
+        self._prev_valid = torch.zeros((), dtype=torch.bool, device=self.device)
+
+    def _build_reference(self, g: _Group) -> None:
+        ref_dtype = self.reference_dtype or g.dtype
+        g.lossless = torch.promote_types(g.dtype, ref_dtype) == ref_dtype
+        # Each unit (blocked plan) or tensor (foreach plan) starts on a cache line.
+        align = max(1, _ALIGN_BYTES // ref_dtype.itemsize)
+        starts: list[int] = []
+        end = 0
+        for length in [sum(n for _, n in u.spans) for u in g.units] if g.blocked else g.sizes:
+            starts.append(end)
+            end += -(-length // align) * align
+        g.ref = torch.zeros(end, dtype=ref_dtype, device=g.device)
+        if g.blocked:
+            g.ref_blocks = [
+                g.ref[start + v - u.spans[0][0] : start + v - u.spans[0][0] + n]
+                for start, u in zip(starts, g.units, strict=True)
+                for v, n in u.spans
+            ]
+        else:
+            g.ref_views = [
+                g.ref[o : o + n].view(shape)
+                for o, n, shape in zip(starts, g.sizes, g.shapes, strict=True)
+            ]
+
+    def _build_sketch(self, g: _Group, seed: int) -> None:
+        n = g.numel
+        budget = int(self.sketch_fraction * n * g.dtype.itemsize) // _SKETCH_BYTES_PER_BUCKET
+        k = max(1, min(n, max(MIN_BUCKETS, budget)))
+        spread = k // 4
+        rounds = -(-n // k)
+        gen = torch.Generator().manual_seed(seed)
+        signs = torch.randint(0, 2, (k + spread,), generator=gen, dtype=torch.int8)
+        rho: list[int] = torch.randint(0, spread + 1, (rounds,), generator=gen).tolist()
+        g.buckets = k
+        g.signs = (signs.to(torch.float32) * 2 - 1).to(g.device)
+        g.cur = torch.zeros(k, dtype=torch.float32, device=g.device)
+        g.prev = torch.zeros(k, dtype=torch.float32, device=g.device)
+        g.prev_sq = torch.zeros((), dtype=torch.float32, device=g.device)
+        g.prev_sketch_sq = torch.zeros((), dtype=torch.float32, device=g.device)
+
+        def split(start: int, length: int) -> list[tuple[int, int, int, int]]:
+            """(virtual start, length, bucket, sign index) of each round-aligned stretch."""
+            out = []
+            end = start + length
+            while start < end:
+                r, b = divmod(start, k)
+                stop = min(end, (r + 1) * k)
+                out.append((start, stop - start, b, rho[r] + b))
+                start = stop
+            return out
+
+        if g.blocked:
+            g.pieces = []
+            for unit in g.units:
+                for v0, length in unit.spans:
+                    stretches = split(v0, length)
+                    g.pieces.append(
+                        [
+                            _Piece(
+                                start=v - v0,
+                                length=m,
+                                whole=len(stretches) == 1,
+                                cur=g.cur[b : b + m],
+                                sign=g.signs[s : s + m],
+                            )
+                            for v, m, b, s in stretches
+                        ]
+                    )
+        else:
+            by_round: dict[int, list[_RoundItem]] = defaultdict(list)
+            for i, (o, size, shape) in enumerate(zip(g.offsets, g.sizes, g.shapes, strict=True)):
+                stretches = split(o, size)
+                for v, m, b, s in stretches:
+                    whole = len(stretches) == 1
+                    cur, sign = g.cur[b : b + m], g.signs[s : s + m]
+                    if whole:
+                        by_round[v // k].append(
+                            _RoundItem(i, None, cur.view(shape), sign.view(shape))
+                        )
+                    else:
+                        by_round[v // k].append(_RoundItem(i, slice(v - o, v - o + m), cur, sign))
+            g.rounds = [by_round[r] for r in sorted(by_round)]
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.no_grad()
     def local_sums(self) -> Tensor:
         """This rank's ``[sum of squares, dot with previous gradient]`` (float32, on device).
 
-        Also writes the current gradient into the reference buffer. Call exactly once per
-        optimizer step, after backward (and unscaling) and before clipping, then reduce the
-        result across shard holders (if any) and pass it to :meth:`finish`.
+        Also stores the current gradient (or its sketch) as the next step's reference. Call
+        exactly once per optimizer step, after backward (and unscaling) and before clipping,
+        then reduce the result across shard holders (if any) and pass it to :meth:`finish`.
+        In sketch mode the dot product is the sketch's estimate (see the class docstring).
         """
-        grads: list[Tensor] = []
-        refs: list[Tensor] = []
-        missing: list[Tensor] = []
-        want_ref = self.cosine == "exact"
-        if want_ref and self._ref is None:
-            self._ref = _FlatViews(
-                [local_tensor(p) for p in self.params], dtype=self.reference_dtype
-            )
-            self._prev_valid = torch.zeros((), dtype=torch.bool, device=self.device)
-        for i, p in enumerate(self.params):
-            g = p.grad
-            if g is None or g.is_sparse:
-                if want_ref:
-                    missing.append(self._ref.views[i])  # type: ignore[union-attr]
-                continue
-            grads.append(local_tensor(g))
-            if want_ref:
-                refs.append(self._ref.views[i])  # type: ignore[union-attr]
-        self.last_grad_count = len(grads)
-        self._skipped = not grads
-        if not grads:
+        grads: list[Tensor | None] = [p.grad for p in self.params]
+        missing = sum(map(operator.is_, grads, repeat(None)))
+        self.last_grad_count = len(grads) - missing
+        self._skipped = missing == len(grads)
+        if self._skipped:
             # No gradient at all (a skipped batch): leave the reference as it is, so the next
             # cosine compares with the last real gradient.
             return torch.zeros(2, device=self.device)
-        sq = _sum_sq(grads, self.device)
-        if not want_ref:
-            return torch.stack([sq, torch.zeros_like(sq)])
-        assert self._ref is not None
+        if not self._built:
+            self._build()
+        if self._dtensor:
+            grads = [None if g is None else local_tensor(g) for g in grads]
+        if missing != self._layout_missing:
+            # Sparse gradients (``Embedding(sparse=True)``) are densified. A parameter's layout
+            # does not change between steps: look again only when the set of gradients does.
+            self._sparse = [i for i, g in enumerate(grads) if g is not None and g.is_sparse]
+            self._layout_missing = missing
+        for i in self._sparse:
+            g = grads[i]
+            if g is not None and g.is_sparse:
+                grads[i] = g.to_dense()
+        sq_parts, dot_parts = [], []
+        for group in self._groups:
+            gs = grads if self._identity else [grads[i] for i in group.index]
+            sq, dot = self._group_sums(group, gs, missing > 0)
+            sq_parts.append(sq.to(device=self.device, dtype=torch.float32))
+            dot_parts.append(dot.to(device=self.device, dtype=torch.float32))
+        if len(sq_parts) == 1:
+            return torch.stack([sq_parts[0], dot_parts[0]])
+        return torch.stack([torch.stack(sq_parts).sum(), torch.stack(dot_parts).sum()])
+
+    def _group_sums(
+        self, g: _Group, gs: list[Tensor | None], missing: bool
+    ) -> tuple[Tensor, Tensor]:
+        if g.blocked:
+            return self._blocked_sums(g, gs, missing)
+        present = [t for t in gs if t is not None] if missing else cast(list[Tensor], gs)
+        if not present:
+            zero = torch.zeros((), device=g.device)
+            if self.cosine == "exact":
+                assert g.ref is not None
+                g.ref.zero_()
+            elif self.cosine == "sketch":
+                return self._sketch_estimate(g, zero, zero_sketch=True)
+            return zero, zero
+        if self.cosine == "exact":
+            return self._foreach_exact(g, gs, present, missing)
+        if self.cosine == "sketch":
+            return self._foreach_sketch(g, gs, present)
+        return _sum_sq(present, g.compute_dtype), torch.zeros((), device=g.device)
+
+    # ---- foreach plan (accelerators)
+
+    def _foreach_exact(
+        self, g: _Group, gs: list[Tensor | None], present: list[Tensor], missing: bool
+    ) -> tuple[Tensor, Tensor]:
+        assert g.ref is not None
+        refs = g.ref_views
         if missing:
-            torch._foreach_zero_(missing)
-        if all(g.dtype == r.dtype for g, r in zip(grads, refs, strict=True)):
-            torch._foreach_mul_(refs, grads)
-            dot = self._ref.dot_sum(self.device)
-        else:  # reference in another dtype (bf16): products in float32, one kernel per tensor
-            prods = [(g.float() * r.float()).sum() for g, r in zip(grads, refs, strict=True)]
-            dot = torch.stack(prods).sum()
-        torch._foreach_copy_(refs, grads)
-        return torch.stack([sq, dot])
+            refs = [r for r, t in zip(g.ref_views, gs, strict=True) if t is not None]
+            absent = [r for r, t in zip(g.ref_views, gs, strict=True) if t is None]
+            torch._foreach_zero_(absent)
+        cd = g.compute_dtype
+        # The product overwrites the reference; summing the flat buffer is one kernel.
+        torch._foreach_mul_(refs, present)
+        dot = g.ref.sum(dtype=cd)
+        torch._foreach_copy_(refs, present)
+        # A lossless reference now holds this gradient exactly: one flat reduction.
+        sq = _flat_sq(g.ref, cd) if g.lossless else _sum_sq(present, cd)
+        return sq, dot
+
+    def _foreach_sketch(
+        self, g: _Group, gs: list[Tensor | None], present: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        assert g.cur is not None
+        g.cur.zero_()
+        flat: dict[int, Tensor] = {}
+        for items in g.rounds:
+            curs, srcs, signs = [], [], []
+            for it in items:
+                t = gs[it.index]
+                if t is None:
+                    continue
+                if it.part is not None:
+                    if it.index not in flat:
+                        flat[it.index] = t.reshape(-1)
+                    t = flat[it.index][it.part]
+                curs.append(it.cur)
+                srcs.append(t)
+                signs.append(it.sign)
+            if srcs:  # distinct buckets within a round: no aliasing inside one foreach call
+                torch._foreach_addcmul_(curs, srcs, signs)
+        return self._sketch_estimate(g, _sum_sq(present, g.compute_dtype))
+
+    # ---- blocked plan (CPU)
+
+    def _blocked_sums(
+        self, g: _Group, gs: list[Tensor | None], missing: bool
+    ) -> tuple[Tensor, Tensor]:
+        cd = g.compute_dtype
+        mode = self.cosine
+        if mode == "sketch":
+            assert g.cur is not None
+            g.cur.zero_()
+        dots: list[Tensor] = []
+        sqs: list[Tensor] = []
+        j = 0  # block index
+        for unit in g.units:
+            if unit.chunked:
+                t = gs[unit.first]
+                if t is None:  # a zero gradient: nothing to add, the reference becomes zero
+                    if mode == "exact":
+                        for r in g.ref_blocks[j : j + len(unit.spans)]:
+                            r.zero_()
+                    j += len(unit.spans)
+                    continue
+                sources: Sequence[Tensor] = t.reshape(-1).split(BLOCK)
+            else:
+                run = gs[unit.first : unit.stop]
+                if missing:
+                    run = [
+                        t if t is not None else self._zeros(g, unit.first + i)
+                        for i, t in enumerate(run)
+                    ]
+                sources = (_flatten(run),)
+            # Every operation on a block runs while the block is in cache.
+            for s in sources:
+                sf = s if s.dtype == cd else s.to(cd)
+                if mode == "exact":
+                    r = g.ref_blocks[j]
+                    dots.append(torch.dot(sf, r if r.dtype == cd else r.to(cd)))
+                    r.copy_(s)
+                elif mode == "sketch":
+                    for pc in g.pieces[j]:
+                        src = s if pc.whole else s[pc.start : pc.start + pc.length]
+                        pc.cur.addcmul_(src, pc.sign)
+                sqs.append(torch.dot(sf, sf))
+                j += 1
+        zero = torch.zeros((), dtype=cd, device=g.device)
+        sq = torch.stack(sqs).sum() if sqs else zero
+        if mode == "sketch":
+            return self._sketch_estimate(g, sq)
+        return sq, torch.stack(dots).sum() if dots else zero
+
+    @staticmethod
+    def _zeros(g: _Group, i: int) -> Tensor:
+        return torch.zeros(g.shapes[i], dtype=g.dtype, device=g.device)
+
+    # ---- sketch estimate
+
+    @staticmethod
+    def _sketch_estimate(g: _Group, sq: Tensor, zero_sketch: bool = False) -> tuple[Tensor, Tensor]:
+        """``(sq, ||g_t|| ||g_{t-1}|| cos(S_t, S_{t-1}))`` for this group; rolls the sketch."""
+        assert g.cur is not None and g.prev is not None
+        assert g.prev_sq is not None and g.prev_sketch_sq is not None
+        if zero_sketch:
+            g.cur.zero_()
+        sq = sq.float()
+        sketch_dot = torch.dot(g.cur, g.prev)
+        sketch_sq = torch.dot(g.cur, g.cur)
+        den = (sketch_sq * g.prev_sketch_sq).sqrt()
+        scale = (sq * g.prev_sq).sqrt()
+        dot = torch.where(den > 0, sketch_dot * (scale / den), torch.zeros_like(den))
+        g.prev_sq, g.prev_sketch_sq = sq, sketch_sq
+        g.prev.copy_(g.cur)  # k elements: a fraction of a percent of the gradients
+        return sq, dot
 
     def finish(self, sums: Tensor) -> Tensor:
         """Turn globally reduced ``[sum_sq, dot]`` into ``[grad_norm, cosine]`` (device tensor).
@@ -190,17 +670,48 @@ class GradientStats:
         The cosine is NaN where it is undefined. Remembers this step's squared norm as the
         reference's for the next step.
         """
-        sq, dot = sums[0], sums[1]
+        sq, dot = sums.unbind()
+        nan = torch.full_like(dot, float("nan"))
         if self._skipped:
-            return torch.stack([sq, torch.full_like(dot, float("nan"))])
+            return torch.stack([sq, nan])
+        # The previous squared norm is finite and positive where `_prev_valid`; then the ratio is
+        # finite exactly when this step's norm is non-zero and everything is finite.
+        finite = sq.isfinite()
+        cos = dot / (sq * self._prev_sq).sqrt()
+        valid = self._prev_valid & finite & cos.isfinite()
+        cos = torch.where(valid, cos.clamp(-1.0, 1.0), nan)
+        if self.cosine != "off":
+            self._prev_sq = sq.clone()
+            self._prev_valid = finite & (sq > 0)
         norm = sq.sqrt()
-        denom = (sq * self._prev_sq).sqrt()
-        valid = self._prev_valid & torch.isfinite(denom) & (denom > 0) & torch.isfinite(dot)
-        cos = torch.where(valid, (dot / denom).clamp(-1.0, 1.0), torch.full_like(dot, float("nan")))
-        if self.cosine == "exact":
-            self._prev_sq = sq.detach().clone()
-            self._prev_valid = torch.isfinite(sq) & (sq > 0)
         return torch.stack([norm, cos])
+
+    # ------------------------------------------------------------------ per-tensor norms
+
+    @torch.no_grad()
+    def per_tensor_sq_norms(self) -> Tensor:
+        """Squared norm of each parameter's local gradient, ``0`` where it has none.
+
+        A float32 tensor of ``len(params)`` values on the device, in parameter order. Reads the
+        current gradients: call it in the same hook as :meth:`local_sums` (before clipping).
+        Under sharding the values are local: sum them across shard holders, then take the
+        square root. Costs one norm kernel per tensor: meant for logging steps.
+        """
+        out = torch.zeros(len(self.params), device=self.device)
+        index, present = [], []
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                g = local_tensor(p.grad)
+                index.append(i)
+                present.append(g.to_dense() if g.is_sparse else g)
+        if present:
+            by_device: dict[torch.device, list[int]] = defaultdict(list)
+            for j, t in enumerate(present):
+                by_device[t.device].append(j)
+            for js in by_device.values():
+                vals = _sq_norms([present[j] for j in js], torch.float32).to(self.device)
+                out[torch.tensor([index[j] for j in js], device=self.device)] = vals
+        return out
 
 
 class UpdateRatio:
@@ -213,7 +724,9 @@ class UpdateRatio:
 
     def __init__(self, params: Sequence[Tensor]) -> None:
         self.params = list(params)
-        self.device = local_tensor(self.params[0]).device if self.params else torch.device("cpu")
+        locals_ = [local_tensor(p) for p in self.params]
+        self._dtensor = any(loc is not p for loc, p in zip(locals_, self.params, strict=True))
+        self.device = locals_[0].device if locals_ else torch.device("cpu")
         self._buf: _FlatViews | None = None
         self._old_sq: Tensor | None = None
 
@@ -222,20 +735,31 @@ class UpdateRatio:
         """Whether a snapshot is waiting for :meth:`local_sums`."""
         return self._old_sq is not None
 
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the snapshot buffer held now."""
+        return 0 if self._buf is None else self._buf.nbytes
+
+    def _locals(self) -> list[Tensor]:
+        if self._dtensor:
+            return [local_tensor(p.detach()) for p in self.params]
+        return self.params
+
+    @torch.no_grad()
     def snapshot(self) -> None:
         """Copy the current parameters (call before the optimizer step)."""
-        locals_ = [local_tensor(p.detach()) for p in self.params]
+        locals_ = self._locals()
         if self._buf is None:
             self._buf = _FlatViews(locals_)
         torch._foreach_copy_(self._buf.views, locals_)
         self._old_sq = self._buf.sq_sum(self.device)
 
+    @torch.no_grad()
     def local_sums(self) -> Tensor | None:
         """``[||delta||^2, ||theta_old||^2]`` on this rank, or ``None`` without a snapshot."""
         if self._buf is None or self._old_sq is None:
             return None
-        locals_ = [local_tensor(p.detach()) for p in self.params]
-        torch._foreach_sub_(self._buf.views, locals_)
+        torch._foreach_sub_(self._buf.views, self._locals())
         delta_sq = self._buf.sq_sum(self.device)
         out = torch.stack([delta_sq, self._old_sq])
         self._old_sq = None
@@ -251,3 +775,31 @@ class UpdateRatio:
         """Reduced ``[||delta||^2, ||theta_old||^2]`` to the ratio (NaN if the weights are 0)."""
         old = sums[1].sqrt()
         return torch.where(old > 0, sums[0].sqrt() / old, torch.full_like(old, float("nan")))
+
+
+class _FlatViews:
+    """One contiguous buffer per (device, dtype), with a view shaped like each tensor."""
+
+    def __init__(self, like: Sequence[Tensor]) -> None:
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+        for i, t in enumerate(like):
+            groups[(t.device, t.dtype)].append(i)
+        self.flats: list[Tensor] = []
+        self.views: list[Tensor] = [torch.empty(0)] * len(like)
+        for (device, dt), idx in groups.items():
+            flat = torch.zeros(sum(like[i].numel() for i in idx), device=device, dtype=dt)
+            offset = 0
+            for i in idx:
+                n = like[i].numel()
+                self.views[i] = flat[offset : offset + n].view_as(like[i])
+                offset += n
+            self.flats.append(flat)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.numel() * f.element_size() for f in self.flats)
+
+    def sq_sum(self, device: torch.device) -> Tensor:
+        """Sum of squares of all buffers, in float32, on ``device``."""
+        parts = [_flat_sq(f, _compute_dtype(f.dtype)).float().to(device) for f in self.flats]
+        return torch.stack(parts).sum() if parts else torch.zeros((), device=device)
