@@ -28,6 +28,8 @@ Entry points:
   ``P^-1/2 H P^-1/2`` for any loss closure and parameter list.
 - :func:`estimate_stability`: sharpness, threshold and margin for a torch optimizer, reading the
   preconditioner, lr and momentum from it.
+- :class:`ProbeBudget`: when to probe so that probes cost at most a given fraction of training
+  time (a fixed interval cannot promise that: the probe/step ratio depends on the model).
 - :func:`probe_guard`: a context manager under which a probe leaves no trace on training: module
   modes, ``.grad``, buffers (batch-norm statistics) and the CPU/CUDA RNG states are restored
   exactly.
@@ -63,6 +65,7 @@ from torch import Tensor, nn
 from warmup_monitor._checks import check_choice, check_float, check_int
 
 __all__ = [
+    "ProbeBudget",
     "SharpnessResult",
     "StabilityEstimate",
     "adam_preconditioner",
@@ -783,3 +786,101 @@ def probe_guard(module: nn.Module, *, mode: ProbeMode = "eval") -> Iterator[nn.M
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+# --------------------------------------------------------------------------------------------
+# When to probe
+# --------------------------------------------------------------------------------------------
+
+
+class ProbeBudget:
+    r"""Space probes so that they cost at most ``budget`` of the training time on average.
+
+    A probe costs ``1 + k * (2 to 3)`` training steps for ``k`` Lanczos steps (about 12-17 steps
+    for the example transformer), so the interval that keeps the overhead under a budget
+    depends on the model, the hardware and how fast Lanczos converges. This schedule measures
+    instead of guessing: after a probe that took ``probe_seconds`` while a training step takes
+    ``step_seconds``, the next probe waits
+
+    .. math::
+
+        \text{interval} = \left\lceil \frac{\text{probe\_seconds}}
+            {\text{budget} \cdot \text{step\_seconds}} \right\rceil
+
+    steps, clamped to ``[min_interval, max_interval]``: each probe is paid for by the steps
+    after it. Pure arithmetic on numbers the caller measures (``SharpnessResult.elapsed`` and a
+    mean step time). Under DDP the probe is collective: every rank must decide alike, so the
+    caller broadcasts :attr:`next_step` from rank zero after :meth:`record`.
+
+    Args:
+        budget: Fraction of training time the probes may take on average, in (0, 1].
+        min_interval: The fewest steps between two probes, >= 1.
+        max_interval: The most steps between two probes (None: no limit).
+        first_step: The step (optimizer steps taken) of the first probe; 1 lets Adam's state
+            exist.
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: an argument is out of range.
+
+    Example::
+
+        budget = ProbeBudget(0.05)
+        if budget.due(step):
+            est = estimate_stability(...)
+            budget.record(step, est.result.elapsed, mean_step_seconds)
+    """
+
+    def __init__(
+        self,
+        budget: float = 0.05,
+        *,
+        min_interval: int = 1,
+        max_interval: int | None = None,
+        first_step: int = 1,
+    ) -> None:
+        self.budget = check_float("budget", budget, above=0.0)
+        if self.budget > 1.0:
+            raise ValueError(f"`budget` must be <= 1, got {budget}")
+        self.min_interval = check_int("min_interval", min_interval, minimum=1)
+        if max_interval is not None:
+            check_int("max_interval", max_interval, minimum=self.min_interval)
+        self.max_interval = max_interval
+        self.next_step = check_int("first_step", first_step, minimum=0)
+
+    def due(self, step: int) -> bool:
+        """Whether a probe should run at ``step`` (optimizer steps taken)."""
+        return step >= self.next_step
+
+    def record(self, step: int, probe_seconds: float, step_seconds: float) -> int:
+        """Account for a probe run at ``step``; return the step of the next one.
+
+        Args:
+            step: The step the probe ran at.
+            probe_seconds: How long the probe took.
+            step_seconds: How long one training step takes (a mean over recent steps).
+
+        Raises:
+            TypeError: an argument has the wrong type.
+            ValueError: an argument is negative or not finite.
+        """
+        step = check_int("step", step, minimum=0)
+        probe_seconds = check_float("probe_seconds", probe_seconds, minimum=0.0)
+        step_seconds = check_float("step_seconds", step_seconds, minimum=0.0)
+        if step_seconds > 0:
+            interval = max(1, math.ceil(probe_seconds / (self.budget * step_seconds)))
+        else:
+            interval = self.max_interval or self.min_interval
+        interval = max(interval, self.min_interval)
+        if self.max_interval is not None:
+            interval = min(interval, self.max_interval)
+        self.next_step = step + interval
+        return self.next_step
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"next_step": int}``: the only state (the options come from the constructor)."""
+        return {"next_step": self.next_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a missing key keeps the current value."""
+        self.next_step = int(state.get("next_step", self.next_step))
