@@ -49,6 +49,39 @@ class AlertKind(str, Enum):
     #: The monitor itself could not compute something it was asked for.
     MONITOR = "monitor"
 
+    @property
+    def is_instability(self) -> bool:
+        """Whether this kind means training is unstable (see :data:`INSTABILITY_KINDS`)."""
+        return self in INSTABILITY_KINDS
+
+
+#: The alert kinds that mean training is unstable: what drives warmup extension and the report's
+#: verdict. The others are informational: ``transient`` (an excursion that recovered at once),
+#: ``warmup_extended`` (an action taken) and ``monitor`` (the monitor's own trouble).
+INSTABILITY_KINDS: frozenset[AlertKind] = frozenset(
+    {
+        AlertKind.LOSS_SPIKE,
+        AlertKind.LOSS_TREND_SPIKE,
+        AlertKind.GRAD_NORM_SPIKE,
+        AlertKind.NON_FINITE,
+        AlertKind.OSCILLATION,
+        AlertKind.PERSISTENT_INSTABILITY,
+        AlertKind.WARMUP_EXHAUSTED,
+        AlertKind.EDGE_OF_STABILITY,
+    }
+)
+
+
+def is_instability(kind: AlertKind | str) -> bool:
+    """Whether an alert kind (member or value, e.g. ``"loss_spike"``) means instability.
+
+    Unknown kinds (from a newer version's file) are not instability.
+    """
+    try:
+        return AlertKind(kind) in INSTABILITY_KINDS
+    except ValueError:
+        return False
+
 
 @dataclass
 class Alert:
