@@ -315,6 +315,7 @@ class GradientStats:
         self.sketch_seed = check_int("sketch_seed", sketch_seed, minimum=0)
         self.kernels: Kernels = check_choice("kernels", kernels, ("auto", "blocked", "foreach"))  # type: ignore[assignment]
 
+        self._block = BLOCK  # fixed for the instance's lifetime
         locals_ = [local_tensor(p) for p in self.params]
         self._dtensor = any(loc is not p for loc, p in zip(locals_, self.params, strict=True))
         self.device = locals_[0].device if locals_ else torch.device("cpu")
@@ -325,7 +326,7 @@ class GradientStats:
         for (device, dtype), index in by_key.items():
             # Layout order: tensors of at most a block first (they are flattened together in
             # runs), then the large ones (cut in chunks). Fewer, fuller blocks.
-            index = sorted(index, key=lambda i: locals_[i].numel() > BLOCK)
+            index = sorted(index, key=lambda i: locals_[i].numel() > self._block)
             sizes = [locals_[i].numel() for i in index]
             offsets = [0, *accumulate(sizes)][: len(sizes)]
             blocked = kernels == "blocked" or (kernels == "auto" and device.type == "cpu")
@@ -396,7 +397,7 @@ class GradientStats:
             rank_offset = torch.distributed.get_rank()
         for g in self._groups:
             if g.blocked:
-                g.units = _plan_units(g.sizes, BLOCK)
+                g.units = _plan_units(g.sizes, self._block)
             if self.cosine == "exact":
                 self._build_reference(g)
             elif self.cosine == "sketch":
@@ -558,7 +559,8 @@ class GradientStats:
         if missing:
             refs = [r for r, t in zip(g.ref_views, gs, strict=True) if t is not None]
             absent = [r for r, t in zip(g.ref_views, gs, strict=True) if t is None]
-            torch._foreach_zero_(absent)
+            if absent:
+                torch._foreach_zero_(absent)
         cd = g.compute_dtype
         # The product overwrites the reference; summing the flat buffer is one kernel.
         torch._foreach_mul_(refs, present)
@@ -613,7 +615,7 @@ class GradientStats:
                             r.zero_()
                     j += len(unit.spans)
                     continue
-                sources: Sequence[Tensor] = t.reshape(-1).split(BLOCK)
+                sources: Sequence[Tensor] = t.reshape(-1).split(self._block)
             else:
                 run = gs[unit.first : unit.stop]
                 if missing:
