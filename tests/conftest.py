@@ -27,6 +27,20 @@ warnings.filterwarnings("ignore", ".*LeafSpec.*")
 os.environ.setdefault("PL_DISABLE_FORK", "1")
 
 
+def ten_x_only(**kwargs: Any) -> Any:
+    """A detector with the 10x-initial-loss and non-finite rules only: tests of the foundation's
+    sinks and state pin exact alert lists, which the trend and persistence rules would add to."""
+    from warmup_monitor import InstabilityDetector
+
+    return InstabilityDetector(
+        loss_trend_spike=False,
+        grad_norm_spike=False,
+        oscillation=False,
+        persistence=False,
+        **kwargs,
+    )
+
+
 def make_data(n: int = 32, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g)

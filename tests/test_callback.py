@@ -18,6 +18,7 @@ from conftest import (
     read_accumulator,
     read_scalars,
     recorder_class,
+    ten_x_only,
     tiny_module_class,
 )
 
@@ -136,7 +137,10 @@ def test_ten_x_rule_alerts_once_in_every_sink(
     model = tiny_module_class(pl)(scripted=_scripted({5: factor}))
     with caplog.at_level(logging.WARNING, logger="warmup_monitor"):
         trainer = fit(
-            pl, tmp_path, [WarmupMonitor(warmup_steps=8, on_alert=hooked.append)], model=model
+            pl,
+            tmp_path,
+            [WarmupMonitor(warmup_steps=8, on_alert=hooked.append, detector=ten_x_only())],
+            model=model,
         )
     jsonl = os.path.join(trainer.log_dir, ALERTS_FILENAME)
     spikes = [a for a in read_alerts(jsonl)] if os.path.exists(jsonl) else []
@@ -204,7 +208,12 @@ def test_a_raising_hook_hides_nothing_and_does_not_stop_training(
 
     model = tiny_module_class(pl)(scripted=_scripted({2: 50.0}))
     with caplog.at_level(logging.WARNING, logger="warmup_monitor"):
-        trainer = fit(pl, tmp_path, [WarmupMonitor(warmup_steps=8, on_alert=hook)], model=model)
+        trainer = fit(
+            pl,
+            tmp_path,
+            [WarmupMonitor(warmup_steps=8, on_alert=hook, detector=ten_x_only())],
+            model=model,
+        )
     assert trainer.global_step == 8
     assert [a.step for a in read_alerts(os.path.join(trainer.log_dir, ALERTS_FILENAME))] == [2]
     assert any("pager is down" in (r.exc_text or "") or r.exc_info for r in caplog.records)
@@ -233,7 +242,9 @@ def test_no_logger_and_monitoring_window(tmp_path: os.PathLike) -> None:
 
     hooked: list[Alert] = []
     model = tiny_module_class(pl)(scripted=_scripted({1: 20.0, 7: 20.0}))
-    monitor = WarmupMonitor(warmup_steps=3, post_warmup_steps=2, on_alert=hooked.append)
+    monitor = WarmupMonitor(
+        warmup_steps=3, post_warmup_steps=2, on_alert=hooked.append, detector=ten_x_only()
+    )
     trainer = fit(pl, tmp_path, [monitor], model=model, logger=False)
     assert trainer.global_step == 8
     # Step 7 is past warmup (3) + post-warmup (2): not monitored.
@@ -271,7 +282,7 @@ def test_resume_from_checkpoint_restores_state(tmp_path: os.PathLike) -> None:
     values = {8: 2.0, 10: 15.0, 3: 12.0}
     loader = make_loader(n=32, batch_size=4)
     ckpt_dir = os.path.join(str(tmp_path), "ckpt")
-    first = WarmupMonitor(warmup_steps=8)
+    first = WarmupMonitor(warmup_steps=8, detector=ten_x_only())
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True)
     model = tiny_module_class(pl)(scripted=_scripted(values))
     fit(
@@ -289,7 +300,7 @@ def test_resume_from_checkpoint_restores_state(tmp_path: os.PathLike) -> None:
     assert state["alert_count"] == 1  # the 12.0 at step 3
 
     hooked: list[Alert] = []
-    second = WarmupMonitor(warmup_steps=8, on_alert=hooked.append)
+    second = WarmupMonitor(warmup_steps=8, on_alert=hooked.append, detector=ten_x_only())
     trainer = fit(
         pl,
         tmp_path,
@@ -373,7 +384,7 @@ def test_resumed_run_logs_what_the_uninterrupted_run_logs(tmp_path: os.PathLike)
 
     def run(root: str, max_steps: int, ckpt: str | None, hooked: list[Alert]) -> dict:
         ckpt_dir = os.path.join(root, "ckpt")
-        monitor = WarmupMonitor(warmup_steps=12, on_alert=hooked.append)
+        monitor = WarmupMonitor(warmup_steps=12, on_alert=hooked.append, detector=ten_x_only())
         with pytest.warns(UserWarning, match="longer than") if max_steps < 12 else _nullcontext():
             trainer = fit(
                 pl,

@@ -96,10 +96,11 @@ def test_every_rank_holds_the_same_state_and_files_are_written_once(
 def test_nan_on_one_rank_reaches_every_rank_without_deadlock(runs: dict[str, Path]) -> None:
     ranks = _ranks(runs["ddp_nan"])
     # The decision loss is the mean over ranks: rank 1's NaN makes it NaN for both.
-    assert [(a["step"], a["kind"]) for a in ranks[0]["alerts"]] == [(3, "non_finite")]
-    assert ranks[0]["alert_count"] == ranks[1]["alert_count"] == 1
+    non_finite = [a["step"] for a in ranks[0]["alerts"] if a["kind"] == "non_finite"]
+    assert non_finite == [3]
+    assert ranks[0]["alert_count"] == ranks[1]["alert_count"] == len(ranks[0]["alerts"])
     on_disk = read_alerts(runs["ddp_nan"] / ALERTS_FILENAME)
-    assert [(a.step, a.kind.value) for a in on_disk] == [(3, "non_finite")]
+    assert [a.to_dict() for a in on_disk] == ranks[0]["alerts"]
     # Training went on to the end on both ranks.
     assert all(r["state"]["steps"]["0"] == 8 for r in ranks)
 

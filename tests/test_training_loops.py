@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import fit, make_loader, read_scalars, recorder_class, tiny_module_class
+from conftest import (
+    fit,
+    make_loader,
+    read_scalars,
+    recorder_class,
+    ten_x_only,
+    tiny_module_class,
+)
 
 from warmup_monitor import Alert, WarmupMonitor
 from warmup_monitor.alerts import ALERTS_FILENAME, read_alerts
@@ -107,7 +114,7 @@ def test_several_fits_on_one_trainer_continue(tmp_path: os.PathLike) -> None:
     hooked: list[Alert] = []
     values = {0: 1.0, 6: 12.0}
     model = tiny_module_class(pl)(scripted=lambda s: values.get(s, 2.0))
-    monitor = WarmupMonitor(warmup_steps=8, on_alert=hooked.append)
+    monitor = WarmupMonitor(warmup_steps=8, on_alert=hooked.append, detector=ten_x_only())
     trainer = pl.Trainer(
         max_steps=4,
         callbacks=[monitor],
@@ -211,7 +218,12 @@ def test_plain_pytorch_loop(tmp_path: os.PathLike) -> None:
     hooked: list[Alert] = []
     alerts_file = os.path.join(str(tmp_path), ALERTS_FILENAME)
     monitor = LoopMonitor(
-        opt, warmup_steps=6, writer=writer, alerts_file=alerts_file, on_alert=hooked.append
+        opt,
+        warmup_steps=6,
+        writer=writer,
+        alerts_file=alerts_file,
+        on_alert=hooked.append,
+        detector=ten_x_only(),
     )
     loader = make_loader()
     norms, grads = [], []

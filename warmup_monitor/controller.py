@@ -30,24 +30,17 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from warmup_monitor._checks import check_choice, check_float, check_int
-from warmup_monitor.alerts import Alert, AlertKind
+from warmup_monitor.alerts import INSTABILITY_KINDS, Alert, AlertKind
 from warmup_monitor.schedules import SHAPES, warmup_factor
 
 __all__ = ["DEFAULT_TRIGGER_KINDS", "OnExhausted", "WarmupController", "WarmupExhaustedError"]
 
 OnExhausted = Literal["warn", "stop", "raise"]
 
-#: Alert kinds that count as instability for the extension policy (``transient`` does not).
+#: Alert kinds that count as instability for the extension policy: the instability kinds of
+#: :mod:`warmup_monitor.alerts` (``transient`` is not one) less the controller's own.
 DEFAULT_TRIGGER_KINDS: frozenset[str] = frozenset(
-    {
-        AlertKind.LOSS_SPIKE.value,
-        AlertKind.LOSS_TREND_SPIKE.value,
-        AlertKind.GRAD_NORM_SPIKE.value,
-        AlertKind.NON_FINITE.value,
-        AlertKind.OSCILLATION.value,
-        AlertKind.PERSISTENT_INSTABILITY.value,
-        AlertKind.EDGE_OF_STABILITY.value,
-    }
+    k.value for k in INSTABILITY_KINDS if k is not AlertKind.WARMUP_EXHAUSTED
 )
 #: Kinds severe enough to extend on their own; the others must repeat (``min_alerts``).
 _SEVERE = frozenset(

@@ -31,7 +31,9 @@ import torch
 from torch import Tensor
 
 from warmup_monitor.alerts import Alert, AlertKind
+from warmup_monitor.controller import WarmupController, WarmupExhaustedError
 from warmup_monitor.detectors import InstabilityDetector
+from warmup_monitor.lr_factor import LrFactor
 from warmup_monitor.stats import CosineMode, GradientStats, UpdateRatio
 
 __all__ = ["MetricsSink", "MonitorEngine", "world_reducer"]
@@ -84,8 +86,10 @@ class _Pending:
     """Measured in ``before_step``; completed when the batch's loss is known."""
 
     step: int
+    progress: int
     sums: Tensor  # local [sum_sq, dot] (and [delta_sq, old_sq] appended later)
     lrs: list[float]
+    factor: float
     grad_count: int
     log: bool
 
@@ -95,8 +99,10 @@ class _Record:
     """One completed step, its values still on the device."""
 
     step: int
+    progress: int
     values: Tensor  # [loss, grad_norm, cosine, update_ratio] (NaN = absent)
     lrs: list[float]
+    factor: float
     grad_count: int
     has_loss: bool
     log: bool
@@ -112,11 +118,23 @@ class _Watch:
     stats: GradientStats
     update: UpdateRatio | None
     detector: InstabilityDetector
+    controller: WarmupController | None = None
     step: int = 0
+    progress: int = 0  # updates actually applied (steps skipped by a GradScaler excluded)
     pending: _Pending | None = None
     stepped: bool = False
     records: list[_Record] = field(default_factory=list)
     hook: Any = None
+    lr_factor: LrFactor | None = None
+
+    @property
+    def plan_end(self) -> int | None:
+        """The current planned end of warmup, if a controller keeps a plan."""
+        return None if self.controller is None else self.controller.warmup_steps
+
+    def factor(self) -> float:
+        """The factor of the next update."""
+        return 1.0 if self.controller is None else self.controller.factor(self.progress)
 
 
 class MonitorEngine:
@@ -133,6 +151,8 @@ class MonitorEngine:
         post_warmup_steps: Steps monitored after warmup (``-1``: all).
         post_warmup_log_every_n_steps: Logging interval after warmup.
         detector: Template detector; each optimizer gets its own copy.
+        controller: Template warmup plan (schedule, adaptive extension); each optimizer gets
+            its own copy. ``None``: the monitor only watches.
         cosine: Cosine mode of :class:`~warmup_monitor.stats.GradientStats`.
         reference_dtype: dtype of the cosine's reference buffer.
         update_ratio: Whether to measure the update/weight ratio on logging steps.
@@ -148,6 +168,7 @@ class MonitorEngine:
         post_warmup_steps: int = 100,
         post_warmup_log_every_n_steps: int = 1,
         detector: InstabilityDetector,
+        controller: WarmupController | None = None,
         cosine: CosineMode = "exact",
         reference_dtype: torch.dtype | None = None,
         update_ratio: bool = True,
@@ -159,6 +180,7 @@ class MonitorEngine:
         self.post_warmup_steps = post_warmup_steps
         self.post_warmup_log_every_n_steps = post_warmup_log_every_n_steps
         self.detector = detector
+        self.controller = controller
         self.cosine = cosine
         self.reference_dtype = reference_dtype
         self.update_ratio = update_ratio
@@ -176,32 +198,47 @@ class MonitorEngine:
         self.amp_skipped_steps = 0
         self._watches: list[_Watch] = []
         self._detector_states: dict[int, dict[str, Any]] = {}
+        self._controller_states: dict[int, dict[str, Any]] = {}
         self._steps: dict[int, int] = {}
+        self._progress: dict[int, int] = {}
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
         self._released = False
 
     # ------------------------------------------------------------------ the monitoring window
 
-    @property
-    def monitor_until(self) -> float:
+    def planned_warmup_steps(self, opt_idx: int = 0) -> int:
+        """The current planned warmup length (extended by the controller, if any)."""
+        if opt_idx < len(self._watches):
+            end = self._watches[opt_idx].plan_end
+            if end is not None:
+                return end
+        return self.warmup_steps
+
+    def monitor_until(self, opt_idx: int = 0) -> float:
         """The first optimizer step no longer monitored (``inf`` when ``post_warmup_steps=-1``)."""
         if self.post_warmup_steps < 0:
             return math.inf
-        return self.warmup_steps + self.post_warmup_steps
+        return self.planned_warmup_steps(opt_idx) + self.post_warmup_steps
 
-    def is_active(self, step: int) -> bool:
+    def is_active(self, step: int, opt_idx: int = 0) -> bool:
         """Whether optimizer step ``step`` is monitored."""
-        return step < self.monitor_until
+        return step < self.monitor_until(opt_idx)
 
-    def should_log(self, step: int) -> bool:
+    def should_log(self, step: int, opt_idx: int = 0) -> bool:
         """Whether optimizer step ``step`` logs its scalars."""
-        if step < self.warmup_steps:
+        end = self.planned_warmup_steps(opt_idx)
+        if step < end:
             return step % self.log_every_n_steps == 0
-        return (step - self.warmup_steps) % self.post_warmup_log_every_n_steps == 0
+        return (step - end) % self.post_warmup_log_every_n_steps == 0
 
-    def _should_read(self, step: int) -> bool:
-        return self.should_log(step) or step % self.check_every_n_steps == 0
+    def _should_read(self, step: int, opt_idx: int) -> bool:
+        return self.should_log(step, opt_idx) or step % self.check_every_n_steps == 0
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a controller asks to stop training (``on_exhausted="stop"``)."""
+        return any(w.controller is not None and w.controller.stop_requested for w in self._watches)
 
     def key(self, name: str, opt_idx: int = 0) -> str:
         """The metric key of ``name`` for optimizer ``opt_idx``."""
@@ -235,6 +272,13 @@ class MonitorEngine:
                 detector.load_state_dict(self._detector_states[idx])
             elif idx > 0:
                 detector.reset()
+            controller = None
+            if self.controller is not None:
+                controller = self.controller if idx == 0 else copy.deepcopy(self.controller)
+                if idx in self._controller_states:
+                    controller.load_state_dict(self._controller_states[idx])
+                elif idx > 0:
+                    controller.reset()
             watch = _Watch(
                 index=idx,
                 optimizer=opt,
@@ -243,9 +287,13 @@ class MonitorEngine:
                 ),
                 update=UpdateRatio(params) if self.update_ratio else None,
                 detector=detector,
+                controller=controller,
                 step=self._steps.get(idx, first_step or 0),
+                progress=self._progress.get(idx, first_step or 0),
             )
             watch.hook = opt.register_step_post_hook(self._post_hook(watch))
+            if controller is not None and (controller.shape is not None or controller.adaptive):
+                watch.lr_factor = LrFactor(opt, watch.factor)
             self._watches.append(watch)
         groups = dtensor_shard_groups(all_params)
         if groups is not None:
@@ -266,8 +314,14 @@ class MonitorEngine:
             if w.hook is not None:
                 w.hook.remove()
                 w.hook = None
+            if w.lr_factor is not None:
+                w.lr_factor.remove()
+                w.lr_factor = None
             self._steps[w.index] = w.step
+            self._progress[w.index] = w.progress
             self._detector_states[w.index] = w.detector.state_dict()
+            if w.controller is not None:
+                self._controller_states[w.index] = w.controller.state_dict()
         self._release()
 
     @staticmethod
@@ -297,18 +351,25 @@ class MonitorEngine:
         watch = self.watch_of(optimizer)
         if watch is None:
             return
-        if not self.is_active(watch.step):
+        if not self.is_active(watch.step, watch.index):
             self._release()
             return
         sums = watch.stats.local_sums()
-        do_log = self.should_log(watch.step)
+        do_log = self.should_log(watch.step, watch.index)
         if watch.update is not None and do_log:
             watch.update.snapshot()
         watch.stepped = False
+        factor = watch.factor()
+        if watch.lr_factor is not None:
+            base = watch.lr_factor.scheduler_lrs()
+        else:
+            base = [float(g["lr"]) for g in watch.optimizer.param_groups]
         watch.pending = _Pending(
             step=watch.step,
+            progress=watch.progress,
             sums=sums,
-            lrs=[float(g["lr"]) for g in watch.optimizer.param_groups],
+            lrs=[lr * factor for lr in base],
+            factor=factor,
             grad_count=watch.stats.last_grad_count,
             log=do_log,
         )
@@ -369,8 +430,10 @@ class MonitorEngine:
             w.records.append(
                 _Record(
                     step=p.step,
+                    progress=p.progress,
                     values=values,
                     lrs=p.lrs,
+                    factor=p.factor,
                     grad_count=p.grad_count,
                     has_loss=has_loss,
                     log=p.log,
@@ -379,7 +442,9 @@ class MonitorEngine:
             )
             w.pending = None
             w.step = p.step + 1
-            if self._should_read(p.step):
+            if w.stepped:
+                w.progress = p.progress + 1
+            if self._should_read(p.step, w.index):
                 self._read(w)
 
     def flush(self) -> None:
@@ -424,6 +489,10 @@ class MonitorEngine:
                 )
             )
         alerts.extend(w.detector.update(step, loss_f, grad_norm, cosine_f))
+        if w.controller is not None:
+            alerts.extend(
+                w.controller.observe(rec.progress, alerts, next_step=w.progress, lr=rec.lrs[0])
+            )
         self.alert_count += len(alerts)
 
         if rec.log:
@@ -442,9 +511,12 @@ class MonitorEngine:
                 metrics[self.key("grad_cosine", idx)] = cosine_f
             if math.isfinite(ratio):
                 metrics[self.key("update_ratio", idx)] = ratio
-            metrics[self.key("warmup_steps", idx)] = float(self.warmup_steps)
+            metrics[self.key("warmup_steps", idx)] = float(self.planned_warmup_steps(idx))
+            if w.controller is not None:
+                metrics[self.key("lr_factor", idx)] = rec.factor
             metrics[self.key("alerts", idx)] = float(self.alert_count)
-            metrics[self.key("unstable", idx)] = 1.0 if alerts else 0.0
+            unstable = any(AlertKind(a.kind).is_instability for a in alerts)
+            metrics[self.key("unstable", idx)] = 1.0 if unstable else 0.0
             if self.amp_skipped_steps:
                 metrics[self.key("amp_skipped_steps", idx)] = float(self.amp_skipped_steps)
             for sink in self.metrics_sinks:
@@ -453,20 +525,30 @@ class MonitorEngine:
             alert.details.setdefault("optimizer", idx)
             for alert_sink in self.alert_sinks:
                 alert_sink(alert)
+        for alert in alerts:
+            if alert.kind == AlertKind.WARMUP_EXHAUSTED and alert.details.get("action") == "raise":
+                raise WarmupExhaustedError(alert.message)
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
         """Step counts, counters and every optimizer's detector state (primitives only)."""
         steps = dict(self._steps)
+        progress = dict(self._progress)
         detectors = dict(self._detector_states)
+        controllers = dict(self._controller_states)
         for w in self._watches:
             steps[w.index] = w.step
+            progress[w.index] = w.progress
             detectors[w.index] = w.detector.state_dict()
+            if w.controller is not None:
+                controllers[w.index] = w.controller.state_dict()
         if not detectors:
             detectors[0] = self.detector.state_dict()
         return {
             "steps": steps,
+            "progress": progress,
+            "controllers": controllers,
             "alert_count": self.alert_count,
             "skipped_steps": self.skipped_steps,
             "amp_skipped_steps": self.amp_skipped_steps,
@@ -477,6 +559,10 @@ class MonitorEngine:
         """Restore :meth:`state_dict`; the previous gradients are not restored (no cosine on
         the first step after)."""
         self._steps = {int(k): int(v) for k, v in state.get("steps", {}).items()}
+        self._progress = {int(k): int(v) for k, v in state.get("progress", self._steps).items()}
+        self._controller_states = {int(k): v for k, v in state.get("controllers", {}).items()}
+        if self.controller is not None and 0 in self._controller_states:
+            self.controller.load_state_dict(self._controller_states[0])
         self.alert_count = int(state.get("alert_count", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.amp_skipped_steps = int(state.get("amp_skipped_steps", 0))
@@ -485,6 +571,9 @@ class MonitorEngine:
             self.detector.load_state_dict(self._detector_states[0])
         for w in self._watches:
             w.step = self._steps.get(w.index, w.step)
+            w.progress = self._progress.get(w.index, w.progress)
+            if w.controller is not None and w.index in self._controller_states:
+                w.controller.load_state_dict(self._controller_states[w.index])
             if w.index in self._detector_states:
                 w.detector.load_state_dict(self._detector_states[w.index])
             w.stats.forget()
