@@ -14,8 +14,10 @@ from torch import Tensor
 
 from warmup_monitor._checks import check_choice, check_int
 from warmup_monitor.alerts import ALERTS_FILENAME, Alert, AlertDispatcher
+from warmup_monitor.controller import OnExhausted, WarmupController
 from warmup_monitor.detectors import InstabilityDetector
 from warmup_monitor.engine import MonitorEngine
+from warmup_monitor.schedules import Shape
 from warmup_monitor.stats import CosineMode
 from warmup_monitor.tensorboard import write_layout
 
@@ -121,6 +123,26 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         cosine_reference_dtype: dtype of that buffer (``"bfloat16"`` halves it); default the
             parameters' dtype.
         update_ratio: Log ``update_ratio`` (costs a parameter copy on logging steps).
+        schedule: A warmup shape (``"linear"``, ``"cosine"``, ``"exponential"``,
+            ``"geometric"``, ``"smoothstep"``, ``"polynomial"``, ``"step"``, ``"constant"``):
+            the monitor applies warmup itself as a factor on top of whatever lr scheduler you
+            have. ``None`` (default): your scheduler warms up, the monitor only watches.
+        schedule_kwargs: Keyword arguments of the shape (e.g. ``{"tau": 50}``).
+        adaptive: Lengthen warmup when training is unstable (see
+            :class:`~warmup_monitor.controller.WarmupController`): the factor continues from
+            where it is to 1 over the longer warmup, never jumping up; each change is a
+            ``warmup_extended`` alert. With ``schedule=None`` an extension re-warms from
+            ``rewarm_from``.
+        on_exhausted: When the caps are hit and training is still unstable, after the
+            ``warmup_exhausted`` alert: ``"warn"``, ``"stop"`` (``trainer.should_stop``) or
+            ``"raise"`` (:class:`~warmup_monitor.controller.WarmupExhaustedError`).
+        extend_fraction: Each extension adds this fraction of ``warmup_steps``.
+        max_extensions: At most this many extensions.
+        max_warmup_steps: The planned warmup never passes this (default ``4 * warmup_steps``).
+        grace_steps: Instability this many steps after warmup ends still extends it (default
+            ``warmup_steps // 4``).
+        backoff: Multiply the current factor by this at an extension (1: no drop).
+        rewarm_from: Where an extension restarts the ramp when the factor is already 1.
 
     Raises:
         TypeError: an argument has the wrong type.
@@ -144,6 +166,16 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         cosine: CosineMode = "exact",
         cosine_reference_dtype: str | None = None,
         update_ratio: bool = True,
+        schedule: Shape | None = None,
+        schedule_kwargs: dict[str, Any] | None = None,
+        adaptive: bool = False,
+        on_exhausted: OnExhausted = "warn",
+        extend_fraction: float = 0.5,
+        max_extensions: int = 3,
+        max_warmup_steps: int | None = None,
+        grace_steps: int | None = None,
+        backoff: float = 1.0,
+        rewarm_from: float = 0.5,
     ) -> None:
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=1)
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, minimum=1)
@@ -186,6 +218,25 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         if not isinstance(update_ratio, bool):
             raise TypeError(f"`update_ratio` must be a bool, got {update_ratio!r}")
         self.update_ratio = update_ratio
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"`adaptive` must be a bool, got {adaptive!r}")
+        self.schedule = schedule
+        self.adaptive = adaptive
+        self.controller: WarmupController | None = None
+        if schedule is not None or adaptive:
+            self.controller = WarmupController(
+                warmup_steps=self.warmup_steps,
+                shape=schedule,
+                shape_kwargs=schedule_kwargs,
+                adaptive=adaptive,
+                extend_fraction=extend_fraction,
+                max_extensions=max_extensions,
+                max_warmup_steps=max_warmup_steps,
+                grace_steps=grace_steps,
+                backoff=backoff,
+                rewarm_from=rewarm_from,
+                on_exhausted=on_exhausted,
+            )
 
         self.check_every_n_steps = check_every_n_steps
         self._engine = MonitorEngine(
@@ -195,6 +246,7 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
             post_warmup_steps=self.post_warmup_steps,
             post_warmup_log_every_n_steps=self.post_warmup_log_every_n_steps,
             detector=self.detector,
+            controller=self.controller,
             cosine=self.cosine,
             reference_dtype=self._reference_dtype,
             update_ratio=self.update_ratio,
@@ -270,6 +322,9 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         # Automatic optimization divides each micro-batch's loss by the accumulation factor.
         scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         self._engine.end_batch(loss_scale=float(scale))
+        if self._engine.stop_requested:
+            # Every rank holds the same controller state: they all stop on the same step.
+            trainer.should_stop = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._engine.detach()

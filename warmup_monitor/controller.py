@@ -13,11 +13,12 @@ back-off :math:`b \\le 1`:
 .. math::
 
     c = b \\, f(a - 1), \\qquad
-    f(t) = c + (1 - c) \\, \\min\\!\\Big(1, \\frac{t - a + 1}{E - a + 1}\\Big)
+    f(t) = c + (1 - c) \\, \\min\\!\\Big(1, \\frac{t - a + 1}{E - a}\\Big)
     \\quad (t \\ge a)
 
 so the factor never rises faster than a straight line from where it is to 1 at the new end,
-never falls unless ``backoff < 1`` (or the re-warm below), and reaches 1 exactly at ``E``.
+never falls unless ``backoff < 1`` (or the re-warm below), and reaches 1 at the last update of
+the new warmup, ``E - 1``, as the shapes reach 1 at ``W0 - 1``.
 When the factor is already 1 (after warmup, in the grace window, or when the user's scheduler
 warms up) an extension re-warms from ``rewarm_from`` (a drop, announced in the alert).
 """
@@ -177,7 +178,7 @@ class WarmupController:
         if self._anchor is None or step < self._anchor:
             return self.base_factor(step)
         c = self._anchor_factor
-        span = self.warmup_steps - self._anchor + 1
+        span = self.warmup_steps - self._anchor
         return c + (1.0 - c) * min(1.0, (step - self._anchor + 1) / span)
 
     def in_warmup(self, step: int) -> bool:
