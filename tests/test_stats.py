@@ -363,7 +363,8 @@ def test_sketch_cosine_on_real_transformer_gradients(example: ModuleType, one_th
 # --------------------------------------------------------------------------------------------
 
 
-def test_update_ratio_matches_independent_computation() -> None:
+@pytest.mark.parametrize("plan", PLANS)
+def test_update_ratio_matches_independent_computation(plan: str) -> None:
     params = _params(
         [(300, 400), (BLOCK + 9,), (5,)], [torch.float32, torch.float32, torch.bfloat16]
     )
@@ -371,7 +372,7 @@ def test_update_ratio_matches_independent_computation() -> None:
     with torch.no_grad():
         for p in params:
             p.copy_(torch.randn(p.shape, generator=gen))
-    upd = UpdateRatio(params)
+    upd = UpdateRatio(params, kernels=plan)  # type: ignore[arg-type]
     assert upd.local_sums() is None and not upd.has_snapshot
     for _ in range(2):
         before = [p.detach().clone() for p in params]
@@ -385,7 +386,8 @@ def test_update_ratio_matches_independent_computation() -> None:
         after = [p.detach() for p in params]
         expected = ((_flat(after) - _flat(before)).norm() / _flat(before).norm()).item()
         assert UpdateRatio.finish(sums).item() == pytest.approx(expected, rel=1e-5)
-    assert upd.memory_bytes == sum(p.numel() * p.element_size() for p in params)
+    size = sum(p.numel() * p.element_size() for p in params)
+    assert size <= upd.memory_bytes <= size + 64 * len(params)
     upd.release()
     assert upd.memory_bytes == 0 and not upd.has_snapshot
 

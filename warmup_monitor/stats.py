@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, repeat
 from typing import Literal, cast
@@ -156,6 +156,7 @@ class _Group:
     device: torch.device
     dtype: torch.dtype
     blocked: bool
+    block: int
     units: list[_Unit] = field(default_factory=list)
     # Exact mode.
     ref: Tensor | None = None
@@ -210,6 +211,82 @@ def _plan_units(sizes: list[int], block: int) -> list[_Unit]:
         offset += n
     close_run(len(sizes))
     return units
+
+
+def _make_groups(locals_: list[Tensor], kernels: str, block: int) -> list[_Group]:
+    """Group local tensors by (device, dtype); choose each group's plan and layout order."""
+    by_key: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(locals_):
+        by_key[(t.device, t.dtype)].append(i)
+    groups = []
+    for (device, dtype), index in by_key.items():
+        # Layout order: tensors of at most a block first (they are flattened together in runs),
+        # then the large ones (cut in chunks). Fewer, fuller blocks.
+        index = sorted(index, key=lambda i: locals_[i].numel() > block)
+        sizes = [locals_[i].numel() for i in index]
+        groups.append(
+            _Group(
+                index=index,
+                shapes=[locals_[i].shape for i in index],
+                sizes=sizes,
+                offsets=[0, *accumulate(sizes)][: len(sizes)],
+                device=device,
+                dtype=dtype,
+                blocked=kernels == "blocked" or (kernels == "auto" and device.type == "cpu"),
+                block=block,
+            )
+        )
+    return groups
+
+
+def _allocate_flat(g: _Group, dtype: torch.dtype) -> None:
+    """Allocate ``g.ref``: one flat buffer with a view per block (blocked) or tensor (foreach).
+
+    Each unit (blocked plan) or tensor (foreach plan) starts on a cache line.
+    """
+    if g.blocked and not g.units:
+        g.units = _plan_units(g.sizes, g.block)
+    align = max(1, _ALIGN_BYTES // dtype.itemsize)
+    starts: list[int] = []
+    end = 0
+    for length in [sum(n for _, n in u.spans) for u in g.units] if g.blocked else g.sizes:
+        starts.append(end)
+        end += -(-length // align) * align
+    g.ref = torch.zeros(end, dtype=dtype, device=g.device)
+    if g.blocked:
+        g.ref_blocks = [
+            g.ref[start + v - u.spans[0][0] : start + v - u.spans[0][0] + n]
+            for start, u in zip(starts, g.units, strict=True)
+            for v, n in u.spans
+        ]
+    else:
+        g.ref_views = [
+            g.ref[o : o + n].view(shape)
+            for o, n, shape in zip(starts, g.sizes, g.shapes, strict=True)
+        ]
+
+
+def _block_sources(
+    g: _Group, tensors: Sequence[Tensor | None], fill: Callable[[int], Tensor] | None
+) -> Iterator[Tensor | None]:
+    """Each block's data as a 1-D tensor, in plan order.
+
+    A run of small tensors is flattened into one new tensor (one C++ call); a chunk of a large
+    tensor is a view. A missing tensor in a run is replaced by ``fill(index)``; every chunk of a
+    missing large tensor yields ``None``.
+    """
+    for unit in g.units:
+        if unit.chunked:
+            t = tensors[unit.first]
+            if t is None:
+                yield from repeat(None, len(unit.spans))
+            else:
+                yield from t.reshape(-1).split(g.block)
+        else:
+            run = tensors[unit.first : unit.stop]
+            if fill is not None:
+                run = [t if t is not None else fill(unit.first + i) for i, t in enumerate(run)]
+            yield _flatten(run)
 
 
 class GradientStats:
@@ -319,28 +396,7 @@ class GradientStats:
         locals_ = [local_tensor(p) for p in self.params]
         self._dtensor = any(loc is not p for loc, p in zip(locals_, self.params, strict=True))
         self.device = locals_[0].device if locals_ else torch.device("cpu")
-        by_key: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-        for i, t in enumerate(locals_):
-            by_key[(t.device, t.dtype)].append(i)
-        self._groups: list[_Group] = []
-        for (device, dtype), index in by_key.items():
-            # Layout order: tensors of at most a block first (they are flattened together in
-            # runs), then the large ones (cut in chunks). Fewer, fuller blocks.
-            index = sorted(index, key=lambda i: locals_[i].numel() > self._block)
-            sizes = [locals_[i].numel() for i in index]
-            offsets = [0, *accumulate(sizes)][: len(sizes)]
-            blocked = kernels == "blocked" or (kernels == "auto" and device.type == "cpu")
-            self._groups.append(
-                _Group(
-                    index=index,
-                    shapes=[locals_[i].shape for i in index],
-                    sizes=sizes,
-                    offsets=offsets,
-                    device=device,
-                    dtype=dtype,
-                    blocked=blocked,
-                )
-            )
+        self._groups = _make_groups(locals_, self.kernels, self._block)
         # A single group covering every parameter in order needs no per-step re-indexing.
         self._identity = len(self._groups) == 1 and self._groups[0].index == list(
             range(len(self.params))
@@ -397,7 +453,7 @@ class GradientStats:
             rank_offset = torch.distributed.get_rank()
         for g in self._groups:
             if g.blocked:
-                g.units = _plan_units(g.sizes, self._block)
+                g.units = _plan_units(g.sizes, g.block)
             if self.cosine == "exact":
                 self._build_reference(g)
             elif self.cosine == "sketch":
@@ -408,25 +464,7 @@ class GradientStats:
     def _build_reference(self, g: _Group) -> None:
         ref_dtype = self.reference_dtype or g.dtype
         g.lossless = torch.promote_types(g.dtype, ref_dtype) == ref_dtype
-        # Each unit (blocked plan) or tensor (foreach plan) starts on a cache line.
-        align = max(1, _ALIGN_BYTES // ref_dtype.itemsize)
-        starts: list[int] = []
-        end = 0
-        for length in [sum(n for _, n in u.spans) for u in g.units] if g.blocked else g.sizes:
-            starts.append(end)
-            end += -(-length // align) * align
-        g.ref = torch.zeros(end, dtype=ref_dtype, device=g.device)
-        if g.blocked:
-            g.ref_blocks = [
-                g.ref[start + v - u.spans[0][0] : start + v - u.spans[0][0] + n]
-                for start, u in zip(starts, g.units, strict=True)
-                for v, n in u.spans
-            ]
-        else:
-            g.ref_views = [
-                g.ref[o : o + n].view(shape)
-                for o, n, shape in zip(starts, g.sizes, g.shapes, strict=True)
-            ]
+        _allocate_flat(g, ref_dtype)
 
     def _build_sketch(self, g: _Group, seed: int) -> None:
         n = g.numel
@@ -605,38 +643,23 @@ class GradientStats:
             g.cur.zero_()
         dots: list[Tensor] = []
         sqs: list[Tensor] = []
-        j = 0  # block index
-        for unit in g.units:
-            if unit.chunked:
-                t = gs[unit.first]
-                if t is None:  # a zero gradient: nothing to add, the reference becomes zero
-                    if mode == "exact":
-                        for r in g.ref_blocks[j : j + len(unit.spans)]:
-                            r.zero_()
-                    j += len(unit.spans)
-                    continue
-                sources: Sequence[Tensor] = t.reshape(-1).split(self._block)
-            else:
-                run = gs[unit.first : unit.stop]
-                if missing:
-                    run = [
-                        t if t is not None else self._zeros(g, unit.first + i)
-                        for i, t in enumerate(run)
-                    ]
-                sources = (_flatten(run),)
-            # Every operation on a block runs while the block is in cache.
-            for s in sources:
-                sf = s if s.dtype == cd else s.to(cd)
+        fill = (lambda i: self._zeros(g, i)) if missing else None
+        # Every operation on a block runs while the block is in cache.
+        for j, s in enumerate(_block_sources(g, gs, fill)):
+            if s is None:  # a chunk of a tensor without gradient: the reference becomes zero
                 if mode == "exact":
-                    r = g.ref_blocks[j]
-                    dots.append(torch.dot(sf, r if r.dtype == cd else r.to(cd)))
-                    r.copy_(s)
-                elif mode == "sketch":
-                    for pc in g.pieces[j]:
-                        src = s if pc.whole else s[pc.start : pc.start + pc.length]
-                        pc.cur.addcmul_(src, pc.sign)
-                sqs.append(torch.dot(sf, sf))
-                j += 1
+                    g.ref_blocks[j].zero_()
+                continue
+            sf = s if s.dtype == cd else s.to(cd)
+            if mode == "exact":
+                r = g.ref_blocks[j]
+                dots.append(torch.dot(sf, r if r.dtype == cd else r.to(cd)))
+                r.copy_(s)
+            elif mode == "sketch":
+                for pc in g.pieces[j]:
+                    src = s if pc.whole else s[pc.start : pc.start + pc.length]
+                    pc.cur.addcmul_(src, pc.sign)
+            sqs.append(torch.dot(sf, sf))
         zero = torch.zeros((), dtype=cd, device=g.device)
         sq = torch.stack(sqs).sum() if sqs else zero
         if mode == "sketch":
@@ -721,15 +744,22 @@ class UpdateRatio:
 
     :meth:`snapshot` copies the parameters into a preallocated flat buffer before the optimizer
     step; :meth:`local_sums` afterwards returns ``[||delta||^2, ||theta_old||^2]`` for this rank.
-    The buffer costs one parameter-sized copy and is only written on steps that log.
+    The buffer costs one parameter-sized copy and is only written on steps that log. Per call,
+    one pass over the parameters and the buffer (blocked plan on the CPU, as in
+    :class:`GradientStats`; foreach kernels elsewhere).
+
+    Args:
+        params: The parameters of the optimizer.
+        kernels: ``"auto"``, ``"blocked"`` or ``"foreach"``, as for :class:`GradientStats`.
     """
 
-    def __init__(self, params: Sequence[Tensor]) -> None:
+    def __init__(self, params: Sequence[Tensor], *, kernels: Kernels = "auto") -> None:
         self.params = list(params)
+        self.kernels: Kernels = check_choice("kernels", kernels, ("auto", "blocked", "foreach"))  # type: ignore[assignment]
         locals_ = [local_tensor(p) for p in self.params]
         self._dtensor = any(loc is not p for loc, p in zip(locals_, self.params, strict=True))
         self.device = locals_[0].device if locals_ else torch.device("cpu")
-        self._buf: _FlatViews | None = None
+        self._groups = _make_groups(locals_, self.kernels, BLOCK)
         self._old_sq: Tensor | None = None
 
     @property
@@ -740,36 +770,72 @@ class UpdateRatio:
     @property
     def memory_bytes(self) -> int:
         """Bytes of the snapshot buffer held now."""
-        return 0 if self._buf is None else self._buf.nbytes
+        return sum(g.buffer_bytes() for g in self._groups)
 
-    def _locals(self) -> list[Tensor]:
+    def _tensors(self, g: _Group) -> list[Tensor]:
         if self._dtensor:
-            return [local_tensor(p.detach()) for p in self.params]
-        return self.params
+            return [local_tensor(self.params[i].detach()) for i in g.index]
+        return [self.params[i] for i in g.index]
+
+    def _sum(self, parts: list[Tensor]) -> Tensor:
+        if not parts:
+            return torch.zeros((), device=self.device)
+        return torch.stack([t.to(device=self.device, dtype=torch.float32) for t in parts]).sum()
 
     @torch.no_grad()
     def snapshot(self) -> None:
         """Copy the current parameters (call before the optimizer step)."""
-        locals_ = self._locals()
-        if self._buf is None:
-            self._buf = _FlatViews(locals_)
-        torch._foreach_copy_(self._buf.views, locals_)
-        self._old_sq = self._buf.sq_sum(self.device)
+        parts = []
+        for g in self._groups:
+            if g.ref is None:
+                _allocate_flat(g, g.dtype)
+            assert g.ref is not None
+            ts = self._tensors(g)
+            if g.blocked:
+                cd = g.compute_dtype
+                sqs = []
+                for s, buf in zip(_block_sources(g, ts, None), g.ref_blocks, strict=True):
+                    assert s is not None
+                    buf.copy_(s)
+                    sf = s if s.dtype == cd else s.to(cd)
+                    sqs.append(torch.dot(sf, sf))
+                if sqs:
+                    parts.append(torch.stack(sqs).sum())
+            else:
+                torch._foreach_copy_(g.ref_views, ts)
+                parts.append(_flat_sq(g.ref, g.compute_dtype))
+        self._old_sq = self._sum(parts)
 
     @torch.no_grad()
     def local_sums(self) -> Tensor | None:
         """``[||delta||^2, ||theta_old||^2]`` on this rank, or ``None`` without a snapshot."""
-        if self._buf is None or self._old_sq is None:
+        if self._old_sq is None:
             return None
-        torch._foreach_sub_(self._buf.views, self._locals())
-        delta_sq = self._buf.sq_sum(self.device)
-        out = torch.stack([delta_sq, self._old_sq])
+        parts = []
+        for g in self._groups:
+            assert g.ref is not None
+            ts = self._tensors(g)
+            if g.blocked:
+                cd = g.compute_dtype
+                sqs = []
+                for s, buf in zip(_block_sources(g, ts, None), g.ref_blocks, strict=True):
+                    assert s is not None
+                    buf.sub_(s)
+                    bf = buf if buf.dtype == cd else buf.to(cd)
+                    sqs.append(torch.dot(bf, bf))
+                if sqs:
+                    parts.append(torch.stack(sqs).sum())
+            else:
+                torch._foreach_sub_(g.ref_views, ts)
+                parts.append(_flat_sq(g.ref, g.compute_dtype))
+        out = torch.stack([self._sum(parts), self._old_sq])
         self._old_sq = None
         return out
 
     def release(self) -> None:
         """Free the snapshot buffer."""
-        self._buf = None
+        for g in self._groups:
+            g.ref, g.ref_views, g.ref_blocks, g.units = None, [], [], []
         self._old_sq = None
 
     @staticmethod
@@ -777,31 +843,3 @@ class UpdateRatio:
         """Reduced ``[||delta||^2, ||theta_old||^2]`` to the ratio (NaN if the weights are 0)."""
         old = sums[1].sqrt()
         return torch.where(old > 0, sums[0].sqrt() / old, torch.full_like(old, float("nan")))
-
-
-class _FlatViews:
-    """One contiguous buffer per (device, dtype), with a view shaped like each tensor."""
-
-    def __init__(self, like: Sequence[Tensor]) -> None:
-        groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-        for i, t in enumerate(like):
-            groups[(t.device, t.dtype)].append(i)
-        self.flats: list[Tensor] = []
-        self.views: list[Tensor] = [torch.empty(0)] * len(like)
-        for (device, dt), idx in groups.items():
-            flat = torch.zeros(sum(like[i].numel() for i in idx), device=device, dtype=dt)
-            offset = 0
-            for i in idx:
-                n = like[i].numel()
-                self.views[i] = flat[offset : offset + n].view_as(like[i])
-                offset += n
-            self.flats.append(flat)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(f.numel() * f.element_size() for f in self.flats)
-
-    def sq_sum(self, device: torch.device) -> Tensor:
-        """Sum of squares of all buffers, in float32, on ``device``."""
-        parts = [_flat_sq(f, _compute_dtype(f.dtype)).float().to(device) for f in self.flats]
-        return torch.stack(parts).sum() if parts else torch.zeros((), device=device)
