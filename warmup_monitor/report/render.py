@@ -187,10 +187,15 @@ def render_png(runs: Sequence[RunData], summaries: Sequence[RunSummary]) -> byte
         ax.grid(alpha=0.3)
     axes[3].axhline(0.0, color="black", lw=0.6)
     axes[-1].set_xlabel("optimizer step")
+    several = len(runs) > 1  # markers then take their run's colour
     legend += [
-        Line2D([], [], color="red", ls="-", lw=1, label="instability alert"),
-        Line2D([], [], color="grey", ls=":", lw=1, label="other alert"),
-        Line2D([], [], color="purple", ls="--", lw=1.5, label="warmup extended"),
+        Line2D(
+            [], [], color="black" if several else "red", ls="-", lw=1, label="instability alert"
+        ),
+        Line2D([], [], color="black" if several else "grey", ls=":", lw=1, label="other alert"),
+        Line2D(
+            [], [], color="black" if several else "purple", ls="--", lw=1.5, label="warmup extended"
+        ),
         Line2D([], [], color="black", ls="-.", lw=1, label="end of warmup"),
     ]
     fig.legend(handles=legend, fontsize=8, loc="upper center", ncol=3, frameon=False)
