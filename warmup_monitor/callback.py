@@ -75,21 +75,26 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
     Logged keys (``warmup/`` is ``log_key_prefix``; ``step`` is the number of optimizer steps
     taken before the update, 0 for the first):
 
-    ======================  =====================================================================
-    key                     value
-    ======================  =====================================================================
-    ``warmup/lr``           lr of param group 0 used for this update (with ``warmup/lr/pgJ`` for
-                            every group ``J`` when an optimizer has several)
-    ``warmup/loss``         the step's training loss, the mean over its accumulated micro-batches
-    ``warmup/loss_ratio``   loss / initial loss (once the initial loss is defined)
-    ``warmup/grad_norm``    global L2 norm of all gradients, before clipping
-    ``warmup/grad_cosine``  cosine of this step's whole gradient with the previous step's; not
-                            logged where undefined (first step, after resume, zero gradients)
-    ``warmup/update_ratio`` ||theta_new - theta_old|| / ||theta_old|| over the optimizer's params
-    ``warmup/warmup_steps`` the planned warmup length
-    ``warmup/alerts``       number of alerts so far
-    ``warmup/unstable``     1 on a step that raised an alert, else 0
-    ======================  =====================================================================
+    ============================  ==========================================================
+    key                           value
+    ============================  ==========================================================
+    ``warmup/lr``                 lr of param group 0 used for this update (with
+                                  ``warmup/lr/pgJ`` for every group ``J`` when there are
+                                  several)
+    ``warmup/loss``               the step's training loss, the mean over its accumulated
+                                  micro-batches
+    ``warmup/loss_ratio``         loss / initial loss (once the initial loss is defined)
+    ``warmup/grad_norm``          global L2 norm of all gradients, before clipping
+    ``warmup/grad_cosine``        cosine of this step's whole gradient with the previous
+                                  step's; not logged where undefined (first step, after a
+                                  resume, next to a zero or non-finite gradient)
+    ``warmup/update_ratio``       ||theta_new - theta_old|| / ||theta_old||
+    ``warmup/warmup_steps``       the planned warmup length, after this step's decisions
+    ``warmup/lr_factor``          the factor the monitor applied (``schedule=``, ``adaptive``)
+    ``warmup/alerts``             number of alerts so far
+    ``warmup/unstable``           1 on a step that raised an instability alert, else 0
+    ``warmup/amp_skipped_steps``  steps a GradScaler skipped so far (once there is one)
+    ============================  ==========================================================
 
     With several optimizers (manual optimization), optimizer ``K >= 1`` logs under
     ``warmup/optK/...``.
