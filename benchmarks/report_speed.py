@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import resource
 import statistics
 import struct
 import subprocess
@@ -110,13 +111,21 @@ def write_run(path: str, steps: int, keys: int, writer: str, warmup: int = 2000)
             f.write(json.dumps({**alert, "threshold": 2.0, "details": {}}) + "\n")
 
 
-def timed(fn: Callable[[], object], repeat: int) -> float:
-    times = []
+def timed(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
+    """Median wall time and median CPU time (this process and its children) of ``fn``."""
+    walls, cpus = [], []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu()
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - t)
+        cpus.append(_cpu() - c)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def _cpu() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main() -> None:
@@ -154,13 +163,16 @@ def main() -> None:
         render_html([summary], render_png([data], [summary]))
 
     script = os.path.join(os.path.dirname(sys.executable), "warmup-monitor")
+    load = os.getloadavg()
     rows = [
         ("read+analyze", timed(lambda: summarize(load_run(run)), args.repeat)),
         ("read+analyze+table", timed(table, args.repeat)),
         ("png+html", timed(pictures, args.repeat)),
         (
             "cli (subprocess, start-up included)",
-            timed(lambda: subprocess.run([script, "report", run], capture_output=True), 1),
+            timed(
+                lambda: subprocess.run([script, "report", run], capture_output=True), args.repeat
+            ),
         ),
         (
             "cli --out (subprocess)",
@@ -169,7 +181,7 @@ def main() -> None:
                     [script, "report", run, "--out", os.path.join(args.dir, "out")],
                     capture_output=True,
                 ),
-                1,
+                args.repeat,
             ),
         ),
     ]
@@ -194,9 +206,10 @@ def main() -> None:
         f"{size / 2**20:.1f} MiB; crc32c in C: {FAST_CRC}; python {sys.version.split()[0]}, "
         f"{os.cpu_count()} CPUs\n"
     )
-    print("| what | seconds |\n|---|---|")
-    for name, seconds in rows:
-        print(f"| {name} | {seconds:.2f} |")
+    print(f"load average before: {load[0]:.1f} (1 min)\n")
+    print("| what | wall s | CPU s |\n|---|---|---|")
+    for name, (wall, cpu) in rows:
+        print(f"| {name} | {wall:.2f} | {cpu:.2f} |")
 
 
 if __name__ == "__main__":
