@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from warmup_monitor.alerts import INSTABILITY_KINDS as _ALERT_INSTABILITY_KINDS
 from warmup_monitor.alerts import AlertKind
 from warmup_monitor.report.events import Series
 from warmup_monitor.report.runs import AlertRecord, RunData
@@ -48,20 +49,9 @@ HEALTHY = "healthy"
 RECOVERED = "unstable but recovered"
 UNSTABLE = "unstable"
 
-#: Alert kinds that count as instability for the verdict.
-INSTABILITY_KINDS = frozenset(
-    k.value
-    for k in (
-        AlertKind.LOSS_SPIKE,
-        AlertKind.LOSS_TREND_SPIKE,
-        AlertKind.GRAD_NORM_SPIKE,
-        AlertKind.NON_FINITE,
-        AlertKind.OSCILLATION,
-        AlertKind.PERSISTENT_INSTABILITY,
-        AlertKind.WARMUP_EXHAUSTED,
-        AlertKind.EDGE_OF_STABILITY,
-    )
-)
+#: Alert kinds that count as instability for the verdict (values of
+#: :data:`warmup_monitor.alerts.INSTABILITY_KINDS`, the one definition the callback also uses).
+INSTABILITY_KINDS = frozenset(k.value for k in _ALERT_INSTABILITY_KINDS)
 #: Instability kinds that count even inside an episode that recovered at once.
 SEVERE_KINDS = frozenset(
     k.value
