@@ -3,11 +3,26 @@
 ``Trainer(callbacks=[WarmupMonitor(warmup_steps=500)])`` logs lr, loss, gradient norm,
 consecutive-gradient cosine and update ratio every optimizer step during warmup, and raises
 alerts (console, TensorBoard, ``warmup_alerts.jsonl``, a hook) when training turns unstable.
+
+``WarmupMonitor`` is imported lazily: the report command and the TensorBoard plugin import this
+package without paying for Lightning.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from warmup_monitor.alerts import Alert, AlertKind
-from warmup_monitor.callback import WarmupMonitor
 from warmup_monitor.detectors import InstabilityDetector
+
+if TYPE_CHECKING:
+    from warmup_monitor.callback import WarmupMonitor
 
 __all__ = ["Alert", "AlertKind", "InstabilityDetector", "WarmupMonitor"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "WarmupMonitor":
+        from warmup_monitor.callback import WarmupMonitor
+
+        return WarmupMonitor
+    raise AttributeError(f"module 'warmup_monitor' has no attribute {name!r}")
