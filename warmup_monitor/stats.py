@@ -816,13 +816,19 @@ class UpdateRatio:
             assert g.ref is not None
             ts = self._tensors(g)
             if g.blocked:
+                # The difference goes to a block-sized scratch that stays in cache: the
+                # snapshot is only read, never written back.
                 cd = g.compute_dtype
+                scratch = torch.empty(min(g.block, g.numel), dtype=cd)  # >= any block
                 sqs = []
                 for s, buf in zip(_block_sources(g, ts, None), g.ref_blocks, strict=True):
                     assert s is not None
-                    buf.sub_(s)
-                    bf = buf if buf.dtype == cd else buf.to(cd)
-                    sqs.append(torch.dot(bf, bf))
+                    d = scratch[: s.numel()]
+                    if s.dtype == cd:
+                        torch.sub(buf, s, out=d)
+                    else:
+                        torch.sub(buf.to(cd), s.to(cd), out=d)
+                    sqs.append(torch.dot(d, d))
                 if sqs:
                     parts.append(torch.stack(sqs).sum())
             else:
