@@ -4,35 +4,59 @@
 step (:meth:`WarmupController.factor`), and, given the alerts of a step, whether warmup should
 be extended (:meth:`WarmupController.observe`). It imports no Lightning and no torch.
 
-The no-jump rule. Before any extension the factor is the shape's,
-:math:`f(t) = \\text{warmup\\_factor}(\\text{shape}, t, W_0)` (or 1 when the user's scheduler
-owns warmup). An extension decided when the next update is :math:`a` sets the planned end to
-:math:`E` and continues from the factor last applied, :math:`f(a-1)`, times the optional
-back-off :math:`b \\le 1`:
+**The no-jump rule: an extension stretches the rest of the shape in time.** Let :math:`F(u)`
+be the shape over the planned :math:`W_0` steps at a real "schedule time" :math:`u \\ge -1`
+(:func:`~warmup_monitor.schedules.shape_value`: :math:`F(t)` =
+``warmup_factor(shape, t, W0)`` at integers, non-decreasing, 1 from :math:`u_e = W_0 - 1`;
+:math:`u_e = W_0` for ``exponential`` and ``constant``). The update at step :math:`t` gets the
+plan's factor :math:`P(t) = F(u(t))`, with :math:`u(t) = t` before any extension. An extension
+decided after the update at step :math:`a` (the last one taken), with a new planned length
+:math:`W'` (so that the factor first reaches 1 at :math:`T' = W' - W_0 + u_e`) and a restart
+target :math:`g \\le P(a)` (:math:`g = P(a)` unless a back-off is configured), sets
 
 .. math::
 
-    c = b \\, f(a - 1), \\qquad
-    f(t) = c + (1 - c) \\, \\min\\!\\Big(1, \\frac{t - a + 1}{E - a}\\Big)
-    \\quad (t \\ge a)
+    u' = \\begin{cases}
+        u(a) & g = P(a) \\\\
+        \\max\\big(\\min\\{u : F(u) \\ge g\\},\\; u_e - (T' - a)\\big) & g < P(a)
+    \\end{cases}
+    \\qquad
+    u(t) = u' + \\frac{u_e - u'}{T' - a}\\,(t - a) \\quad (t > a)
 
-so the factor never rises faster than a straight line from where it is to 1 at the new end,
-never falls unless ``backoff < 1`` (or the re-warm below), and reaches 1 at the last update of
-the new warmup, ``E - 1``, as the shapes reach 1 at ``W0 - 1``.
-When the factor is already 1 (after warmup, in the grace window, or when the user's scheduler
-warms up) an extension re-warms from ``rewarm_from`` (a drop, announced in the alert).
+With a back-off, :math:`W'` is first lengthened (within the caps) to
+:math:`T' \\ge a + \\lceil u_e - u' \\rceil`, so the rate :math:`r = (u_e - u') / (T' - a)` is
+never above 1; where the caps leave less room, :math:`u'` moves up instead (a smaller back-off,
+said in the alert). Hence, for every shape:
+
+- **no jump up**: :math:`P(t+1) - P(t) \\le \\max_x F(x+1) - F(x)`, the shape's own largest
+  one-step increase (exactly its largest step-to-step increase for ``linear``, ``geometric``,
+  ``exponential``, ``polynomial``, ``step`` and ``constant``; within a factor
+  :math:`1 + O(1/W_0^2)` of it for ``cosine`` and ``smoothstep``);
+- **no drop without a back-off**: :math:`g = P(a)` continues from the factor last applied;
+- **never above the old plan**: :math:`u' \\le u(a)` and :math:`T' > T` give
+  :math:`P_\\text{new}(t) \\le P_\\text{old}(t)` for all :math:`t > a`: an extension only
+  ever slows the ramp (a straight line from :math:`P(a)` would speed up convex shapes).
+
+For ``linear`` this is the straight line from :math:`P(a)` to 1 at step :math:`W' - 1`:
+:math:`P(t) = P(a) + (1 - P(a))\\,(t - a) / (W' - 1 - a)`.
+
+When the user's scheduler warms up (``shape=None``), :math:`F` is that warmup as modelled by
+``user_shape`` over :math:`W_0` (linear by default) and the monitor's factor is
+:math:`P(t) / F(t) \\le 1`: 1 until the first extension, then the user's lr times the factor
+follows the stretched plan instead of the user's own ramp. No lr drop either, unless a
+back-off is configured.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from warmup_monitor._checks import check_choice, check_float, check_int
 from warmup_monitor.alerts import INSTABILITY_KINDS, Alert, AlertKind
-from warmup_monitor.schedules import SHAPES, warmup_factor
+from warmup_monitor.schedules import SHAPES, full_at, shape_params, shape_value
 
 __all__ = ["DEFAULT_TRIGGER_KINDS", "OnExhausted", "WarmupController", "WarmupExhaustedError"]
 
@@ -43,51 +67,108 @@ OnExhausted = Literal["warn", "stop", "raise"]
 DEFAULT_TRIGGER_KINDS: frozenset[str] = frozenset(
     k.value for k in INSTABILITY_KINDS if k is not AlertKind.WARMUP_EXHAUSTED
 )
-#: Kinds severe enough to extend on their own; the others must repeat (``min_alerts``).
+#: Kinds that extend on their own: they already mean persistence (oscillation is five flips in
+#: a row), divergence or a broken step. The others (one-step trend or gradient-norm spikes,
+#: often a catapult that recovers at once) must repeat: ``min_alerts`` steps in a window.
 _SEVERE = frozenset(
-    {
-        AlertKind.LOSS_SPIKE.value,
-        AlertKind.NON_FINITE.value,
-        AlertKind.PERSISTENT_INSTABILITY.value,
-    }
+    k.value
+    for k in (
+        AlertKind.LOSS_SPIKE,
+        AlertKind.NON_FINITE,
+        AlertKind.OSCILLATION,
+        AlertKind.PERSISTENT_INSTABILITY,
+        AlertKind.EDGE_OF_STABILITY,
+    )
 )
+_OWN = frozenset({AlertKind.WARMUP_EXTENDED.value, AlertKind.WARMUP_EXHAUSTED.value})
+#: The recommended peak lr is this fraction of the lowest lr at which instability was acted on.
+_RECOMMEND = 0.5
 
 
 class WarmupExhaustedError(RuntimeError):
-    """Raised with ``on_exhausted="raise"`` when the caps are hit and training is unstable."""
+    """Raised (by the caller) with ``on_exhausted="raise"`` when the controller can do no more
+    and training is still unstable."""
+
+
+def _kind(alert: Alert) -> str:
+    return str(getattr(alert.kind, "value", alert.kind))
+
+
+def _finite_or(value: Any, default: float) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return default
+    return out if math.isfinite(out) else default
 
 
 class WarmupController:
     """The warmup plan: planned length, extensions, the lr factor of every step.
 
+    The plan and the no-jump rule are in the module docstring. The policy, per call of
+    :meth:`observe` (the alerts of one step):
+
+    1. Only alerts whose kind is in ``trigger_kinds`` count, and only inside warmup or the
+       ``grace_steps`` after it (:meth:`in_grace`), at least ``cooldown_steps`` after the last
+       extension (one spike, flagged over several steps, gives one extension).
+    2. ``loss_spike``, ``non_finite``, ``oscillation``, ``persistent_instability`` and
+       ``edge_of_stability`` act at once; other kinds (one-step trend or gradient-norm spikes)
+       act once they flagged ``min_alerts`` steps within ``window_steps``.
+    3. Acting means an extension by ``extend_steps`` (or ``extend_fraction`` x ``W0``) past
+       the current end (or past the current step, in the grace window), restarting from
+       ``min(backoff x factor, rewarm_from)`` when that is lower than the factor (a back-off),
+       else continuing from the factor without a jump; a ``warmup_extended`` alert says so.
+    4. When no extension can help (``max_extensions`` used, ``max_warmup_steps`` reached, or
+       the factor already 1 with no back-off configured), a single ``warmup_exhausted`` alert
+       recommends a peak lr (half the lowest lr at which instability was acted on) and carries
+       ``on_exhausted``; after it the controller does nothing more.
+
+    Example:
+        >>> from warmup_monitor.alerts import Alert, AlertKind
+        >>> c = WarmupController(warmup_steps=10)
+        >>> c.factor(4)
+        0.5
+        >>> [a.kind.value for a in c.observe(4, [Alert(4, AlertKind.LOSS_SPIKE, "spike")])]
+        ['warmup_extended']
+        >>> c.warmup_steps, c.factor(4), c.factor(5), c.factor(14)
+        (15, 0.5, 0.55, 1.0)
+
     Args:
-        warmup_steps: Planned warmup length ``W0`` in optimizer steps.
+        warmup_steps: Planned warmup length ``W0`` in optimizer steps (>= 1).
         shape: A shape of :mod:`warmup_monitor.schedules` when the monitor applies warmup
-            itself, or ``None`` when the user's scheduler does (base factor 1).
-        shape_kwargs: Keyword arguments of the shape (e.g. ``{"tau": 50}``).
+            itself, or ``None`` when the user's scheduler does (the factor is then 1 until an
+            extension).
+        shape_kwargs: Keyword arguments of the shape (or of ``user_shape``), e.g.
+            ``{"tau": 50}``.
+        user_shape: With ``shape=None``, the shape of the user's own warmup over ``W0``,
+            which an extension stretches (the factor is the stretched plan over it).
         adaptive: Extend warmup on instability; ``False`` keeps the plan fixed.
-        extend_fraction: Each extension adds this fraction of ``W0`` (> 0).
-        extend_steps: Or this many steps (overrides ``extend_fraction``).
-        max_extensions: At most this many extensions (>= 0).
-        max_warmup_steps: The planned end never passes this (default ``4 * W0``).
-        cooldown_steps: Steps after an extension during which instability does not extend
-            again, so that one spike gives one extension (default ``max(5, W0 // 10)``).
-        grace_steps: After warmup ends, instability in this many steps still extends it
-            (default ``W0 // 4``).
-        min_alerts: Non-severe instability alerts (oscillation, trend or gradient spikes)
-            extend once this many fall within ``window_steps``; ``loss_spike``, ``non_finite``
-            and ``persistent_instability`` extend on their own.
-        window_steps: The window for ``min_alerts`` (default ``max(10, W0 // 5)``).
-        backoff: Multiply the current factor by this at an extension (``<= 1``; 1 = no drop).
-        rewarm_from: When the factor is already 1 at an extension, restart the ramp from this
-            factor (``1.0`` never lowers the lr; then such an extension changes nothing).
-        on_exhausted: What to do when the caps are hit and instability goes on: ``"warn"``
-            (a ``warmup_exhausted`` alert), ``"stop"`` (alert and :attr:`stop_requested`),
-            ``"raise"`` (alert, then :class:`WarmupExhaustedError`, raised by the caller).
-        trigger_kinds: Alert kinds that count as instability.
+        extend_fraction: Each extension adds this fraction of ``W0`` (> 0; default 0.5).
+        extend_steps: Or this many steps (>= 1; overrides ``extend_fraction``).
+        max_extensions: At most this many extensions (>= 0; default 3).
+        max_warmup_steps: The planned length never passes this (>= ``W0``; default
+            ``4 * W0``).
+        cooldown_steps: Steps after an extension during which instability does not act again
+            (>= 0; default ``max(5, W0 // 10)``).
+        grace_steps: Instability this many steps after warmup ends still acts (>= 0; default
+            ``W0 // 4``). The factor is 1 there: without a back-off nothing can be slowed, so
+            the controller reports ``warmup_exhausted`` instead.
+        min_alerts: Steps flagged by non-severe kinds within ``window_steps`` that act (>= 1;
+            default 2).
+        window_steps: The window of ``min_alerts`` (>= 1; default ``max(10, W0 // 5)``).
+        backoff: At an extension, restart from this times the current factor, in (0, 1]
+            (1, the default: no drop).
+        rewarm_from: At an extension, restart from at most this factor, in (0, 1] (1, the
+            default: no cap). E.g. 0.5 re-warms from half the peak lr after warmup.
+        on_exhausted: Carried by the ``warmup_exhausted`` alert for the caller: ``"warn"``
+            (the alert only), ``"stop"`` (also sets :attr:`stop_requested`), ``"raise"`` (the
+            caller raises :class:`WarmupExhaustedError`).
+        trigger_kinds: Alert kinds (values or :class:`~warmup_monitor.AlertKind`) that count
+            as instability.
 
     Raises:
-        TypeError, ValueError: a bad argument, named in the message.
+        TypeError: an argument has the wrong type (named in the message).
+        ValueError: an argument is out of range (named in the message, with what was given).
     """
 
     def __init__(
@@ -95,7 +176,8 @@ class WarmupController:
         *,
         warmup_steps: int,
         shape: str | None = "linear",
-        shape_kwargs: dict[str, Any] | None = None,
+        shape_kwargs: Mapping[str, Any] | None = None,
+        user_shape: str = "linear",
         adaptive: bool = True,
         extend_fraction: float = 0.5,
         extend_steps: int | None = None,
@@ -106,18 +188,25 @@ class WarmupController:
         min_alerts: int = 2,
         window_steps: int | None = None,
         backoff: float = 1.0,
-        rewarm_from: float = 0.5,
+        rewarm_from: float = 1.0,
         on_exhausted: OnExhausted = "warn",
-        trigger_kinds: Iterable[str] = DEFAULT_TRIGGER_KINDS,
+        trigger_kinds: Iterable[str | AlertKind] = DEFAULT_TRIGGER_KINDS,
     ) -> None:
         w0 = check_int("warmup_steps", warmup_steps, minimum=1)
         self.initial_warmup_steps = w0
         if shape is not None:
             check_choice("shape", shape, SHAPES)
         self.shape = shape
+        self.user_shape = check_choice("user_shape", user_shape, SHAPES)
+        if shape_kwargs is not None and not isinstance(shape_kwargs, Mapping):
+            raise TypeError(f"`shape_kwargs` must be a dict or None, got {shape_kwargs!r}")
         self.shape_kwargs = dict(shape_kwargs or {})
-        if shape is not None:
-            warmup_factor(shape, 0, w0, **self.shape_kwargs)  # validates the keywords
+        # The shape the plan stretches: the monitor's, or the model of the user's warmup.
+        self._shape = shape if shape is not None else self.user_shape
+        self._params = shape_params(self._shape, w0, self.shape_kwargs)
+        self._full = float(full_at(self._shape, w0))  # u_e: schedule time where F reaches 1
+        self._offset = w0 - full_at(self._shape, w0)  # W' = T' + offset
+        self._first = self._f(0.0)  # the shape's first factor: no back-off goes below it
         if not isinstance(adaptive, bool):
             raise TypeError(f"`adaptive` must be a bool, got {adaptive!r}")
         self.adaptive = adaptive
@@ -150,44 +239,96 @@ class WarmupController:
         self.on_exhausted: OnExhausted = check_choice(  # type: ignore[assignment]
             "on_exhausted", on_exhausted, ("warn", "stop", "raise")
         )
-        self.trigger_kinds = frozenset(str(getattr(k, "value", k)) for k in trigger_kinds)
+        if isinstance(trigger_kinds, str):
+            raise TypeError(f"`trigger_kinds` must be a collection of kinds, got {trigger_kinds!r}")
+        kinds = set()
+        for k in trigger_kinds:
+            try:
+                kind = AlertKind(k).value
+            except ValueError:
+                allowed = ", ".join(repr(m.value) for m in AlertKind if m.value not in _OWN)
+                raise ValueError(
+                    f"`trigger_kinds` must hold alert kinds among {allowed}, got {k!r}"
+                ) from None
+            if kind in _OWN:
+                raise ValueError(f"`trigger_kinds` must not hold the controller's own {kind!r}")
+            kinds.add(kind)
+        self.trigger_kinds: frozenset[str] = frozenset(kinds)
         self.reset()
 
     # ------------------------------------------------------------------ the plan
 
     def reset(self) -> None:
-        """Back to the initial plan."""
+        """Back to the initial plan (no extension, nothing observed)."""
         self.warmup_steps = self.initial_warmup_steps
         self.extensions = 0
         self.stop_requested = False
         self.exhausted = False
-        self._anchor: int | None = None  # first update of the current ramp
-        self._anchor_factor = 1.0
+        # (a, u', r): for steps t > a, schedule time u(t) = u' + r (t - a). Anchors never
+        # decrease; at most one segment per extension.
+        self._segments: list[tuple[int, float, float]] = []
         self._last_extension: int | None = None
-        self._recent: deque[int] = deque(maxlen=64)
-        self._first_unstable_factor: float | None = None
+        self._recent: deque[int] = deque(maxlen=self.min_alerts)
+        # The lowest plan factor (and the lr, if known) at which instability was acted on.
+        self._unstable_factor: float | None = None
+        self._unstable_lr: float | None = None
+
+    def _f(self, u: float) -> float:
+        return shape_value(self._shape, u, self.initial_warmup_steps, self._params)
+
+    def _u(self, step: int) -> float:
+        for a, u, r in reversed(self._segments):
+            if step > a:
+                return u + r * (step - a)
+        return float(step)
+
+    @property
+    def owns_warmup(self) -> bool:
+        """Whether the monitor applies the warmup shape (``shape`` is not ``None``)."""
+        return self.shape is not None
 
     def base_factor(self, step: int) -> float:
         """The factor without extensions: the shape's, or 1 when the user owns warmup."""
         if self.shape is None:
             return 1.0
-        return warmup_factor(self.shape, step, self.initial_warmup_steps, **self.shape_kwargs)
+        return self._f(float(step))
+
+    def plan(self, step: int) -> float:
+        """The plan's warmup factor at ``step``: the fraction of the peak lr the update gets.
+
+        Equal to :meth:`factor` when the monitor owns warmup; with ``shape=None`` it is the
+        user's modelled warmup times :meth:`factor`.
+        """
+        if not self._segments:
+            return self._f(float(step))
+        return self._f(self._u(step))
 
     def factor(self, step: int) -> float:
-        """The lr factor of the update at ``step`` (optimizer steps taken, 0 for the first)."""
-        if self._anchor is None or step < self._anchor:
-            return self.base_factor(step)
-        c = self._anchor_factor
-        span = self.warmup_steps - self._anchor
-        return c + (1.0 - c) * min(1.0, (step - self._anchor + 1) / span)
+        """The lr factor of the update at ``step`` (optimizer steps taken, 0 for the first).
+
+        In ``(0, 1]``; the monitor multiplies the scheduler's lr by it for that update only.
+        """
+        if not self._segments:
+            return 1.0 if self.shape is None else self._f(float(step))
+        planned = self._f(self._u(step))
+        if self.shape is not None:
+            return planned
+        base = self._f(float(step))
+        return 1.0 if base <= 0.0 else min(1.0, planned / base)
 
     def in_warmup(self, step: int) -> bool:
         """Whether the update at ``step`` is inside the (current) planned warmup."""
         return step < self.warmup_steps
 
     def in_grace(self, step: int) -> bool:
-        """Whether instability at ``step`` can still extend warmup (warmup or grace window)."""
+        """Whether instability at ``step`` can still act (warmup or the grace window)."""
         return step < self.warmup_steps + self.grace_steps
+
+    @property
+    def full_lr_step(self) -> int:
+        """The first step at which the plan's factor is 1 (``warmup_steps - 1`` for most
+        shapes, ``warmup_steps`` for ``exponential`` and ``constant``)."""
+        return self.warmup_steps - self._offset
 
     # ------------------------------------------------------------------ the policy
 
@@ -197,59 +338,95 @@ class WarmupController:
         alerts: Sequence[Alert],
         *,
         next_step: int | None = None,
-        lr: float = math.nan,
+        lr: float | None = math.nan,
     ) -> list[Alert]:
         """Feed the alerts of the update at ``step``; return the alerts this decides.
+
+        Calls may skip steps without alerts, and may come late (after later updates): the
+        change takes effect at ``next_step`` and continues from the factor of the update just
+        before it.
 
         Args:
             step: The step the alerts are about.
             alerts: That step's alerts (any kinds; only ``trigger_kinds`` count).
-            next_step: The next update not yet taken (default ``step + 1``); an extension
-                takes effect there, continuing from the factor of ``next_step - 1``.
-            lr: The effective lr at ``step``, for the recommendation of ``warmup_exhausted``.
+            next_step: The next update not yet taken (default ``step + 1``).
+            lr: The effective lr of the update at ``step`` (scheduler lr x factor), for the
+                recommendation of ``warmup_exhausted``; NaN or ``None`` if unknown.
 
         Returns:
-            ``warmup_extended`` or ``warmup_exhausted`` alerts (usually none).
+            A ``warmup_extended`` or ``warmup_exhausted`` alert, or nothing (the usual case).
         """
-        unstable = [a for a in alerts if AlertKind(a.kind).value in self.trigger_kinds]
-        if not unstable or not self.adaptive:
+        if not self.adaptive or self.exhausted:
             return []
-        if self._first_unstable_factor is None:
-            self._first_unstable_factor = self.factor(step)
-        self._recent.append(step)
+        unstable = [a for a in alerts if _kind(a) in self.trigger_kinds]
+        if not unstable or not self.in_grace(step):
+            return []
+        last = self._last_extension
+        if last is not None and (step <= last or step - last < self.cooldown_steps):
+            return []
+        if not self._recent or self._recent[-1] != step:
+            self._recent.append(step)
         while self._recent and self._recent[0] <= step - self.window_steps:
             self._recent.popleft()
-        severe = any(AlertKind(a.kind).value in _SEVERE for a in unstable)
+        severe = any(_kind(a) in _SEVERE for a in unstable)
         if not severe and len(self._recent) < self.min_alerts:
             return []
-        if not self.in_grace(step):
-            return []
-        if self._last_extension is not None and step - self._last_extension < self.cooldown_steps:
-            return []
-        nxt = step + 1 if next_step is None else next_step
-        causes = sorted({AlertKind(a.kind).value for a in unstable})
-        extra = self.extend_steps or max(1, round(self.extend_fraction * self.initial_warmup_steps))
-        new_end = min(self.max_warmup_steps, max(self.warmup_steps, nxt) + extra)
-        if self.extensions >= self.max_extensions or new_end <= max(self.warmup_steps, nxt):
-            return self._exhausted(step, causes, lr)
 
+        level = self.plan(step)
+        if self._unstable_factor is None or level < self._unstable_factor:
+            self._unstable_factor = level
+            good_lr = lr is not None and math.isfinite(lr) and lr > 0.0
+            self._unstable_lr = float(lr) if good_lr else None  # type: ignore[arg-type]
+        causes = sorted({_kind(a) for a in unstable})
+        cause_steps = list(self._recent)
+        nxt = step + 1 if next_step is None else next_step
+        anchor = max(step, nxt - 1, self._segments[-1][0] if self._segments else 0)
+        return self._extend(step, anchor, causes, cause_steps)
+
+    def _extend(self, step: int, a: int, causes: list[str], cause_steps: list[int]) -> list[Alert]:
         old_end = self.warmup_steps
-        before = self.factor(nxt - 1)
-        start = before * self.backoff
-        if start >= 1.0:
-            start = self.rewarm_from
-        self._anchor = nxt
-        self._anchor_factor = start
+        before = self.plan(a)
+        u_a = self._u(a)
+        target = min(before, max(self._first, min(self.backoff * before, self.rewarm_from)))
+        wants_drop = target < before
+        if self.extensions >= self.max_extensions:
+            return self._exhaust(step, causes, cause_steps, "caps")
+        if not wants_drop and before >= 1.0:
+            return self._exhaust(step, causes, cause_steps, "at_one")
+
+        extra = self.extend_steps or max(1, round(self.extend_fraction * self.initial_warmup_steps))
+        new_end = max(old_end, a + 1) + extra
+        u_new = u_a
+        if wants_drop:
+            u_new = self._inverse(target, min(u_a, self._full))
+            # Lengthen so that the re-warm is no faster than the shape: T' - a >= u_e - u'.
+            new_end = max(new_end, a + math.ceil(self._full - u_new - 1e-9) + self._offset)
+        new_end = min(new_end, self.max_warmup_steps)
+        t_new = new_end - self._offset
+        if new_end <= old_end or t_new <= a:
+            return self._exhaust(step, causes, cause_steps, "caps")
+        if wants_drop:
+            u_new = max(u_new, self._full - (t_new - a))  # the caps leave less room: back off less
+        rate = min(1.0, max(0.0, (self._full - u_new) / (t_new - a)))
+        after = self._f(u_new)
+        dropped = after < before
+
+        self._segments.append((a, u_new, rate))
         self.warmup_steps = new_end
         self.extensions += 1
         self._last_extension = step
         self._recent.clear()
-        dropped = start < before
+        what = "lr factor" if self.shape is not None else "warmup factor (fraction of the peak lr)"
+        if dropped:
+            how = f"the {what} is lowered from {before:.3g} to {after:.3g} (back-off)"
+            if target < after - 1e-12:
+                how += f"; the caps leave no room to go down to {target:.3g}"
+        else:
+            how = f"the {what} continues from {before:.3g} without a jump"
         message = (
             f"warmup extended from {old_end} to {new_end} steps after {', '.join(causes)} "
-            f"(extension {self.extensions} of {self.max_extensions}); the lr factor ramps "
-            f"from {start:.3g} to 1"
-            + (f", lowered from {before:.3g}" if dropped else ", continuing without a jump")
+            f"(extension {self.extensions} of {self.max_extensions}); {how} and reaches 1 at "
+            f"step {t_new}"
         )
         return [
             Alert(
@@ -262,44 +439,87 @@ class WarmupController:
                     "old_warmup_steps": old_end,
                     "new_warmup_steps": new_end,
                     "causes": causes,
+                    "cause_steps": cause_steps,
                     "factor_before": before,
-                    "factor_after": start,
+                    "factor_after": after,
+                    "backoff": dropped,
+                    "next_factor": self.factor(a + 1),
+                    "anchor_step": a,
+                    "full_lr_step": t_new,
                     "extensions": self.extensions,
+                    "max_extensions": self.max_extensions,
                 },
             )
         ]
 
-    def _exhausted(self, step: int, causes: list[str], lr: float) -> list[Alert]:
-        if self.exhausted:
-            return []
+    def _inverse(self, target: float, hi: float) -> float:
+        """The least schedule time ``u`` in ``[-1, hi]`` with ``F(u) >= target``
+        (``F(hi) >= target``), to float precision."""
+        lo = -1.0
+        if self._f(lo) >= target:
+            return lo
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if not lo < mid < hi:
+                break
+            if self._f(mid) >= target:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+    def _exhaust(
+        self, step: int, causes: list[str], cause_steps: list[int], reason: str
+    ) -> list[Alert]:
         self.exhausted = True
         if self.on_exhausted == "stop":
             self.stop_requested = True
-        f = self._first_unstable_factor if self._first_unstable_factor is not None else 1.0
+        level = 1.0 if self._unstable_factor is None else self._unstable_factor
+        lr = self._unstable_lr
+        if reason == "caps":
+            why = (
+                f"after {self.extensions} extension(s) and a warmup of {self.warmup_steps} steps "
+                f"(caps: {self.max_extensions} extensions, {self.max_warmup_steps} steps)"
+            )
+        else:
+            why = (
+                "with the lr factor already at 1 and no back-off configured (`backoff` and "
+                "`rewarm_from` are 1: nothing left to slow down)"
+            )
+        where = f"{level:.3g} x the peak" + (f", lr {lr:.3g}" if lr is not None else "")
         advice = (
-            f"training first went unstable at lr factor {f:.3g}; "
-            f"lower the peak lr to about {0.5 * f:.3g} x its current value"
+            f"instability was acted on at {where}: lower the peak lr to about "
+            f"{_RECOMMEND * level:.3g} x its current value"
         )
-        if math.isfinite(lr) and lr > 0:
-            advice += f" (an lr of about {0.5 * lr:.3g} instead of {lr:.3g} where it broke)"
+        if lr is not None:
+            advice += f" (about {_RECOMMEND * lr:.3g})"
         advice += f", or start with a warmup of at least {self.warmup_steps} steps"
+        if reason == "at_one":
+            advice += ", or let the monitor re-warm (e.g. `rewarm_from=0.5`)"
+        if level < 0.1:
+            advice += (
+                "; instability below a tenth of the peak lr often has another cause "
+                "(initialisation, data, loss scale)"
+            )
         return [
             Alert(
                 step=step,
                 kind=AlertKind.WARMUP_EXHAUSTED,
-                message=(
-                    f"still unstable ({', '.join(causes)}) after {self.extensions} extension(s) "
-                    f"and a warmup of {self.warmup_steps} steps (caps: {self.max_extensions} "
-                    f"extensions, {self.max_warmup_steps} steps): {advice}"
-                ),
+                message=f"still unstable ({', '.join(causes)}) {why}: {advice}",
                 value=float(self.warmup_steps),
                 threshold=float(self.max_warmup_steps),
                 details={
+                    "reason": reason,
                     "causes": causes,
+                    "cause_steps": cause_steps,
                     "extensions": self.extensions,
+                    "max_extensions": self.max_extensions,
                     "warmup_steps": self.warmup_steps,
-                    "recommended_lr_factor": 0.5 * f,
-                    "recommended_lr": 0.5 * lr if math.isfinite(lr) else None,
+                    "max_warmup_steps": self.max_warmup_steps,
+                    "unstable_factor": level,
+                    "unstable_lr": lr,
+                    "recommended_lr_factor": _RECOMMEND * level,
+                    "recommended_lr": None if lr is None else _RECOMMEND * lr,
                     "action": self.on_exhausted,
                 },
             )
@@ -308,31 +528,45 @@ class WarmupController:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """The plan's state (primitives only)."""
+        """The plan's state (primitives only; the configuration is not saved)."""
         return {
             "warmup_steps": self.warmup_steps,
             "extensions": self.extensions,
             "stop_requested": self.stop_requested,
             "exhausted": self.exhausted,
-            "anchor": self._anchor,
-            "anchor_factor": self._anchor_factor,
+            "segments": [[a, u, r] for a, u, r in self._segments],
             "last_extension": self._last_extension,
             "recent": list(self._recent),
-            "first_unstable_factor": self._first_unstable_factor,
+            "unstable_factor": self._unstable_factor,
+            "unstable_lr": self._unstable_lr,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; missing keys keep their initial values."""
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`. Missing or malformed entries keep their initial values."""
         self.reset()
-        self.warmup_steps = int(state.get("warmup_steps", self.initial_warmup_steps))
-        self.extensions = int(state.get("extensions", 0))
+        self.warmup_steps = max(
+            self.initial_warmup_steps, int(state.get("warmup_steps", self.initial_warmup_steps))
+        )
+        self.extensions = max(0, int(state.get("extensions", 0)))
         self.stop_requested = bool(state.get("stop_requested", False))
         self.exhausted = bool(state.get("exhausted", False))
-        anchor = state.get("anchor")
-        self._anchor = None if anchor is None else int(anchor)
-        self._anchor_factor = float(state.get("anchor_factor", 1.0))
+        for seg in state.get("segments") or []:
+            try:
+                a, u, r = int(seg[0]), float(seg[1]), float(seg[2])
+            except (TypeError, ValueError, IndexError):
+                continue
+            if (
+                math.isfinite(u)
+                and math.isfinite(r)
+                and (not self._segments or a >= self._segments[-1][0])
+            ):
+                self._segments.append((a, max(-1.0, u), min(1.0, max(0.0, r))))
         last = state.get("last_extension")
         self._last_extension = None if last is None else int(last)
-        self._recent.extend(int(s) for s in state.get("recent", []))
-        first = state.get("first_unstable_factor")
-        self._first_unstable_factor = None if first is None else float(first)
+        self._recent.extend(int(s) for s in state.get("recent") or [])
+        factor = state.get("unstable_factor")
+        self._unstable_factor = None if factor is None else _finite_or(factor, 1.0)
+        lr = state.get("unstable_lr")
+        self._unstable_lr = None if lr is None else _finite_or(lr, math.nan)
+        if self._unstable_lr is not None and not math.isfinite(self._unstable_lr):
+            self._unstable_lr = None
