@@ -118,27 +118,25 @@ def test_instability_extends_warmup_without_an_lr_jump(tmp_path: os.PathLike) ->
     assert [a.kind.value for a in on_disk] == ["loss_spike", "warmup_extended"]
 
 
-def test_users_scheduler_warms_up_and_the_monitor_rewarms(tmp_path: os.PathLike) -> None:
+def test_users_scheduler_warms_up_and_the_monitor_slows_it(tmp_path: os.PathLike) -> None:
     rec = LrRecorder()
     hooked: list[Alert] = []
     monitor = WarmupMonitor(
-        warmup_steps=6,
-        adaptive=True,
-        detector=ten_x_only(),
-        on_alert=hooked.append,
-        rewarm_from=0.25,
+        warmup_steps=6, adaptive=True, detector=ten_x_only(), on_alert=hooked.append
     )
     model = tiny_module_class(pl)(
         lr=0.1, warmup=6, optimizer="plain_sgd", scripted=_spiky({3: 20.0})
     )
     fit(pl, tmp_path, [monitor, rec], model=model, max_steps=12)
     ext = [a for a in hooked if a.kind.value == "warmup_extended"]
-    assert len(ext) == 1 and ext[0].details["factor_after"] == 0.25
-    sched = [0.1 * min(1.0, (t + 1) / 6) for t in range(12)]
-    # Re-warm from 0.25 after step 3 to 1 at the last update of the new warmup (6 + 3 = 9
-    # steps: update 8), on top of the user's lr.
-    factor = [1.0] * 4 + [0.25 + 0.75 * min(1.0, (t - 3) / 5) for t in range(4, 12)]
-    assert rec.used == pytest.approx([s * f for s, f in zip(sched, factor, strict=True)])
+    assert len(ext) == 1 and ext[0].details["new_warmup_steps"] == 9
+    # The user's linear warmup (lr 0.1 (t+1)/6), stretched after step 3: from 4/6 at step 3 in
+    # a straight line to 1 at step 8, the last update of the 9-step plan. No drop, no jump.
+    planned = [(t + 1) / 6 for t in range(4)]
+    planned += [4 / 6 + (1 - 4 / 6) * min(1.0, (t - 3) / 5) for t in range(4, 12)]
+    assert rec.used == pytest.approx([0.1 * p for p in planned])
+    users = [0.1 * min(1.0, (t + 1) / 6) for t in range(12)]
+    assert all(u <= s + 1e-12 for u, s in zip(rec.used, users, strict=True))
 
 
 @pytest.mark.parametrize("action", ["stop", "raise"])
@@ -183,14 +181,15 @@ def test_controller_state_survives_a_checkpoint(tmp_path: os.PathLike) -> None:
         )
 
     first = monitor()
-    fit(
-        pl,
-        tmp_path,
-        [first, pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
-        model=_model(scripted=_spiky({2: 20.0})),
-        max_steps=8,
-        enable_checkpointing=True,
-    )
+    with pytest.warns(UserWarning, match="longer than"):
+        fit(
+            pl,
+            tmp_path,
+            [first, pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
+            model=_model(scripted=_spiky({2: 20.0})),
+            max_steps=8,
+            enable_checkpointing=True,
+        )
     second = monitor()
     rec = LrRecorder()
     fit(

@@ -134,10 +134,12 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
             have. ``None`` (default): your scheduler warms up, the monitor only watches.
         schedule_kwargs: Keyword arguments of the shape (e.g. ``{"tau": 50}``).
         adaptive: Lengthen warmup when training is unstable (see
-            :class:`~warmup_monitor.controller.WarmupController`): the factor continues from
-            where it is to 1 over the longer warmup, never jumping up; each change is a
-            ``warmup_extended`` alert. With ``schedule=None`` an extension re-warms from
-            ``rewarm_from``.
+            :class:`~warmup_monitor.controller.WarmupController`): an extension stretches the
+            rest of the ramp in time, so the lr never jumps up and never exceeds the old plan;
+            each change is a ``warmup_extended`` alert. With ``schedule=None`` the monitor
+            slows your scheduler's ramp (modelled by ``user_schedule``) by a factor <= 1.
+        user_schedule: With ``schedule=None``, the shape of your own scheduler's warmup over
+            ``warmup_steps`` (default ``"linear"``), which an extension stretches.
         on_exhausted: When the caps are hit and training is still unstable, after the
             ``warmup_exhausted`` alert: ``"warn"``, ``"stop"`` (``trainer.should_stop``) or
             ``"raise"`` (:class:`~warmup_monitor.controller.WarmupExhaustedError`).
@@ -146,8 +148,9 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         max_warmup_steps: The planned warmup never passes this (default ``4 * warmup_steps``).
         grace_steps: Instability this many steps after warmup ends still extends it (default
             ``warmup_steps // 4``).
-        backoff: Multiply the current factor by this at an extension (1: no drop).
-        rewarm_from: Where an extension restarts the ramp when the factor is already 1.
+        backoff: At an extension, restart from this fraction of the current factor and ramp
+            back at the shape's pace (1: no drop; a drop is announced in the alert).
+        rewarm_from: At an extension, restart from at most this factor (1: never lower).
 
     Raises:
         TypeError: an argument has the wrong type.
@@ -180,7 +183,8 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         max_warmup_steps: int | None = None,
         grace_steps: int | None = None,
         backoff: float = 1.0,
-        rewarm_from: float = 0.5,
+        rewarm_from: float = 1.0,
+        user_schedule: Shape = "linear",
     ) -> None:
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=1)
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, minimum=1)
@@ -240,6 +244,7 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
                 grace_steps=grace_steps,
                 backoff=backoff,
                 rewarm_from=rewarm_from,
+                user_shape=user_schedule,
                 on_exhausted=on_exhausted,
             )
 
