@@ -24,10 +24,12 @@ Two parts (``--part micro|e2e|all``):
 * ``e2e``: interleaved paired runs of ``examples/char_transformer.py`` (its default model and
   data, ``--max-steps`` steps, no validation): bare (``--no-monitor``) and with WarmupMonitor
   with everything on and logging every step (``log_every_n_steps=1``, update ratio, alerts
-  file, TensorBoard), cosine ``exact`` and ``sketch``. Each run is its own process; the time is
-  the script's own ``trainer.fit`` time ("trained N steps in X s"), and the median per-step time
-  from the TensorBoard event timestamps of ``train/loss``; peak memory is the process's peak
-  RSS (``wait4``). Also the exact byte counts of the monitor's buffers for that model.
+  file, TensorBoard), cosine ``exact`` and ``sketch``. Each run is its own process, the script
+  run unchanged under a small wrapper that reports the exact ``Trainer.fit`` time, the time
+  spent inside the monitor's own hooks, and the process's peak RSS. Also: the median per-step
+  time from the TensorBoard event timestamps of ``train/loss``; peak RSS of one run per variant
+  on a wider model (``--mem-d-model``), where the buffers stand out; the exact byte counts of
+  the monitor's buffers.
 
 Timings use ``--threads`` intra-op threads (default 1: on a shared machine spinning OpenMP
 threads make timings erratic; memory-bound passes gain little from a second thread anyway).
@@ -259,16 +261,47 @@ def micro_line(row: dict[str, Any]) -> str:
 MONITOR_KWARGS = {"log_every_n_steps": 1, "post_warmup_steps": -1, "update_ratio": True}
 
 
-#: Runs the example with WarmupMonitor accepting ``cosine="sketch"`` (GradientStats supports it;
-#: this is only for a callback whose argument check predates it).
-SKETCH_SHIM = """
-import runpy, sys
+#: Runs the example script (``sys.argv[3:]``) and reports, at exit: the exact ``Trainer.fit``
+#: time, the time spent inside WarmupMonitor's own hooks, and the process's peak RSS (VmHWM of
+#: its own address space: ``wait4``'s ``ru_maxrss`` would also count the parent's memory image
+#: inherited by ``fork``). With ``sys.argv[1] == "1"`` it lets the callback accept
+#: ``cosine="sketch"`` (GradientStats supports it) for a callback whose check predates it.
+RUNNER = """
+import atexit, runpy, sys, time
+lift_sketch, sys.argv = sys.argv[1] == "1", sys.argv[2:]
+spent = {"fit": 0.0, "hooks": 0.0}
+
+def timed(f, key):
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return f(*args, **kwargs)
+        finally:
+            spent[key] += time.perf_counter() - t0
+    return wrapper
+
+import pytorch_lightning as pl
+pl.Trainer.fit = timed(pl.Trainer.fit, "fit")
 import warmup_monitor.callback as cb
-check = cb.check_choice
-cb.check_choice = lambda name, value, choices: (
-    value if (name, value) == ("cosine", "sketch") else check(name, value, choices)
-)
-sys.argv = sys.argv[1:]
+for name, f in list(vars(cb.WarmupMonitor).items()):
+    if callable(f) and (name.startswith("on_") or name in ("setup", "teardown")):
+        setattr(cb.WarmupMonitor, name, timed(f, "hooks"))
+if lift_sketch:
+    check = cb.check_choice
+    cb.check_choice = lambda name, value, choices: (
+        value if (name, value) == ("cosine", "sketch") else check(name, value, choices)
+    )
+
+def report():
+    print(f"fit seconds: {spent['fit']:.6f}")
+    print(f"monitor hook seconds: {spent['hooks']:.6f}")
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                print(f"peak rss kib: {line.split()[1]}")
+    sys.stdout.flush()
+
+atexit.register(report)
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
@@ -287,10 +320,9 @@ def run_example(
     variant: str, args: argparse.Namespace, log_dir: str, tag: str, extra: list[str] | None = None
 ) -> dict[str, Any]:
     steps = args.steps if extra is None else 3
-    shim = ["-c", SKETCH_SHIM] if variant == "sketch" and not sketch_supported() else []
+    lift = "1" if variant == "sketch" and not sketch_supported() else "0"
     cmd = [
-        sys.executable,
-        *shim,
+        sys.executable, "-c", RUNNER, lift,
         str(EXAMPLE),
         "--max-steps", str(steps),
         "--val-every", str(10 * steps),
@@ -304,22 +336,29 @@ def run_example(
         cmd.append("--no-monitor")
     else:
         cmd += ["--monitor-kwargs", json.dumps({**MONITOR_KWARGS, "cosine": variant})]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    output = proc.stdout + proc.stderr
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-3000:]}")
-    m = re.search(r"trained (\d+) steps in ([\d.]+) s", output)
-    run_dir = re.search(r"run dir: (\S+)", output)
-    if m is None or run_dir is None:
-        raise RuntimeError(f"unexpected output of {' '.join(cmd)}:\n{output[-3000:]}")
+        raise RuntimeError(f"{' '.join(cmd[3:])} failed ({proc.returncode}):\n{output[-3000:]}")
+    found = {
+        key: re.search(pattern, output)
+        for key, pattern in {
+            "fit": r"fit seconds: ([\d.]+)",
+            "hooks": r"monitor hook seconds: ([\d.]+)",
+            "rss": r"peak rss kib: (\d+)",
+            "run_dir": r"run dir: (\S+)",
+        }.items()
+    }
+    missing = [k for k, m in found.items() if m is None]
+    if missing:
+        raise RuntimeError(f"no {missing} in the output of {' '.join(cmd[3:])}:\n{output[-3000:]}")
+    fit_s = float(found["fit"].group(1))  # type: ignore[union-attr]
     return {
         "variant": variant,
-        "fit_s": float(m.group(2)),
-        "step_s": median_step_seconds(run_dir.group(1)),
-        "peak_rss_mib": usage.ru_maxrss / 1024,  # Linux: KiB
+        "fit_s": fit_s,
+        "hooks_fraction": float(found["hooks"].group(1)) / fit_s,  # type: ignore[union-attr]
+        "step_s": median_step_seconds(found["run_dir"].group(1)),  # type: ignore[union-attr]
+        "peak_rss_mib": int(found["rss"].group(1)) / 1024,  # type: ignore[union-attr]
     }
 
 
@@ -388,8 +427,9 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
                 run["rep"] = rep
                 runs.append(run)
                 print(
-                    f"  pair {rep} {v:6s} fit {run['fit_s']:.2f} s, median step "
-                    f"{run['step_s'] * 1e3:.0f} ms, peak RSS {run['peak_rss_mib']:.0f} MiB",
+                    f"  pair {rep} {v:6s} fit {run['fit_s']:.3f} s, median step "
+                    f"{run['step_s'] * 1e3:.1f} ms, in monitor hooks "
+                    f"{100 * run['hooks_fraction']:.2f} %, peak RSS {run['peak_rss_mib']:.0f} MiB",
                     flush=True,
                 )
     result: dict[str, Any] = {
@@ -405,6 +445,7 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
             key: [by[(i, v)][key] / by[(i, "bare")][key] for i in range(args.pairs)]
             for key in ("fit_s", "step_s")
         }
+        result[v]["hooks_fraction"] = [by[(i, v)]["hooks_fraction"] for i in range(args.pairs)]
         result[v]["rss_delta_mib"] = [
             by[(i, v)]["peak_rss_mib"] - by[(i, "bare")]["peak_rss_mib"] for i in range(args.pairs)
         ]
@@ -416,13 +457,17 @@ def print_e2e(result: dict[str, Any], args: argparse.Namespace) -> None:
         f"\nEnd to end: {args.pairs} interleaved pairs x {args.steps} steps, "
         f"{args.threads} thread(s)"
     )
-    print("| variant | fit time / bare | median step / bare | peak RSS - bare (MiB) |")
-    print("|---|---:|---:|---:|")
+    print(
+        "| variant | fit time / bare | median step / bare | time in the monitor's hooks "
+        "/ fit time | peak RSS - bare (MiB) |"
+    )
+    print("|---|---:|---:|---:|---:|")
     for v in result["variants"][1:]:
         r = result[v]
+        hooks = [100 * x for x in r["hooks_fraction"]]
         print(
             f"| monitor, cosine={v} | {fmt_ratio(r['fit_s'], 3)} | {fmt_ratio(r['step_s'], 3)} "
-            f"| {fmt_ratio(r['rss_delta_mib'], 1)} |"
+            f"| {fmt_ratio(hooks, 2)} % | {fmt_ratio(r['rss_delta_mib'], 1)} |"
         )
     for key in ("buffers", "wide_buffers"):
         b = result[key]

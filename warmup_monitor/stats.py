@@ -11,9 +11,10 @@ Two kernel plans compute the same numbers:
   list.
 - ``"blocked"`` (CPU): on the CPU a foreach kernel is a C++ loop of one kernel per tensor, and
   each kernel is a separate pass over memory. The blocked plan instead walks the gradients in
-  blocks of about 64K elements (small tensors flattened together, large ones cut in chunks) and
-  runs every operation of a block while the block sits in the L2 cache: per element, the
-  gradient and the reference are read from memory once and the reference is written once.
+  blocks of :data:`BLOCK` elements (small tensors flattened together, large ones cut in chunks)
+  and runs every operation of a block while the block is in cache: per element, the gradient
+  and the reference are read from memory once and the reference is written once (the floor,
+  one copy of the gradients, reads and writes as much).
 
 Sharded gradients (FSDP2 ``DTensor``) are handled by computing *local* sums on each shard; the
 caller reduces those two numbers across ranks (a sum) and then calls ``finish``. Whole gradients
@@ -43,9 +44,6 @@ __all__ = ["CosineMode", "GradientStats", "Kernels", "UpdateRatio", "local_tenso
 
 CosineMode = Literal["exact", "sketch", "off"]
 Kernels = Literal["auto", "blocked", "foreach"]
-
-#: A function that sums a small float32 tensor across the ranks holding shards (identity if none).
-Reducer = Callable[[Tensor], Tensor]
 
 #: Elements per block of the CPU plan. A block of gradient and one of reference (float32, 1 MiB
 #: together) stay in cache between the operations on the block; each operation costs a few
@@ -80,12 +78,8 @@ def _flat_sq(x: Tensor, dtype: torch.dtype) -> Tensor:
     """
     if x.device.type != "cpu":
         return torch.linalg.vector_norm(x, dtype=dtype).square()
-    chunks = x.split(BLOCK)
-    out = torch.empty(len(chunks), dtype=dtype)
-    for c, o in zip(chunks, out.unbind(), strict=True):
-        c = c if c.dtype == dtype else c.to(dtype)
-        torch.dot(c, c, out=o)
-    return out.sum()
+    parts = [torch.dot(c, c) for c in (x if x.dtype == dtype else x.to(dtype)).split(BLOCK)]
+    return torch.stack(parts).sum() if parts else torch.zeros((), dtype=dtype)
 
 
 def _sq_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
@@ -147,7 +141,11 @@ class _RoundItem:
 
 @dataclass
 class _Group:
-    """The local parameters of one device and dtype: one virtual flat vector, in param order."""
+    """The local parameters of one device and dtype, as one virtual flat vector.
+
+    Layout order: tensors of at most a block first, then the larger ones; ``ref`` holds the
+    exact reference (GradientStats) or the snapshot (UpdateRatio) in that order.
+    """
 
     index: list[int]  # positions in GradientStats.params, in layout order
     shapes: list[torch.Size]
@@ -309,17 +307,23 @@ class GradientStats:
       ``reference_dtype``, default the parameters' dtype; ``torch.bfloat16`` halves it at about
       1e-3 of cosine error). Per step: the dot product with the reference, the sum of squares,
       and a copy of the gradient into the reference, in one pass on the CPU (blocked plan) or
-      four foreach/flat kernels on an accelerator.
+      four foreach/flat kernels on an accelerator (which multiply bf16 gradients by a bf16
+      reference in bf16: about 1e-4 of cosine error).
     - ``"sketch"`` keeps a count sketch of the previous gradient instead: extra memory of
-      ``sketch_fraction`` of the gradients' (default 2%), cosine within a few hundredths of the
-      exact one (see below). Choose it when one more gradient-sized buffer does not fit; choose
-      ``"exact"`` otherwise: it is exact and, on a GPU, as fast.
+      ``sketch_fraction`` of the gradients' bytes (default 2%). On real gradients of the
+      example's 0.8M-parameter transformer (about 5,000 buckets) the cosine is off by 0.005 on
+      average and by at most 0.05 (measured over consecutive training steps and seeds); larger
+      models get more buckets and smaller errors. Choose it when one more gradient-sized buffer
+      does not fit (large models, sharded or not); choose ``"exact"`` otherwise: it is exact,
+      and on small models it is also faster (the sketch runs one multiply-add per round, and
+      there are about 160 rounds whatever the model's size).
     - ``"off"`` computes only the norm and keeps no buffer.
 
-    The sketch. Lay the local gradients end to end in parameter order (a virtual vector of
-    ``n`` elements) and cut it into rounds of ``k`` elements. Element ``p`` goes to bucket
-    ``p mod k`` with sign ``s[rho[p // k] + p mod k]``, where ``s`` is a fixed random sign table
-    of ``1.25 k`` entries and ``rho`` one random offset per round (seeded by ``sketch_seed``):
+    The sketch. Lay the local gradients of one device and dtype end to end in a fixed order (a
+    virtual vector of ``n`` elements) and cut it into rounds of ``k`` elements. Element ``p``
+    goes to bucket ``p mod k`` with sign ``s[rho[p // k] + p mod k]``, where ``s`` is a fixed
+    random sign table of ``1.25 k`` entries and ``rho`` one random offset per round (seeded by
+    ``sketch_seed``):
 
     .. math::
 
@@ -327,10 +331,11 @@ class GradientStats:
         \\widehat{\\cos}_t = \\frac{\\langle S(g_t), S(g_{t-1}) \\rangle}
                                   {\\|S(g_t)\\|\\,\\|S(g_{t-1})\\|}
 
-    Colliding elements carry independent random signs, so cross terms cancel in expectation
-    (as in a count sketch with hashed buckets) while the hash needs no stored index: a round is
-    a contiguous range of buckets, computed with one fused multiply-add per tensor and round.
-    The error of this ratio estimator is about ``(1 - cos^2) / sqrt(k)``. ``k`` is chosen so that
+    Colliding elements carry independent pseudo-random signs, so cross terms cancel in
+    expectation, as in a count sketch with hashed buckets (measured: as accurate as one), while
+    the hash needs no stored index: a round is a contiguous range of buckets, computed with one
+    fused multiply-add per tensor and round. The error of this ratio estimator is of the order
+    of ``(1 - cos^2) / sqrt(k)``. ``k`` is chosen so that
     the current and previous sketch and the sign table (13 bytes a bucket) take
     ``sketch_fraction`` of the gradients' bytes, with at least :data:`MIN_BUCKETS` buckets (a
     group of at most that many elements is sketched one element a bucket: exactly).
