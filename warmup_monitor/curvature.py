@@ -53,6 +53,7 @@ This module imports no Lightning.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -172,7 +173,7 @@ def top_hessian_eigenvalue(
 
     Cost: one forward and backward with graph, then ``iterations`` double-backward passes (each
     about 2-3x a backward) and one host read per step. Memory: the double-backward graph, plus
-    ``max_iters + 1`` parameter-sized float32 vectors with ``reorthogonalize=True`` (full
+    one parameter-sized float32 vector per step taken with ``reorthogonalize=True`` (full
     reorthogonalisation: exact Ritz values, a Ritz vector) or 3 without (the classic three-term
     recurrence: the top Ritz value stays accurate, spurious copies of it may appear; no vector).
 
@@ -291,10 +292,8 @@ def _lanczos(
 
     Returns ``(top Ritz value, residual bound, steps, converged, Ritz vector or None)``.
     """
-    basis = None
-    if reorthogonalize:
-        basis = torch.empty(max_iters + 1, q.numel(), device=q.device, dtype=q.dtype)
-        basis[0] = q
+    # The basis grows one vector per step (memory: the steps taken, not max_iters).
+    basis: list[Tensor] | None = [q] if reorthogonalize else None
     alphas: list[float] = []
     betas: list[float] = []
     q_prev: Tensor | None = None
@@ -310,7 +309,9 @@ def _lanczos(
         if basis is not None:
             # Full reorthogonalisation, twice ("twice is enough", Parlett).
             for _ in range(2):
-                w.sub_(basis[: j + 1].T @ (basis[: j + 1] @ w))
+                coeffs = torch.stack([torch.dot(b, w) for b in basis])
+                for c, b in zip(coeffs.unbind(), basis, strict=True):
+                    w.sub_(b * c)
         beta = torch.linalg.vector_norm(w)
         a, b = torch.stack([alpha, beta]).tolist()  # the one host read of this step
         steps = j + 1
@@ -331,11 +332,12 @@ def _lanczos(
         betas.append(b)
         q_prev, q = q, w.div_(b)
         if basis is not None:
-            basis[j + 1] = q
+            basis.append(q)
     vector = None
     if return_vector and basis is not None and math.isfinite(theta):
-        coeffs = ritz.to(device=basis.device, dtype=basis.dtype)
-        vector = coeffs @ basis[:steps]
+        vector = torch.zeros_like(q)
+        for c, b in zip(ritz.tolist(), basis[:steps], strict=True):
+            vector.add_(b, alpha=c)
         vector.div_(torch.linalg.vector_norm(vector))
     return theta, residual, steps, converged, vector
 
@@ -740,7 +742,8 @@ def probe_guard(module: nn.Module, *, mode: ProbeMode = "eval") -> Iterator[nn.M
       whatever the probe did to ``.grad``; no gradient is left behind;
     - every buffer (batch-norm ``running_mean``, ``running_var``, ``num_batches_tracked``...) has
       its values, and its tensor object if the probe re-assigned it;
-    - the CPU RNG state, and every CUDA device's when CUDA is initialised, are restored.
+    - the CPU RNG state is restored, and when CUDA is initialised, the RNG state of the current
+      CUDA device and of every device holding the module's tensors.
 
     Parameters are not restored: a probe must not write them (the functions here never do).
     Costs one copy of the buffers (small for batch norm); gradients are not copied.
@@ -767,7 +770,7 @@ def probe_guard(module: nn.Module, *, mode: ProbeMode = "eval") -> Iterator[nn.M
             if buf is not None:
                 buffers.append((owner, name, buf, buf.detach().clone()))
     cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    cuda_rng = [(d, torch.cuda.get_rng_state(d)) for d in _cuda_devices(module)]
     try:
         for p, _ in grads:
             p.grad = None
@@ -784,8 +787,20 @@ def probe_guard(module: nn.Module, *, mode: ProbeMode = "eval") -> Iterator[nn.M
                 owner._buffers[name] = buf
                 buf.copy_(saved)
         torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+        for device, state in cuda_rng:
+            torch.cuda.set_rng_state(state, device)
+
+
+def _cuda_devices(module: nn.Module) -> list[int]:
+    """The CUDA devices whose RNG a probe of ``module`` can draw from: those of its tensors and
+    the current one (not every GPU of the node: that would create a context on each)."""
+    if not torch.cuda.is_initialized():
+        return []
+    devices = {torch.cuda.current_device()}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.is_cuda and t.device.index is not None:
+            devices.add(t.device.index)
+    return sorted(devices)
 
 
 # --------------------------------------------------------------------------------------------
