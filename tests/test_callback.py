@@ -250,7 +250,7 @@ def test_no_logger_and_monitoring_window(tmp_path: os.PathLike) -> None:
     # Step 7 is past warmup (3) + post-warmup (2): not monitored.
     assert [a.step for a in hooked] == [1]
     assert os.path.exists(os.path.join(str(tmp_path), ALERTS_FILENAME))
-    assert monitor.state_dict()["steps"] == {0: 5}
+    assert monitor.state_dict()["steps"] == {0: 8}
 
 
 def test_skipped_batches_and_frozen_parameters(tmp_path: os.PathLike) -> None:

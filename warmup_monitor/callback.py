@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from warmup_monitor._checks import check_choice, check_int
-from warmup_monitor.alerts import ALERTS_FILENAME, Alert, AlertDispatcher
+from warmup_monitor.alerts import ALERTS_FILENAME, Alert, AlertDispatcher, AlertKind
 from warmup_monitor.controller import OnExhausted, WarmupController
+from warmup_monitor.curvature import EdgeOfStabilityRule, estimate_stability, probe_guard
 from warmup_monitor.detectors import InstabilityDetector
 from warmup_monitor.engine import MonitorEngine
 from warmup_monitor.schedules import Shape
@@ -151,6 +154,16 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         backoff: At an extension, restart from this fraction of the current factor and ramp
             back at the shape's pace (1: no drop; a drop is announced in the alert).
         rewarm_from: At an extension, restart from at most this factor (1: never lower).
+        curvature_every_n_steps: Probe the sharpness (top Hessian eigenvalue, Adam-
+            preconditioned for Adam/AdamW) every this many optimizer steps during the
+            monitored window, on a fixed probe batch (the first training batch), and log
+            ``warmup/sharpness`` and ``warmup/stability_margin``; 0 (default) turns it off. A
+            probe costs about 7-17 training steps: 200 keeps the overhead near 5 %.
+        curvature_loss: ``loss_fn(pl_module, batch) -> loss`` for the probe; default: the
+            module's ``training_step`` (with ``self.log`` silenced during the probe).
+        curvature_iters: Lanczos iterations per probe at most.
+        curvature_feeds_controller: Whether ``edge_of_stability`` counts as instability for
+            the adaptive controller.
 
     Raises:
         TypeError: an argument has the wrong type.
@@ -185,6 +198,10 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         backoff: float = 1.0,
         rewarm_from: float = 1.0,
         user_schedule: Shape = "linear",
+        curvature_every_n_steps: int = 0,
+        curvature_loss: Callable[[Any, Any], Tensor] | None = None,
+        curvature_iters: int = 20,
+        curvature_feeds_controller: bool = True,
     ) -> None:
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=1)
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, minimum=1)
@@ -264,6 +281,19 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         )
         self._dispatcher: AlertDispatcher | None = None
         self._log_dir: str | None = None
+        self.curvature_every_n_steps = check_int(
+            "curvature_every_n_steps", curvature_every_n_steps, minimum=0
+        )
+        if curvature_loss is not None and not callable(curvature_loss):
+            raise TypeError(f"`curvature_loss` must be callable or None, got {curvature_loss!r}")
+        self.curvature_loss = curvature_loss
+        self.curvature_iters = check_int("curvature_iters", curvature_iters, minimum=1)
+        self.curvature_feeds_controller = bool(curvature_feeds_controller)
+        self._edge_rule = EdgeOfStabilityRule()
+        self._probe_batch: Any = None
+        self._probe_vector: Tensor | None = None
+        self._probe_disabled = False
+        self._steps_before_batch = 0
 
     @property
     def engine(self) -> MonitorEngine:
@@ -315,6 +345,14 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
 
             engine.metrics_sinks.append(log_metrics)
 
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.curvature_every_n_steps and self._probe_batch is None:
+            # The fixed probe batch: the first training batch, detached and kept.
+            self._probe_batch = apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
+        self._steps_before_batch = self._engine.steps_taken(0)
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
@@ -332,6 +370,15 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         # Automatic optimization divides each micro-batch's loss by the accumulation factor.
         scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         self._engine.end_batch(loss_scale=float(scale))
+        if self.curvature_every_n_steps and not self._probe_disabled:
+            step = self._engine.steps_taken(0) - 1
+            stepped = step + 1 > self._steps_before_batch
+            if (
+                stepped
+                and step % self.curvature_every_n_steps == 0
+                and self._engine.is_active(step)
+            ):
+                self._probe(trainer, pl_module, step)
         if self._engine.stop_requested:
             # Every rank holds the same controller state: they all stop on the same step.
             trainer.should_stop = True
@@ -347,16 +394,78 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         if self._dispatcher is not None:
             self._dispatcher.close()
 
+    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """Measure the sharpness and the stability margin of optimizer 0 after ``step``."""
+        optimizer = trainer.optimizers[0]
+        batch = self._probe_batch
+        custom = self.curvature_loss
+
+        def loss_fn() -> Tensor:
+            if custom is not None:
+                return custom(pl_module, batch)
+            out = pl_module.training_step(batch, 0)
+            loss = _extract_loss(out)
+            if loss is None:
+                raise ValueError("training_step returned no loss for the curvature probe")
+            return loss
+
+        silenced = ("log", "log_dict")
+        for name in silenced:  # the probe's training_step must not log
+            setattr(pl_module, name, lambda *a, **k: None)
+        try:
+            with probe_guard(pl_module):
+                est = estimate_stability(
+                    loss_fn,
+                    optimizer,
+                    max_iters=self.curvature_iters,
+                    tol=1e-2,
+                    init=self._probe_vector,
+                    return_vector=True,
+                    distributed=trainer.world_size > 1,
+                )
+        except (NotImplementedError, ValueError, TypeError, RuntimeError) as err:
+            self._probe_disabled = True
+            rank_zero_warn(f"WarmupMonitor: the curvature probe is turned off: {err}")
+            alert = Alert(
+                step=step,
+                kind=AlertKind.MONITOR,
+                message=f"curvature probe unsupported here, turned off: {err}",
+            )
+            self._engine.report(step, [alert], feed_controller=False)
+            return
+        finally:
+            for name in silenced:
+                pl_module.__dict__.pop(name, None)
+        self._probe_vector = est.result.vector
+        # The margin is proportional to the lr: the next update's lr includes the monitor's
+        # own factor, which is applied inside optimizer.step only.
+        watch = self._engine.watch_of(optimizer)
+        factor = watch.factor() if watch is not None else 1.0
+        margin = est.margin * factor
+        alerts = []
+        edge = self._edge_rule.update(step, margin)
+        if edge is not None:
+            alerts.append(edge)
+        metrics = {}
+        if math.isfinite(est.sharpness):
+            metrics = {"sharpness": est.sharpness, "stability_margin": margin}
+        self._engine.report(step, alerts, metrics, feed_controller=self.curvature_feeds_controller)
+
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue: step counts, counters, the detectors' states."""
-        return {"version": _STATE_VERSION, **self._engine.state_dict()}
+        return {
+            "version": _STATE_VERSION,
+            **self._engine.state_dict(),
+            "edge_rule": self._edge_rule.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`. The previous gradient is not saved: the first cosine
         after a resume is undefined (not logged)."""
         self._engine.load_state_dict(state_dict)
+        self._edge_rule.load_state_dict(state_dict.get("edge_rule", {}))
 
     # ------------------------------------------------------------------ internals
 

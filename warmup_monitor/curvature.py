@@ -64,6 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from warmup_monitor._checks import check_choice, check_float, check_int
+from warmup_monitor.alerts import Alert, AlertKind
 
 __all__ = [
     "ProbeBudget",
@@ -899,3 +900,55 @@ class ProbeBudget:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; a missing key keeps the current value."""
         self.next_step = int(state.get("next_step", self.next_step))
+
+
+class EdgeOfStabilityRule:
+    """Alert ``edge_of_stability`` when the stability margin stays above 1.
+
+    A freshly initialised model is often sharp for a step or two, so one probe above the edge
+    is not enough: the rule fires when ``consecutive`` probes in a row read a margin above
+    ``threshold`` (default: two probes above 1), once per such run.
+
+    Args:
+        threshold: The margin that counts as past the edge (> 0).
+        consecutive: Probes in a row needed (>= 1).
+    """
+
+    def __init__(self, *, threshold: float = 1.0, consecutive: int = 2) -> None:
+        if not isinstance(threshold, (int, float)) or not threshold > 0:
+            raise ValueError(f"`threshold` must be a number > 0, got {threshold!r}")
+        if isinstance(consecutive, bool) or not isinstance(consecutive, int) or consecutive < 1:
+            raise ValueError(f"`consecutive` must be an int >= 1, got {consecutive!r}")
+        self.threshold = float(threshold)
+        self.consecutive = consecutive
+        self.reset()
+
+    def reset(self) -> None:
+        self._run = 0
+
+    def update(self, step: int, margin: float) -> Alert | None:
+        """Feed one probe's margin (NaN is ignored: the non-finite rule covers it)."""
+        if not math.isfinite(margin):
+            return None
+        if margin <= self.threshold:
+            self._run = 0
+            return None
+        self._run += 1
+        if self._run != self.consecutive:
+            return None
+        return Alert(
+            step=step,
+            kind=AlertKind.EDGE_OF_STABILITY,
+            message=(
+                f"the lr is past the edge of stability: margin lr x sharpness / threshold = "
+                f"{margin:.3g} on {self.consecutive} probes in a row (above 1 means unstable)"
+            ),
+            value=margin,
+            threshold=self.threshold,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run": self._run}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._run = int(state.get("run", 0))

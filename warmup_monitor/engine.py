@@ -331,6 +331,12 @@ class MonitorEngine:
 
         return hook
 
+    def steps_taken(self, opt_idx: int = 0) -> int:
+        """Optimizer steps optimizer ``opt_idx`` has taken (monitored or not)."""
+        if opt_idx < len(self._watches):
+            return self._watches[opt_idx].step
+        return self._steps.get(opt_idx, 0)
+
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """The watched optimizers, in index order."""
@@ -352,6 +358,9 @@ class MonitorEngine:
         if watch is None:
             return
         if not self.is_active(watch.step, watch.index):
+            # Past the window: count the step, do nothing else.
+            watch.step += 1
+            watch.progress += 1
             self._release()
             return
         sums = watch.stats.local_sums()
@@ -447,6 +456,31 @@ class MonitorEngine:
             if self._should_read(p.step, w.index):
                 self._read(w)
 
+    def report(
+        self,
+        step: int,
+        alerts: Sequence[Alert],
+        metrics: dict[str, float] | None = None,
+        *,
+        opt_idx: int = 0,
+        feed_controller: bool = True,
+    ) -> None:
+        """Route findings made outside the per-step statistics (e.g. the curvature probe).
+
+        The metrics go to the metrics sinks at ``step``; the alerts are counted, dispatched and
+        (with ``feed_controller``) shown to the optimizer's warmup controller like the
+        detectors' own.
+        """
+        out = list(alerts)
+        w = self._watches[opt_idx] if opt_idx < len(self._watches) else None
+        if feed_controller and w is not None and w.controller is not None and out:
+            out.extend(w.controller.observe(step, out, next_step=w.progress))
+        self.alert_count += len(out)
+        if metrics:
+            for sink in self.metrics_sinks:
+                sink({self.key(k, opt_idx): v for k, v in metrics.items()}, step)
+        self._dispatch(out, opt_idx)
+
     def flush(self) -> None:
         """Read back and process every step still kept on the device."""
         for w in self._watches:
@@ -521,8 +555,11 @@ class MonitorEngine:
                 metrics[self.key("amp_skipped_steps", idx)] = float(self.amp_skipped_steps)
             for sink in self.metrics_sinks:
                 sink(metrics, step)
+        self._dispatch(alerts, idx)
+
+    def _dispatch(self, alerts: Sequence[Alert], opt_idx: int) -> None:
         for alert in alerts:
-            alert.details.setdefault("optimizer", idx)
+            alert.details.setdefault("optimizer", opt_idx)
             for alert_sink in self.alert_sinks:
                 alert_sink(alert)
         for alert in alerts:

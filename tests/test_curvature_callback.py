@@ -1,0 +1,113 @@
+"""The curvature probe inside real Lightning training."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import (
+    fit,
+    make_loader,
+    read_scalars,
+    recorder_class,
+    ten_x_only,
+    tiny_module_class,
+)
+
+from warmup_monitor import Alert, WarmupMonitor
+from warmup_monitor.curvature import EdgeOfStabilityRule, stability_threshold
+
+
+def test_probe_logs_sharpness_and_margin_and_leaves_training_alone(
+    tmp_path: os.PathLike,
+) -> None:
+    runs = {}
+    for name, every in (("plain", 0), ("probed", 2)):
+        rec = recorder_class(pl)()
+        model = tiny_module_class(pl)(optimizer="plain_sgd", lr=0.05)
+        monitor = WarmupMonitor(
+            warmup_steps=6, curvature_every_n_steps=every, detector=ten_x_only()
+        )
+        trainer = fit(pl, os.path.join(str(tmp_path), name), [monitor, rec], model=model)
+        runs[name] = (rec, read_scalars(trainer.log_dir), model)
+    # Training is bit for bit the same with the probe.
+    plain, probed = runs["plain"][0], runs["probed"][0]
+    for a, b in zip(plain.after, probed.after, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    scalars = runs["probed"][1]
+    assert sorted(scalars["warmup/sharpness"]) == [0, 2, 4, 6]
+    # Independent check at step 0: the dense Hessian of the loss on the probe batch (the
+    # first batch), with the weights after step 0, and SGD's threshold 2 / lr.
+    model = runs["probed"][2]
+    first = [p.clone() for p in probed.after[0]]
+    x, y = next(iter(make_loader()))  # the probe batch: the first training batch
+    names = [n for n, _ in model.net.named_parameters()]
+
+    def loss_of(*flat: torch.Tensor) -> torch.Tensor:
+        params = dict(zip(names, flat, strict=True))
+        out = torch.func.functional_call(model.net, params, (x,))
+        return torch.nn.functional.mse_loss(out, y)
+
+    numel = [p.numel() for p in first]
+
+    def flat_loss(v: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(v, numel)
+        return loss_of(*[p.view_as(q) for p, q in zip(parts, first, strict=True)])
+
+    h = torch.autograd.functional.hessian(flat_loss, torch.cat([p.reshape(-1) for p in first]))
+    top = torch.linalg.eigvalsh(h.double()).max().item()
+    assert scalars["warmup/sharpness"][0] == pytest.approx(top, rel=1e-2)
+    assert scalars["warmup/stability_margin"][0] == pytest.approx(top * 0.05 / 2, rel=1e-2)
+
+
+def test_edge_rule_needs_two_probes_in_a_row() -> None:
+    rule = EdgeOfStabilityRule()
+    assert rule.update(0, 1.5) is None
+    assert rule.update(2, 0.5) is None
+    assert rule.update(4, 1.2) is None
+    alert = rule.update(6, 1.3)
+    assert alert is not None and alert.kind.value == "edge_of_stability" and alert.step == 6
+    assert rule.update(8, 1.4) is None  # once per run above the edge
+    state = rule.state_dict()
+    other = EdgeOfStabilityRule()
+    other.load_state_dict(state)
+    assert other.update(10, 0.9) is None and other.update(12, 2.0) is None
+
+
+def test_a_too_high_lr_is_past_the_edge_and_extends_warmup(tmp_path: os.PathLike) -> None:
+    hooked: list[Alert] = []
+    model = tiny_module_class(pl)(optimizer="plain_sgd", lr=3.0)
+    monitor = WarmupMonitor(
+        warmup_steps=6,
+        curvature_every_n_steps=1,
+        schedule="linear",
+        adaptive=True,
+        detector=ten_x_only(),
+        on_alert=hooked.append,
+    )
+    trainer = fit(pl, tmp_path, [monitor], model=model, max_steps=6)
+    scalars = read_scalars(trainer.log_dir)
+    margins = scalars["warmup/stability_margin"]
+    kinds = [a.kind.value for a in hooked]
+    assert "edge_of_stability" in kinds
+    edge = next(a for a in hooked if a.kind.value == "edge_of_stability")
+    assert margins[edge.step] > 1 and margins[edge.step - 1] > 1
+    assert "warmup_extended" in kinds
+
+
+def test_unsupported_optimizer_turns_the_probe_off_with_an_alert(tmp_path: os.PathLike) -> None:
+    base = tiny_module_class(pl)
+
+    class Adagrad(base):  # type: ignore[misc,valid-type]
+        def configure_optimizers(self) -> Any:
+            return torch.optim.Adagrad(self.parameters(), lr=0.1)
+
+    hooked: list[Alert] = []
+    monitor = WarmupMonitor(warmup_steps=4, curvature_every_n_steps=1, on_alert=hooked.append)
+    with pytest.warns(UserWarning, match="curvature probe is turned off"):
+        fit(pl, tmp_path, [monitor], model=Adagrad(), max_steps=4)
+    assert [a.kind.value for a in hooked if a.kind.value == "monitor"] == ["monitor"]
+    assert stability_threshold(torch.optim.SGD([torch.zeros(1)], lr=0.5)) == pytest.approx(4.0)
