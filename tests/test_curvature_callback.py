@@ -25,11 +25,11 @@ def test_probe_logs_sharpness_and_margin_and_leaves_training_alone(
     tmp_path: os.PathLike,
 ) -> None:
     runs = {}
-    for name, every in (("plain", 0), ("probed", 2)):
+    for name, probe in (("plain", False), ("probed", True)):
         rec = recorder_class(pl)()
         model = tiny_module_class(pl)(optimizer="plain_sgd", lr=0.05)
         monitor = WarmupMonitor(
-            warmup_steps=6, curvature_every_n_steps=every, detector=ten_x_only()
+            warmup_steps=6, curvature=probe, curvature_every_n_steps=2, detector=ten_x_only()
         )
         trainer = fit(pl, os.path.join(str(tmp_path), name), [monitor, rec], model=model)
         runs[name] = (rec, read_scalars(trainer.log_dir), model)
@@ -82,6 +82,7 @@ def test_a_too_high_lr_is_past_the_edge_and_extends_warmup(tmp_path: os.PathLike
     model = tiny_module_class(pl)(optimizer="plain_sgd", lr=3.0)
     monitor = WarmupMonitor(
         warmup_steps=6,
+        curvature=True,
         curvature_every_n_steps=1,
         schedule="linear",
         adaptive=True,
@@ -106,7 +107,9 @@ def test_unsupported_optimizer_turns_the_probe_off_with_an_alert(tmp_path: os.Pa
             return torch.optim.Adagrad(self.parameters(), lr=0.1)
 
     hooked: list[Alert] = []
-    monitor = WarmupMonitor(warmup_steps=4, curvature_every_n_steps=1, on_alert=hooked.append)
+    monitor = WarmupMonitor(
+        warmup_steps=4, curvature=True, curvature_every_n_steps=1, on_alert=hooked.append
+    )
     with pytest.warns(UserWarning, match="curvature probe is turned off"):
         fit(pl, tmp_path, [monitor], model=Adagrad(), max_steps=4)
     assert [a.kind.value for a in hooked if a.kind.value == "monitor"] == ["monitor"]

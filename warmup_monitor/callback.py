@@ -154,11 +154,14 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         backoff: At an extension, restart from this fraction of the current factor and ramp
             back at the shape's pace (1: no drop; a drop is announced in the alert).
         rewarm_from: At an extension, restart from at most this factor (1: never lower).
-        curvature_every_n_steps: Probe the sharpness (top Hessian eigenvalue, Adam-
-            preconditioned for Adam/AdamW) every this many optimizer steps during the
-            monitored window, on a fixed probe batch (the first training batch), and log
-            ``warmup/sharpness`` and ``warmup/stability_margin``; 0 (default) turns it off. A
-            probe costs about 7-17 training steps: 200 keeps the overhead near 5 %.
+        curvature: Probe the sharpness (top Hessian eigenvalue, Adam-preconditioned for
+            Adam/AdamW) during the monitored window, on a fixed probe batch (the first training
+            batch), and log ``warmup/sharpness`` and ``warmup/stability_margin`` (lr x sharpness
+            / the optimizer's stability threshold; above 1 is past the edge). Opt-in.
+        curvature_every_n_steps: Probe interval in optimizer steps, from step 0. A probe costs
+            about 7-17 training steps on the example transformer: the default 250 keeps the
+            average overhead under 5 % there (4.6 % AdamW, 2.8 % SGD); lower it to see warmup
+            in detail.
         curvature_loss: ``loss_fn(pl_module, batch) -> loss`` for the probe; default: the
             module's ``training_step`` (with ``self.log`` silenced during the probe).
         curvature_iters: Lanczos iterations per probe at most.
@@ -198,7 +201,8 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         backoff: float = 1.0,
         rewarm_from: float = 1.0,
         user_schedule: Shape = "linear",
-        curvature_every_n_steps: int = 0,
+        curvature: bool = False,
+        curvature_every_n_steps: int = 250,
         curvature_loss: Callable[[Any, Any], Tensor] | None = None,
         curvature_iters: int = 20,
         curvature_feeds_controller: bool = True,
@@ -281,8 +285,11 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         )
         self._dispatcher: AlertDispatcher | None = None
         self._log_dir: str | None = None
+        if not isinstance(curvature, bool):
+            raise TypeError(f"`curvature` must be a bool, got {curvature!r}")
+        self.curvature = curvature
         self.curvature_every_n_steps = check_int(
-            "curvature_every_n_steps", curvature_every_n_steps, minimum=0
+            "curvature_every_n_steps", curvature_every_n_steps, minimum=1
         )
         if curvature_loss is not None and not callable(curvature_loss):
             raise TypeError(f"`curvature_loss` must be callable or None, got {curvature_loss!r}")
@@ -348,7 +355,7 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.curvature_every_n_steps and self._probe_batch is None:
+        if self.curvature and self._probe_batch is None:
             # The fixed probe batch: the first training batch, detached and kept.
             self._probe_batch = apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
         self._steps_before_batch = self._engine.steps_taken(0)
@@ -370,7 +377,7 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
         # Automatic optimization divides each micro-batch's loss by the accumulation factor.
         scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         self._engine.end_batch(loss_scale=float(scale))
-        if self.curvature_every_n_steps and not self._probe_disabled:
+        if self.curvature and not self._probe_disabled:
             step = self._engine.steps_taken(0) - 1
             stepped = step + 1 > self._steps_before_batch
             if (
