@@ -502,7 +502,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arg("--json", type=Path, default=None, help="also write the raw results here")
     args = parser.parse_args(argv)
     if args.pairs is None:
-        args.pairs = 2 if args.quick else 5
+        args.pairs = 2 if args.quick else 7
     if args.steps is None:
         args.steps = 8 if args.quick else 15
     return args
