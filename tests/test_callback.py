@@ -423,3 +423,16 @@ def _nullcontext() -> Any:
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def test_sketch_cosine_in_training(tmp_path: os.PathLike) -> None:
+    import pytorch_lightning as pl
+
+    rec = recorder_class(pl)()
+    trainer = fit(pl, tmp_path, [WarmupMonitor(warmup_steps=6, cosine="sketch"), rec])
+    scalars = read_scalars(trainer.log_dir)
+    for t in range(1, 6):
+        expected = F.cosine_similarity(_flat(rec.grads[t]), _flat(rec.grads[t - 1]), dim=0).item()
+        assert scalars["warmup/grad_cosine"][t] == pytest.approx(expected, abs=0.1)
+        expected_norm = torch.nn.utils.get_total_norm(rec.grads[t]).item()
+        assert scalars["warmup/grad_norm"][t] == pytest.approx(expected_norm, rel=1e-5)

@@ -87,7 +87,7 @@ class LoopMonitor:
             post_warmup_steps=check_int("post_warmup_steps", post_warmup_steps, minimum=-1),
             post_warmup_log_every_n_steps=log_every_n_steps,
             detector=detector if detector is not None else InstabilityDetector(),
-            cosine=check_choice("cosine", cosine, ("exact", "off")),  # type: ignore[arg-type]
+            cosine=check_choice("cosine", cosine, ("exact", "sketch", "off")),  # type: ignore[arg-type]
             update_ratio=update_ratio,
             key_prefix=log_key_prefix,
         )
