@@ -152,6 +152,10 @@ class AlertDispatcher:
             the alert.
         text_tag: The TensorBoard text tag.
         log_level: Level of the Python logging record.
+        log_quiet_steps: On the console (Python logging) only, an alert of a kind already
+            logged fewer than this many steps before is logged at DEBUG instead, and the next
+            one logged says how many were held back: a diverging run does not flood the
+            terminal. Every other sink gets every alert. 0 logs them all.
     """
 
     def __init__(
@@ -162,17 +166,21 @@ class AlertDispatcher:
         on_alert: Callable[[Alert], Any] | None = None,
         text_tag: str = "warmup/alerts",
         log_level: int = logging.WARNING,
+        log_quiet_steps: int = 50,
     ) -> None:
         self.jsonl_path = None if jsonl_path is None else os.fspath(jsonl_path)
         self.text_writers = list(text_writers)
         self.on_alert = on_alert
         self.text_tag = text_tag
         self.log_level = log_level
+        self.log_quiet_steps = log_quiet_steps
         self._file: Any = None
+        self._last_logged: dict[str, int] = {}
+        self._held: dict[str, int] = {}
 
     def dispatch(self, alert: Alert) -> None:
         """Send one alert to every sink; no sink's failure stops the others."""
-        log.log(self.log_level, "warmup_monitor: %s", alert)
+        self._log(alert)
         self._write_jsonl(alert)
         for writer in self.text_writers:
             try:
@@ -184,6 +192,20 @@ class AlertDispatcher:
                 self.on_alert(alert)
             except Exception:
                 log.exception("warmup_monitor: the on_alert hook raised; training goes on")
+
+    def _log(self, alert: Alert) -> None:
+        kind = AlertKind(alert.kind).value
+        last = self._last_logged.get(kind)
+        if last is not None and 0 <= alert.step - last < self.log_quiet_steps:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            log.debug("warmup_monitor: %s", alert)
+            return
+        held = self._held.pop(kind, 0)
+        suffix = (
+            f" ({held} more {kind} alerts since step {last}: see the alerts file)" if held else ""
+        )
+        log.log(self.log_level, "warmup_monitor: %s%s", alert, suffix)
+        self._last_logged[kind] = alert.step
 
     def _write_jsonl(self, alert: Alert) -> None:
         if self.jsonl_path is None:

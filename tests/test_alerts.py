@@ -1,0 +1,40 @@
+"""The alert sinks: JSONL, console throttling, a failing hook."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import pytest
+
+from warmup_monitor.alerts import Alert, AlertDispatcher, AlertKind, read_alerts
+
+
+def test_console_holds_back_repeats_but_every_other_sink_gets_all(
+    tmp_path: os.PathLike, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = os.path.join(str(tmp_path), "alerts.jsonl")
+    hooked: list[Alert] = []
+    dispatcher = AlertDispatcher(jsonl_path=path, on_alert=hooked.append, log_quiet_steps=50)
+    with caplog.at_level(logging.WARNING, logger="warmup_monitor"):
+        for step in range(100):
+            dispatcher.dispatch(Alert(step, AlertKind.LOSS_SPIKE, "big", value=50.0))
+        dispatcher.dispatch(Alert(7, AlertKind.NON_FINITE, "nan", value=math.nan))
+    dispatcher.close()
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(messages) == 3
+    assert "[step 0] loss_spike" in messages[0]
+    assert "[step 50] loss_spike" in messages[1] and "49 more loss_spike alerts" in messages[1]
+    assert "non_finite" in messages[2]
+    assert [a.step for a in read_alerts(path)] == [*range(100), 7]
+    assert len(hooked) == 101
+    assert math.isnan(read_alerts(path)[-1].value)
+
+
+def test_zero_quiet_steps_logs_every_alert(caplog: pytest.LogCaptureFixture) -> None:
+    dispatcher = AlertDispatcher(log_quiet_steps=0)
+    with caplog.at_level(logging.WARNING, logger="warmup_monitor"):
+        for step in range(5):
+            dispatcher.dispatch(Alert(step, AlertKind.LOSS_SPIKE, "big"))
+    assert len(caplog.records) == 5
