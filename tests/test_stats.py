@@ -407,11 +407,18 @@ class _SyncCounter(TorchDispatchMode):
 
 @pytest.mark.parametrize("cosine", ["exact", "sketch", "off"])
 @pytest.mark.parametrize("plan", PLANS)
-def test_no_host_reads(cosine: str, plan: str) -> None:
+def test_no_host_reads(cosine: str, plan: str, monkeypatch: pytest.MonkeyPatch) -> None:
     params = _params(SHAPES)
     stats = GradientStats(params, cosine=cosine, kernels=plan)  # type: ignore[arg-type]
     upd = UpdateRatio(params)
     counter = _SyncCounter()
+    tolist = torch.Tensor.tolist  # reads without dispatching an op: spied on instead
+
+    def counting_tolist(self: torch.Tensor) -> Any:
+        counter.count += 1
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
     with counter:
         for grads in _correlated_steps(params, 3, seed=10):
             _set_grads(params, list(grads))
@@ -419,6 +426,7 @@ def test_no_host_reads(cosine: str, plan: str) -> None:
             stats.per_tensor_sq_norms()
             upd.snapshot()
             upd.local_sums()
+    monkeypatch.undo()
     assert counter.count == 0
 
 
