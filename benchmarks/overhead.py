@@ -261,14 +261,13 @@ def micro_line(row: dict[str, Any]) -> str:
 MONITOR_KWARGS = {"log_every_n_steps": 1, "post_warmup_steps": -1, "update_ratio": True}
 
 
-#: Runs the example script (``sys.argv[3:]``) and reports, at exit: the exact ``Trainer.fit``
+#: Runs the example script (``sys.argv[1:]``) and reports, at exit: the exact ``Trainer.fit``
 #: time, the time spent inside WarmupMonitor's own hooks, and the process's peak RSS (VmHWM of
 #: its own address space: ``wait4``'s ``ru_maxrss`` would also count the parent's memory image
-#: inherited by ``fork``). With ``sys.argv[1] == "1"`` it lets the callback accept
-#: ``cosine="sketch"`` (GradientStats supports it) for a callback whose check predates it.
+#: inherited by ``fork``).
 RUNNER = """
 import atexit, runpy, sys, time
-lift_sketch, sys.argv = sys.argv[1] == "1", sys.argv[2:]
+sys.argv = sys.argv[1:]
 spent = {"fit": 0.0, "hooks": 0.0}
 
 def timed(f, key):
@@ -286,11 +285,6 @@ import warmup_monitor.callback as cb
 for name, f in list(vars(cb.WarmupMonitor).items()):
     if callable(f) and (name.startswith("on_") or name in ("setup", "teardown")):
         setattr(cb.WarmupMonitor, name, timed(f, "hooks"))
-if lift_sketch:
-    check = cb.check_choice
-    cb.check_choice = lambda name, value, choices: (
-        value if (name, value) == ("cosine", "sketch") else check(name, value, choices)
-    )
 
 def report():
     print(f"fit seconds: {spent['fit']:.6f}")
@@ -306,23 +300,12 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def sketch_supported() -> bool:
-    from warmup_monitor import WarmupMonitor
-
-    try:
-        WarmupMonitor(warmup_steps=1, cosine="sketch")  # type: ignore[arg-type]
-    except ValueError:
-        return False
-    return True
-
-
 def run_example(
     variant: str, args: argparse.Namespace, log_dir: str, tag: str, extra: list[str] | None = None
 ) -> dict[str, Any]:
     steps = args.steps if extra is None else 3
-    lift = "1" if variant == "sketch" and not sketch_supported() else "0"
     cmd = [
-        sys.executable, "-c", RUNNER, lift,
+        sys.executable, "-c", RUNNER,
         str(EXAMPLE),
         "--max-steps", str(steps),
         "--val-every", str(10 * steps),
@@ -408,8 +391,6 @@ def buffer_bytes(d_model: int | None) -> dict[str, float]:
 
 def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
     variants = ["bare", "exact", "sketch"]
-    if not sketch_supported():
-        print("(the callback does not accept cosine='sketch' yet: sketch runs lift its check)")
     runs: list[dict[str, Any]] = []
     memory: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as log_dir:
