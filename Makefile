@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/char_transformer.py --log-dir $(DEMO_DIR)
+	$(PY) examples/char_transformer.py --log-dir $(DEMO_DIR) --quiet \
+		--monitor-kwargs '{"adaptive": true}'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -482,7 +482,7 @@ def run_report(run_dir: str) -> None:
         return
     print(f"\nreport:           warmup-monitor report {run_dir}")
     try:
-        code = cli.main(["report", run_dir])
+        code = cli.main(["report", run_dir, "--out", os.path.join(run_dir, "report")])
     except Exception as err:  # the run is done and logged whatever the report does
         print(f"the report failed: {type(err).__name__}: {err}")
         return

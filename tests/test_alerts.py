@@ -21,15 +21,18 @@ def test_console_holds_back_repeats_but_every_other_sink_gets_all(
         for step in range(100):
             dispatcher.dispatch(Alert(step, AlertKind.LOSS_SPIKE, "big", value=50.0))
         dispatcher.dispatch(Alert(7, AlertKind.NON_FINITE, "nan", value=math.nan))
+        for step in (10, 11, 12):  # actions are always said
+            dispatcher.dispatch(Alert(step, AlertKind.WARMUP_EXTENDED, "longer"))
     dispatcher.close()
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(messages) == 3
+    assert len(messages) == 6
+    assert sum("warmup_extended" in m for m in messages) == 3
     assert "[step 0] loss_spike" in messages[0]
     assert "[step 50] loss_spike" in messages[1] and "49 more loss_spike alerts" in messages[1]
     assert "non_finite" in messages[2]
-    assert [a.step for a in read_alerts(path)] == [*range(100), 7]
-    assert len(hooked) == 101
-    assert math.isnan(read_alerts(path)[-1].value)
+    assert [a.step for a in read_alerts(path)] == [*range(100), 7, 10, 11, 12]
+    assert len(hooked) == 104
+    assert math.isnan(read_alerts(path)[100].value)
 
 
 def test_zero_quiet_steps_logs_every_alert(caplog: pytest.LogCaptureFixture) -> None:

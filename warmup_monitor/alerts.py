@@ -196,7 +196,10 @@ class AlertDispatcher:
     def _log(self, alert: Alert) -> None:
         kind = AlertKind(alert.kind).value
         last = self._last_logged.get(kind)
-        if last is not None and 0 <= alert.step - last < self.log_quiet_steps:
+        # Actions the monitor took are always said; findings that repeat step after step are
+        # held back.
+        action = alert.kind in (AlertKind.WARMUP_EXTENDED, AlertKind.WARMUP_EXHAUSTED)
+        if not action and last is not None and 0 <= alert.step - last < self.log_quiet_steps:
             self._held[kind] = self._held.get(kind, 0) + 1
             log.debug("warmup_monitor: %s", alert)
             return
