@@ -27,6 +27,25 @@ warnings.filterwarnings("ignore", ".*LeafSpec.*")
 os.environ.setdefault("PL_DISABLE_FORK", "1")
 
 
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def load_example(filename: str) -> ModuleType:
+    """Import ``examples/<filename>`` as a module (once; its dataclasses need sys.modules)."""
+    import importlib.util
+    import sys
+
+    name = "example_" + filename.removesuffix(".py")
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, filename))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def ten_x_only(**kwargs: Any) -> Any:
     """A detector with the 10x-initial-loss and non-finite rules only: tests of the foundation's
     sinks and state pin exact alert lists, which the trend and persistence rules would add to."""

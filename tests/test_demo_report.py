@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_example
 
 from warmup_monitor import cli
 
@@ -17,12 +16,7 @@ from warmup_monitor import cli
 def test_report_of_a_demo_run_matches_its_alerts_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = Path(__file__).parent.parent / "examples" / "char_transformer.py"
-    spec = importlib.util.spec_from_file_location("char_transformer_demo", path)
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = example  # its dataclasses look their module up there
-    spec.loader.exec_module(example)
+    example = load_example("char_transformer.py")
     # The demo's optimisation (AdamW, peak lr 1.0, 20-step warmup, adaptive) on a tiny model.
     run_dir = example.main(
         [

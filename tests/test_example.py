@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from conftest import load_example
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "char_transformer.py"
@@ -21,12 +20,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("char_transformer_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    return load_example(EXAMPLE.name)
 
 
 def _scalars(run_dir: str) -> EventAccumulator:

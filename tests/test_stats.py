@@ -8,9 +8,7 @@ consecutive steps of real training.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -19,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_example
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from warmup_monitor import stats as stats_module
@@ -310,12 +309,7 @@ def test_sketch_sums_add_across_shards() -> None:
 def example() -> ModuleType:
     if not EXAMPLE.exists():
         pytest.skip(f"{EXAMPLE.name} is not in the tree")
-    spec = importlib.util.spec_from_file_location("char_transformer_for_stats", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    return load_example(EXAMPLE.name)
 
 
 @pytest.fixture

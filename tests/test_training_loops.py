@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import (
     fit,
+    load_example,
     make_loader,
     read_scalars,
     recorder_class,
@@ -250,14 +251,7 @@ def test_plain_pytorch_loop(tmp_path: os.PathLike) -> None:
 
 
 def test_plain_pytorch_example_runs(tmp_path: os.PathLike) -> None:
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parent.parent / "examples" / "plain_pytorch.py"
-    spec = importlib.util.spec_from_file_location("plain_pytorch", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_example("plain_pytorch.py")
     log_dir = module.main(["--log-dir", str(tmp_path), "--lr", "3", "--steps", "40"])
     alerts = read_alerts(os.path.join(log_dir, ALERTS_FILENAME))
     assert any(a.kind == "loss_spike" for a in alerts)
