@@ -301,6 +301,8 @@ class WarmupController:
         """
         if not self._segments:
             return self._f(float(step))
+        if step >= self.full_lr_step:  # exactly 1 where announced, whatever the rounding of u
+            return 1.0
         return self._f(self._u(step))
 
     def factor(self, step: int) -> float:
@@ -310,7 +312,7 @@ class WarmupController:
         """
         if not self._segments:
             return 1.0 if self.shape is None else self._f(float(step))
-        planned = self._f(self._u(step))
+        planned = self.plan(step)
         if self.shape is not None:
             return planned
         base = self._f(float(step))
