@@ -725,12 +725,6 @@ def test_load_state_dict_tolerates_malformed_items() -> None:
     assert c.warmup_steps == 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: load_state_dict raises on malformed scalar entries (int() of a str or None, "
-    "iterating a non-list) although its docstring says malformed entries keep their initial "
-    "values; it also leaves the controller half-loaded",
-)
 @pytest.mark.parametrize(
     "bad",
     [

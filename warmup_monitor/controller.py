@@ -546,13 +546,19 @@ class WarmupController:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`. Missing or malformed entries keep their initial values."""
         self.reset()
-        self.warmup_steps = max(
-            self.initial_warmup_steps, int(state.get("warmup_steps", self.initial_warmup_steps))
-        )
-        self.extensions = max(0, int(state.get("extensions", 0)))
+
+        def as_int(key: str, default: int) -> int:
+            try:
+                return int(state.get(key, default))
+            except (TypeError, ValueError):
+                return default
+
+        self.warmup_steps = max(self.initial_warmup_steps, as_int("warmup_steps", 0))
+        self.extensions = max(0, as_int("extensions", 0))
         self.stop_requested = bool(state.get("stop_requested", False))
         self.exhausted = bool(state.get("exhausted", False))
-        for seg in state.get("segments") or []:
+        segments = state.get("segments")
+        for seg in segments if isinstance(segments, (list, tuple)) else []:
             try:
                 a, u, r = int(seg[0]), float(seg[1]), float(seg[2])
             except (TypeError, ValueError, IndexError):
@@ -563,9 +569,12 @@ class WarmupController:
                 and (not self._segments or a >= self._segments[-1][0])
             ):
                 self._segments.append((a, max(-1.0, u), min(1.0, max(0.0, r))))
-        last = state.get("last_extension")
-        self._last_extension = None if last is None else int(last)
-        self._recent.extend(int(s) for s in state.get("recent") or [])
+        last = as_int("last_extension", -1) if state.get("last_extension") is not None else -1
+        self._last_extension = None if last < 0 else last
+        recent = state.get("recent")
+        for s in recent if isinstance(recent, (list, tuple)) else []:
+            if isinstance(s, int) and not isinstance(s, bool):
+                self._recent.append(s)
         factor = state.get("unstable_factor")
         self._unstable_factor = None if factor is None else _finite_or(factor, 1.0)
         lr = state.get("unstable_lr")
