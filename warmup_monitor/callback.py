@@ -271,11 +271,11 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
                 on_exhausted=on_exhausted,
             )
 
-        self.check_every_n_steps = check_every_n_steps
+        self.check_every_n_steps = check_int("check_every_n_steps", check_every_n_steps, minimum=1)
         self._engine = MonitorEngine(
             warmup_steps=self.warmup_steps,
             log_every_n_steps=self.log_every_n_steps,
-            check_every_n_steps=check_int("check_every_n_steps", check_every_n_steps, minimum=1),
+            check_every_n_steps=self.check_every_n_steps,
             post_warmup_steps=self.post_warmup_steps,
             post_warmup_log_every_n_steps=self.post_warmup_log_every_n_steps,
             detector=self.detector,
@@ -357,7 +357,9 @@ class WarmupMonitor(*_callback_bases()):  # type: ignore[misc]
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.curvature and self._probe_batch is None:
+        if not self.curvature:
+            return
+        if self._probe_batch is None:
             # The fixed probe batch: the first training batch, detached and kept.
             self._probe_batch = apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
         self._steps_before_batch = self._engine.steps_taken(0)
