@@ -85,7 +85,7 @@ def test_without_extensions_the_factor_is_the_shape(shape: str) -> None:
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_users_warmup_gives_factor_one_until_an_extension(shape: str) -> None:
-    c = WarmupController(warmup_steps=20, shape=None, user_shape=shape)
+    c = WarmupController(warmup_steps=20, shape=None, user_schedule=shape)
     assert not c.owns_warmup
     assert [c.factor(t) for t in range(60)] == [1.0] * 60
     assert [c.base_factor(t) for t in range(60)] == [1.0] * 60
@@ -540,7 +540,7 @@ def make_controller(shape: str | None, user: str, kw: dict, w0: int, cfg: dict) 
     return WarmupController(
         warmup_steps=w0,
         shape=shape,
-        user_shape=user,
+        user_schedule=user,
         shape_kwargs=kw,
         backoff=cfg["backoff"],
         rewarm_from=cfg["rewarm"],
@@ -761,39 +761,63 @@ def test_reset_returns_to_the_initial_plan() -> None:
         ({"warmup_steps": 0}, ValueError, "`warmup_steps` must be >= 1, got 0"),
         ({"warmup_steps": 10.0}, TypeError, "`warmup_steps` must be an int"),
         ({"warmup_steps": True}, TypeError, "`warmup_steps` must be an int"),
-        ({"shape": "sine"}, ValueError, "`shape` must be one of 'linear'.*got 'sine'"),
-        ({"shape": None, "user_shape": "x"}, ValueError, "`user_shape` must be one of"),
+        ({"shape": "sine"}, ValueError, "`schedule` must be one of 'linear'.*got 'sine'"),
+        (
+            {"shape": None, "user_schedule": "x"},
+            ValueError,
+            "`AdaptiveWarmup.user_schedule` must be one of",
+        ),
         ({"shape_kwargs": {"tau": 3}}, ValueError, "shape 'linear' takes no keyword"),
         ({"shape": "exponential", "shape_kwargs": {"tau": -1}}, ValueError, "`tau` must be > 0"),
         (
-            {"shape": None, "user_shape": "step", "shape_kwargs": {"stairs": 0}},
+            {"shape": None, "user_schedule": "step", "shape_kwargs": {"stairs": 0}},
             ValueError,
             "`stairs` must be >= 1",
         ),
-        ({"shape_kwargs": [1]}, TypeError, "`shape_kwargs` must be a dict"),
-        ({"adaptive": 1}, TypeError, "`adaptive` must be a bool"),
-        ({"extend_fraction": 0}, ValueError, "`extend_fraction` must be > 0"),
-        ({"extend_fraction": math.nan}, ValueError, "`extend_fraction` must be finite"),
-        ({"extend_fraction": "1"}, TypeError, "`extend_fraction` must be a number"),
-        ({"extend_steps": 0}, ValueError, "`extend_steps` must be >= 1, got 0"),
-        ({"extend_steps": 2.5}, TypeError, "`extend_steps` must be an int"),
-        ({"max_extensions": -1}, ValueError, "`max_extensions` must be >= 0"),
-        ({"max_warmup_steps": 5}, ValueError, "`max_warmup_steps` must be >= 10, got 5"),
-        ({"max_warmup_steps": 20.0}, TypeError, "`max_warmup_steps` must be an int"),
-        ({"cooldown_steps": -1}, ValueError, "`cooldown_steps` must be >= 0"),
-        ({"grace_steps": -1}, ValueError, "`grace_steps` must be >= 0"),
-        ({"min_alerts": 0}, ValueError, "`min_alerts` must be >= 1"),
-        ({"window_steps": 0}, ValueError, "`window_steps` must be >= 1"),
-        ({"backoff": 1.5}, ValueError, r"`backoff` must be in \(0, 1\], got 1.5"),
-        ({"backoff": 0}, ValueError, "`backoff` must be > 0"),
-        ({"backoff": "x"}, TypeError, "`backoff` must be a number"),
-        ({"rewarm_from": 2}, ValueError, r"`rewarm_from` must be in \(0, 1\]"),
-        ({"rewarm_from": 0.0}, ValueError, "`rewarm_from` must be > 0"),
-        ({"on_exhausted": "panic"}, ValueError, "`on_exhausted` must be one of 'warn', 'stop'"),
-        ({"trigger_kinds": ["spike"]}, ValueError, "`trigger_kinds` must hold alert kinds"),
+        ({"shape_kwargs": [1]}, TypeError, "`schedule_kwargs` must be a dict"),
+        ({"adaptive": 1}, TypeError, "`adaptive` must be an AdaptiveWarmup, True or False"),
+        ({"extend_fraction": 0}, ValueError, "`AdaptiveWarmup.extend_fraction` must be > 0"),
+        (
+            {"extend_fraction": math.nan},
+            ValueError,
+            "`AdaptiveWarmup.extend_fraction` must be finite",
+        ),
+        ({"extend_fraction": "1"}, TypeError, "`AdaptiveWarmup.extend_fraction` must be a number"),
+        ({"extend_steps": 0}, ValueError, "`AdaptiveWarmup.extend_steps` must be >= 1, got 0"),
+        ({"extend_steps": 2.5}, TypeError, "`AdaptiveWarmup.extend_steps` must be an int"),
+        ({"max_extensions": -1}, ValueError, "`AdaptiveWarmup.max_extensions` must be >= 0"),
+        (
+            {"max_warmup_steps": 5},
+            ValueError,
+            r"`AdaptiveWarmup.max_warmup_steps` must be >= warmup_steps \(10\), got 5",
+        ),
+        ({"max_warmup_steps": 20.0}, TypeError, "`AdaptiveWarmup.max_warmup_steps` must be an int"),
+        ({"cooldown_steps": -1}, ValueError, "`AdaptiveWarmup.cooldown_steps` must be >= 0"),
+        ({"grace_steps": -1}, ValueError, "`AdaptiveWarmup.grace_steps` must be >= 0"),
+        ({"min_alerts": 0}, ValueError, "`AdaptiveWarmup.min_alerts` must be >= 1"),
+        ({"window_steps": 0}, ValueError, "`AdaptiveWarmup.window_steps` must be >= 1"),
+        ({"backoff": 1.5}, ValueError, r"`AdaptiveWarmup.backoff` must be in \(0, 1\], got 1.5"),
+        ({"backoff": 0}, ValueError, r"`AdaptiveWarmup.backoff` must be in \(0, 1\]"),
+        ({"backoff": "x"}, TypeError, "`AdaptiveWarmup.backoff` must be a number"),
+        ({"rewarm_from": 2}, ValueError, r"`AdaptiveWarmup.rewarm_from` must be in \(0, 1\]"),
+        ({"rewarm_from": 0.0}, ValueError, r"`AdaptiveWarmup.rewarm_from` must be in \(0, 1\]"),
+        (
+            {"on_exhausted": "panic"},
+            ValueError,
+            "`AdaptiveWarmup.on_exhausted` must be one of 'warn', 'stop'",
+        ),
+        (
+            {"trigger_kinds": ["spike"]},
+            ValueError,
+            "`AdaptiveWarmup.trigger_kinds` must hold alert kinds",
+        ),
         ({"trigger_kinds": ["warmup_extended"]}, ValueError, "the controller's own"),
         ({"trigger_kinds": [K.WARMUP_EXHAUSTED]}, ValueError, "the controller's own"),
-        ({"trigger_kinds": "loss_spike"}, TypeError, "`trigger_kinds` must be a collection"),
+        (
+            {"trigger_kinds": "loss_spike"},
+            TypeError,
+            "`AdaptiveWarmup.trigger_kinds` must be a collection",
+        ),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs: dict, error: type, match: str) -> None:

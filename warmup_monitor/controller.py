@@ -51,11 +51,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
-from warmup_monitor._checks import check_choice, check_float, check_int
+from warmup_monitor._checks import check_choice, check_int
 from warmup_monitor.alerts import INSTABILITY_KINDS, Alert, AlertKind
+from warmup_monitor.config import AdaptiveWarmup
 from warmup_monitor.schedules import SHAPES, full_at, shape_params, shape_value
 
 __all__ = ["DEFAULT_TRIGGER_KINDS", "OnExhausted", "WarmupController", "WarmupExhaustedError"]
@@ -138,33 +140,15 @@ class WarmupController:
         shape: A shape of :mod:`warmup_monitor.schedules` when the monitor applies warmup
             itself, or ``None`` when the user's scheduler does (the factor is then 1 until an
             extension).
-        shape_kwargs: Keyword arguments of the shape (or of ``user_shape``), e.g.
+        shape_kwargs: Keyword arguments of the shape (or of ``user_schedule``), e.g.
             ``{"tau": 50}``.
-        user_shape: With ``shape=None``, the shape of the user's own warmup over ``W0``,
-            which an extension stretches (the factor is the stretched plan over it).
-        adaptive: Extend warmup on instability; ``False`` keeps the plan fixed.
-        extend_fraction: Each extension adds this fraction of ``W0`` (> 0; default 0.5).
-        extend_steps: Or this many steps (>= 1; overrides ``extend_fraction``).
-        max_extensions: At most this many extensions (>= 0; default 3).
-        max_warmup_steps: The planned length never passes this (>= ``W0``; default
-            ``4 * W0``).
-        cooldown_steps: Steps after an extension during which instability does not act again
-            (>= 0; default ``max(5, W0 // 10)``).
-        grace_steps: Instability this many steps after warmup ends still acts (>= 0; default
-            ``W0 // 4``). The factor is 1 there: without a back-off nothing can be slowed, so
-            the controller reports ``warmup_exhausted`` instead.
-        min_alerts: Steps flagged by non-severe kinds within ``window_steps`` that act (>= 1;
-            default 2).
-        window_steps: The window of ``min_alerts`` (>= 1; default ``max(10, W0 // 5)``).
-        backoff: At an extension, restart from this times the current factor, in (0, 1]
-            (1, the default: no drop).
-        rewarm_from: At an extension, restart from at most this factor, in (0, 1] (1, the
-            default: no cap). E.g. 0.5 re-warms from half the peak lr after warmup.
-        on_exhausted: Carried by the ``warmup_exhausted`` alert for the caller: ``"warn"``
-            (the alert only), ``"stop"`` (also sets :attr:`stop_requested`), ``"raise"`` (the
-            caller raises :class:`WarmupExhaustedError`).
-        trigger_kinds: Alert kinds (values or :class:`~warmup_monitor.AlertKind`) that count
-            as instability.
+        adaptive: The policy (:class:`~warmup_monitor.AdaptiveWarmup`: extension lengths,
+            caps, cool-down, back-off, ``on_exhausted``, trigger kinds, ``user_schedule``);
+            ``True``: its defaults; ``False``: the plan stays fixed.
+        **overrides: Fields of :class:`~warmup_monitor.AdaptiveWarmup` to change, e.g.
+            ``WarmupController(warmup_steps=100, backoff=0.5)``. Defaults that depend on
+            ``W0``: ``max_warmup_steps`` 4 W0, ``cooldown_steps`` max(5, W0 // 10),
+            ``grace_steps`` W0 // 4, ``window_steps`` max(10, W0 // 5).
 
     Raises:
         TypeError: an argument has the wrong type (named in the message).
@@ -177,83 +161,61 @@ class WarmupController:
         warmup_steps: int,
         shape: str | None = "linear",
         shape_kwargs: Mapping[str, Any] | None = None,
-        user_shape: str = "linear",
-        adaptive: bool = True,
-        extend_fraction: float = 0.5,
-        extend_steps: int | None = None,
-        max_extensions: int = 3,
-        max_warmup_steps: int | None = None,
-        cooldown_steps: int | None = None,
-        grace_steps: int | None = None,
-        min_alerts: int = 2,
-        window_steps: int | None = None,
-        backoff: float = 1.0,
-        rewarm_from: float = 1.0,
-        on_exhausted: OnExhausted = "warn",
-        trigger_kinds: Iterable[str | AlertKind] = DEFAULT_TRIGGER_KINDS,
+        adaptive: AdaptiveWarmup | bool = True,
+        **overrides: Any,
     ) -> None:
         w0 = check_int("warmup_steps", warmup_steps, minimum=1)
         self.initial_warmup_steps = w0
         if shape is not None:
-            check_choice("shape", shape, SHAPES)
+            check_choice("schedule", shape, SHAPES)
         self.shape = shape
-        self.user_shape = check_choice("user_shape", user_shape, SHAPES)
+        if isinstance(adaptive, AdaptiveWarmup):
+            config, self.adaptive = adaptive, True
+        elif isinstance(adaptive, bool):
+            config, self.adaptive = AdaptiveWarmup(), adaptive
+        else:
+            raise TypeError(
+                f"`adaptive` must be an AdaptiveWarmup, True or False, got {adaptive!r}"
+            )
+        try:  # every check of the policy's options lives in AdaptiveWarmup
+            config = replace(config, **overrides)
+        except TypeError as err:
+            raise TypeError(f"WarmupController: {err} (the options are AdaptiveWarmup's)") from None
+        self.config = config
         if shape_kwargs is not None and not isinstance(shape_kwargs, Mapping):
-            raise TypeError(f"`shape_kwargs` must be a dict or None, got {shape_kwargs!r}")
+            raise TypeError(f"`schedule_kwargs` must be a dict or None, got {shape_kwargs!r}")
         self.shape_kwargs = dict(shape_kwargs or {})
+        self.user_shape = config.user_schedule
         # The shape the plan stretches: the monitor's, or the model of the user's warmup.
         self._shape = shape if shape is not None else self.user_shape
         self._params = shape_params(self._shape, w0, self.shape_kwargs)
         self._full = float(full_at(self._shape, w0))  # u_e: schedule time where F reaches 1
         self._offset = w0 - full_at(self._shape, w0)  # W' = T' + offset
         self._first = self._f(0.0)  # the shape's first factor: no back-off goes below it
-        if not isinstance(adaptive, bool):
-            raise TypeError(f"`adaptive` must be a bool, got {adaptive!r}")
-        self.adaptive = adaptive
-        self.extend_fraction = check_float("extend_fraction", extend_fraction, above=0.0)
-        self.extend_steps = (
-            None if extend_steps is None else check_int("extend_steps", extend_steps, minimum=1)
+        self.extend_fraction = config.extend_fraction
+        self.extend_steps = config.extend_steps
+        self.max_extensions = config.max_extensions
+        self.max_warmup_steps = (
+            4 * w0 if config.max_warmup_steps is None else config.max_warmup_steps
         )
-        self.max_extensions = check_int("max_extensions", max_extensions, minimum=0)
-        self.max_warmup_steps = check_int(
-            "max_warmup_steps", 4 * w0 if max_warmup_steps is None else max_warmup_steps, minimum=w0
+        if self.max_warmup_steps < w0:
+            raise ValueError(
+                f"`AdaptiveWarmup.max_warmup_steps` must be >= warmup_steps ({w0}), "
+                f"got {self.max_warmup_steps}"
+            )
+        self.cooldown_steps = (
+            max(5, w0 // 10) if config.cooldown_steps is None else config.cooldown_steps
         )
-        self.cooldown_steps = check_int(
-            "cooldown_steps",
-            max(5, w0 // 10) if cooldown_steps is None else cooldown_steps,
-            minimum=0,
+        self.grace_steps = w0 // 4 if config.grace_steps is None else config.grace_steps
+        self.min_alerts = config.min_alerts
+        self.window_steps = max(10, w0 // 5) if config.window_steps is None else config.window_steps
+        self.backoff = config.backoff
+        self.rewarm_from = config.rewarm_from
+        self.on_exhausted: OnExhausted = config.on_exhausted
+        kinds = config.trigger_kinds
+        self.trigger_kinds: frozenset[str] = (
+            DEFAULT_TRIGGER_KINDS if kinds is None else frozenset(kinds)
         )
-        self.grace_steps = check_int(
-            "grace_steps", w0 // 4 if grace_steps is None else grace_steps, minimum=0
-        )
-        self.min_alerts = check_int("min_alerts", min_alerts, minimum=1)
-        self.window_steps = check_int(
-            "window_steps", max(10, w0 // 5) if window_steps is None else window_steps, minimum=1
-        )
-        self.backoff = check_float("backoff", backoff, above=0.0)
-        if self.backoff > 1.0:
-            raise ValueError(f"`backoff` must be in (0, 1], got {backoff}")
-        self.rewarm_from = check_float("rewarm_from", rewarm_from, above=0.0)
-        if self.rewarm_from > 1.0:
-            raise ValueError(f"`rewarm_from` must be in (0, 1], got {rewarm_from}")
-        self.on_exhausted: OnExhausted = check_choice(  # type: ignore[assignment]
-            "on_exhausted", on_exhausted, ("warn", "stop", "raise")
-        )
-        if isinstance(trigger_kinds, str):
-            raise TypeError(f"`trigger_kinds` must be a collection of kinds, got {trigger_kinds!r}")
-        kinds = set()
-        for k in trigger_kinds:
-            try:
-                kind = AlertKind(k).value
-            except ValueError:
-                allowed = ", ".join(repr(m.value) for m in AlertKind if m.value not in _OWN)
-                raise ValueError(
-                    f"`trigger_kinds` must hold alert kinds among {allowed}, got {k!r}"
-                ) from None
-            if kind in _OWN:
-                raise ValueError(f"`trigger_kinds` must not hold the controller's own {kind!r}")
-            kinds.add(kind)
-        self.trigger_kinds: frozenset[str] = frozenset(kinds)
         self.reset()
 
     # ------------------------------------------------------------------ the plan

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import replace
 from typing import Any, Protocol
 
 from warmup_monitor._checks import check_float as _check_float
 from warmup_monitor._checks import check_int as _check_int
 from warmup_monitor.alerts import Alert, AlertKind
+from warmup_monitor.config import Detection
 
 __all__ = [
     "Detector",
@@ -91,12 +93,6 @@ def _finite_float(value: Any, default: float) -> float:
 def _detail(x: float) -> float | str:
     """A JSON-safe float for an alert's details: non-finite values become strings."""
     return x if math.isfinite(x) else str(x)
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be a bool, got {value!r} ({type(value).__name__})")
-    return value
 
 
 def _check_cosine(name: str, value: Any) -> float:
@@ -706,83 +702,54 @@ class InstabilityDetector:
         ['transient']
 
     Args:
-        spike_factor: Multiple of the initial loss that raises ``loss_spike`` (> 1).
-        initial_loss_steps: Number of first finite losses averaged into the initial loss (>= 1).
-        loss_spike: Turn the initial-loss rule on.
-        loss_trend_spike: Turn the trend rule on the loss on.
-        trend_sigmas: Noise scales above the loss trend that make a spike (> 0).
-        trend_min_ratio: Least ratio to the loss trend that makes a spike (> 1).
-        grad_norm_spike: Turn the gradient-norm rule on.
-        grad_norm_sigmas: Noise scales above the gradient-norm trend that make a spike (> 0).
-        grad_norm_min_ratio: Least ratio to the gradient-norm trend that makes a spike (> 1).
-        rebaseline_steps: Consecutive spikes after which a trend accepts the new level (>= 1).
-        non_finite: Turn the non-finite rule on.
-        oscillation: Turn the oscillation rule on.
-        oscillation_cosine: Mean consecutive-gradient cosine below which gradients oscillate,
-            in [-1, 0).
-        oscillation_steps: Consecutive negative cosines the oscillation rule needs (>= 1).
-        persistence: Turn the ``transient`` / ``persistent_instability`` rule on.
-        persist_steps: Flagged steps in a row that make an episode persistent (>= 1).
-        repeat_count: Episodes within ``repeat_window`` steps that make instability repeated
-            (>= 2).
-        repeat_window: Window of ``repeat_count``, in steps (>= 1).
+        config: The rules and thresholds (:class:`~warmup_monitor.Detection`); default
+            ``Detection()``.
+        **overrides: Fields of :class:`~warmup_monitor.Detection` to change, e.g.
+            ``InstabilityDetector(trend_sigmas=6.0)``.
 
     Raises:
         TypeError: an argument has the wrong type (the message names it).
         ValueError: an argument is out of range (the message names it and the allowed range).
     """
 
-    def __init__(
-        self,
-        *,
-        spike_factor: float = 10.0,
-        initial_loss_steps: int = 1,
-        loss_spike: bool = True,
-        loss_trend_spike: bool = True,
-        trend_sigmas: float = 8.0,
-        trend_min_ratio: float = 2.0,
-        grad_norm_spike: bool = True,
-        grad_norm_sigmas: float = 8.0,
-        grad_norm_min_ratio: float = 3.0,
-        rebaseline_steps: int = 20,
-        non_finite: bool = True,
-        oscillation: bool = True,
-        oscillation_cosine: float = -0.5,
-        oscillation_steps: int = 5,
-        persistence: bool = True,
-        persist_steps: int = 5,
-        repeat_count: int = 3,
-        repeat_window: int = 100,
-    ) -> None:
-        self.loss_spike = _check_bool("loss_spike", loss_spike)
-        self.loss_trend_spike = _check_bool("loss_trend_spike", loss_trend_spike)
-        self.grad_norm_spike = _check_bool("grad_norm_spike", grad_norm_spike)
-        self.non_finite = _check_bool("non_finite", non_finite)
-        self.oscillation = _check_bool("oscillation", oscillation)
-        self.persistence = _check_bool("persistence", persistence)
-        rebaseline_steps = _check_int("rebaseline_steps", rebaseline_steps, minimum=1)
+    def __init__(self, config: Detection | None = None, **overrides: Any) -> None:
+        if config is not None and not isinstance(config, Detection):
+            raise TypeError(f"`config` must be a Detection or None, got {config!r}")
+        # Every check lives in Detection: the overrides are its fields.
+        try:
+            cfg = replace(config or Detection(), **overrides)
+        except TypeError as err:
+            raise TypeError(
+                f"InstabilityDetector: {err} (the options are Detection's fields)"
+            ) from None
+        self.config = cfg
+        self.loss_spike = cfg.loss_spike
+        self.loss_trend_spike = cfg.loss_trend_spike
+        self.grad_norm_spike = cfg.grad_norm_spike
+        self.non_finite = cfg.non_finite
+        self.oscillation = cfg.oscillation
+        self.persistence = cfg.persistence
         self.loss_ratio_rule = LossRatioDetector(
-            spike_factor=spike_factor, initial_loss_steps=initial_loss_steps
+            spike_factor=cfg.spike_factor, initial_loss_steps=cfg.initial_loss_steps
         )
         self.loss_trend_rule = LossTrendDetector(
-            sigmas=_check_float("trend_sigmas", trend_sigmas, above=0.0),
-            min_ratio=_check_float("trend_min_ratio", trend_min_ratio, above=1.0),
-            rebaseline_steps=rebaseline_steps,
+            sigmas=cfg.trend_sigmas,
+            min_ratio=cfg.trend_min_ratio,
+            rebaseline_steps=cfg.rebaseline_steps,
         )
         self.grad_norm_rule = GradNormSpikeDetector(
-            sigmas=_check_float("grad_norm_sigmas", grad_norm_sigmas, above=0.0),
-            min_ratio=_check_float("grad_norm_min_ratio", grad_norm_min_ratio, above=1.0),
-            rebaseline_steps=rebaseline_steps,
+            sigmas=cfg.grad_norm_sigmas,
+            min_ratio=cfg.grad_norm_min_ratio,
+            rebaseline_steps=cfg.rebaseline_steps,
         )
         self.non_finite_rule = NonFiniteDetector()
         self.oscillation_rule = OscillationDetector(
-            cosine=_check_cosine("oscillation_cosine", oscillation_cosine),
-            steps=_check_int("oscillation_steps", oscillation_steps, minimum=1),
+            cosine=cfg.oscillation_cosine, steps=cfg.oscillation_steps
         )
         self.persistence_rule = PersistenceDetector(
-            persist_steps=_check_int("persist_steps", persist_steps, minimum=1),
-            repeat_count=_check_int("repeat_count", repeat_count, minimum=2),
-            repeat_window=_check_int("repeat_window", repeat_window, minimum=1),
+            persist_steps=cfg.persist_steps,
+            repeat_count=cfg.repeat_count,
+            repeat_window=cfg.repeat_window,
         )
 
     @property
