@@ -258,7 +258,7 @@ def micro_line(row: dict[str, Any]) -> str:
 # End to end
 # --------------------------------------------------------------------------------------------
 
-MONITOR_KWARGS = {"log_every_n_steps": 1, "post_warmup_steps": -1, "update_ratio": True}
+MONITOR_KWARGS = {"window": {"log_every_n_steps": 1, "post_warmup_steps": -1}}
 
 
 #: Runs the example script (``sys.argv[1:]``) and reports, at exit: the exact ``Trainer.fit``
@@ -318,7 +318,8 @@ def run_example(
     if variant == "bare":
         cmd.append("--no-monitor")
     else:
-        cmd += ["--monitor-kwargs", json.dumps({**MONITOR_KWARGS, "cosine": variant})]
+        kwargs = {**MONITOR_KWARGS, "statistics": {"cosine": variant}}
+        cmd += ["--monitor-kwargs", json.dumps(kwargs)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:

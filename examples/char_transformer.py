@@ -92,7 +92,8 @@ COMMON_DEFAULTS: dict[str, Any] = {
 # WarmupMonitor arguments besides warmup_steps (--monitor-kwargs overrides them key by key). The
 # demo's instability outlasts warmup by far, so watch the whole run: the alerts, TensorBoard and
 # the report then show the recovery too.
-MONITOR_DEFAULTS: dict[str, Any] = {"post_warmup_steps": -1}
+# Nested objects are JSON objects: {"adaptive": {"backoff": 0.5}, "window": {...}}.
+MONITOR_DEFAULTS: dict[str, Any] = {"window": {"post_warmup_steps": -1}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,9 +464,21 @@ def build_callbacks(args: argparse.Namespace) -> list[pl.Callback]:
     """``[WarmupMonitor(...)]``, or ``[]`` with ``--no-monitor`` (then nothing is imported)."""
     if args.no_monitor:
         return []
-    from warmup_monitor import WarmupMonitor
+    import warmup_monitor as wm
 
-    return [WarmupMonitor(warmup_steps=args.warmup_steps, **args.monitor_kwargs)]
+    # JSON objects become the configuration objects, as LightningCLI's YAML would.
+    classes = {
+        "adaptive": wm.AdaptiveWarmup,
+        "curvature": wm.CurvatureProbe,
+        "detection": wm.Detection,
+        "statistics": wm.Statistics,
+        "window": wm.Window,
+    }
+    kwargs = {
+        k: classes[k](**v) if k in classes and isinstance(v, dict) else v
+        for k, v in args.monitor_kwargs.items()
+    }
+    return [wm.WarmupMonitor(warmup_steps=args.warmup_steps, **kwargs)]
 
 
 def run_report(run_dir: str) -> None:

@@ -49,9 +49,9 @@ def load_example(filename: str) -> ModuleType:
 def ten_x_only(**kwargs: Any) -> Any:
     """A detector with the 10x-initial-loss and non-finite rules only: tests of the foundation's
     sinks and state pin exact alert lists, which the trend and persistence rules would add to."""
-    from warmup_monitor import InstabilityDetector
+    from warmup_monitor import Detection
 
-    return InstabilityDetector(
+    return Detection(
         loss_trend_spike=False,
         grad_norm_spike=False,
         oscillation=False,

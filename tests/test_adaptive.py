@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from conftest import fit, read_scalars, ten_x_only, tiny_module_class
 
-from warmup_monitor import Alert, WarmupMonitor
+from warmup_monitor import AdaptiveWarmup, Alert, WarmupMonitor
 from warmup_monitor.alerts import ALERTS_FILENAME, read_alerts
 from warmup_monitor.controller import WarmupExhaustedError
 
@@ -55,7 +55,7 @@ def test_schedule_multiplies_the_users_lr_without_compounding(
     tmp_path: os.PathLike, scheduler: str | None
 ) -> None:
     rec = LrRecorder()
-    monitor = WarmupMonitor(warmup_steps=5, schedule="linear", detector=ten_x_only())
+    monitor = WarmupMonitor(warmup_steps=5, schedule="linear", detection=ten_x_only())
     trainer = fit(pl, tmp_path, [monitor, rec], model=_model(scheduler), max_steps=8)
     # The user's scheduler alone, computed independently.
     if scheduler is None:
@@ -93,7 +93,7 @@ def test_instability_extends_warmup_without_an_lr_jump(tmp_path: os.PathLike) ->
         warmup_steps=10,
         schedule="linear",
         adaptive=True,
-        detector=ten_x_only(),
+        detection=ten_x_only(),
         on_alert=hooked.append,
     )
     model = _model(scripted=_spiky({4: 20.0}))
@@ -122,7 +122,7 @@ def test_users_scheduler_warms_up_and_the_monitor_slows_it(tmp_path: os.PathLike
     rec = LrRecorder()
     hooked: list[Alert] = []
     monitor = WarmupMonitor(
-        warmup_steps=6, adaptive=True, detector=ten_x_only(), on_alert=hooked.append
+        warmup_steps=6, adaptive=True, detection=ten_x_only(), on_alert=hooked.append
     )
     model = tiny_module_class(pl)(
         lr=0.1, warmup=6, optimizer="plain_sgd", scripted=_spiky({3: 20.0})
@@ -145,11 +145,9 @@ def test_exhausted_caps_stop_or_raise(tmp_path: os.PathLike, action: str) -> Non
     monitor = WarmupMonitor(
         warmup_steps=4,
         schedule="linear",
-        adaptive=True,
-        max_extensions=1,
-        detector=ten_x_only(),
+        adaptive=AdaptiveWarmup(max_extensions=1, on_exhausted=action),  # type: ignore[arg-type]
+        detection=ten_x_only(),
         on_alert=hooked.append,
-        on_exhausted=action,  # type: ignore[arg-type]
     )
     # Spikes at 1 and, after the cooldown of 5 steps, at 6 (inside the extended warmup of 6
     # steps plus its grace step): the second finds the caps used.
@@ -177,7 +175,7 @@ def test_controller_state_survives_a_checkpoint(tmp_path: os.PathLike) -> None:
 
     def monitor() -> WarmupMonitor:
         return WarmupMonitor(
-            warmup_steps=10, schedule="linear", adaptive=True, detector=ten_x_only()
+            warmup_steps=10, schedule="linear", adaptive=True, detection=ten_x_only()
         )
 
     first = monitor()
@@ -200,8 +198,9 @@ def test_controller_state_survives_a_checkpoint(tmp_path: os.PathLike) -> None:
         max_steps=12,
         ckpt_path=os.path.join(ckpt_dir, "last.ckpt"),
     )
-    assert second.controller is not None
-    assert second.controller.warmup_steps == 15 and second.controller.extensions == 1
+    assert second.engine.controller is not None
+    controller = second.engine.controller
+    assert controller.warmup_steps == 15 and controller.extensions == 1
     # Continues the extended ramp: from factor(2) = 0.3 at step 2 to 1 at step 14.
     expected = [0.3 + 0.7 * (t - 2) / 12 for t in range(8, 12)]
     assert [u / 0.1 for u in rec.used] == pytest.approx(expected)

@@ -17,7 +17,7 @@ from conftest import (
     tiny_module_class,
 )
 
-from warmup_monitor import Alert, WarmupMonitor
+from warmup_monitor import Alert, CurvatureProbe, WarmupMonitor
 from warmup_monitor.curvature import EdgeOfStabilityRule, stability_threshold
 
 
@@ -29,7 +29,9 @@ def test_probe_logs_sharpness_and_margin_and_leaves_training_alone(
         rec = recorder_class(pl)()
         model = tiny_module_class(pl)(optimizer="plain_sgd", lr=0.05)
         monitor = WarmupMonitor(
-            warmup_steps=6, curvature=probe, curvature_every_n_steps=2, detector=ten_x_only()
+            warmup_steps=6,
+            curvature=CurvatureProbe(every_n_steps=2) if probe else False,
+            detection=ten_x_only(),
         )
         trainer = fit(pl, os.path.join(str(tmp_path), name), [monitor, rec], model=model)
         runs[name] = (rec, read_scalars(trainer.log_dir), model)
@@ -82,11 +84,10 @@ def test_a_too_high_lr_is_past_the_edge_and_extends_warmup(tmp_path: os.PathLike
     model = tiny_module_class(pl)(optimizer="plain_sgd", lr=3.0)
     monitor = WarmupMonitor(
         warmup_steps=6,
-        curvature=True,
-        curvature_every_n_steps=1,
+        curvature=CurvatureProbe(every_n_steps=1),
         schedule="linear",
         adaptive=True,
-        detector=ten_x_only(),
+        detection=ten_x_only(),
         on_alert=hooked.append,
     )
     trainer = fit(pl, tmp_path, [monitor], model=model, max_steps=6)
@@ -108,7 +109,7 @@ def test_unsupported_optimizer_turns_the_probe_off_with_an_alert(tmp_path: os.Pa
 
     hooked: list[Alert] = []
     monitor = WarmupMonitor(
-        warmup_steps=4, curvature=True, curvature_every_n_steps=1, on_alert=hooked.append
+        warmup_steps=4, curvature=CurvatureProbe(every_n_steps=1), on_alert=hooked.append
     )
     with pytest.warns(UserWarning, match="curvature probe is turned off"):
         fit(pl, tmp_path, [monitor], model=Adagrad(), max_steps=4)

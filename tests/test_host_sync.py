@@ -16,7 +16,7 @@ import torch
 from conftest import fit, tiny_module_class
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from warmup_monitor import WarmupMonitor
+from warmup_monitor import WarmupMonitor, Window
 
 SYNC_OPS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default"}
 
@@ -69,7 +69,9 @@ def _deltas(values: list[int]) -> list[int]:
 
 def test_quiet_steps_take_no_host_sync(tmp_path: os.PathLike, monkeypatch: Any) -> None:
     bare = _run(os.path.join(str(tmp_path), "bare"), None, monkeypatch)
-    monitor = WarmupMonitor(warmup_steps=8, log_every_n_steps=4, check_every_n_steps=4)
+    monitor = WarmupMonitor(
+        warmup_steps=8, window=Window(log_every_n_steps=4, check_every_n_steps=4)
+    )
     watched = _run(os.path.join(str(tmp_path), "watched"), monitor, monkeypatch)
     # Not one .item()/float()/bool() more than training itself, on any step.
     assert _deltas(watched.syncs) == _deltas(bare.syncs)

@@ -20,7 +20,7 @@ from conftest import (
     tiny_module_class,
 )
 
-from warmup_monitor import Alert, WarmupMonitor
+from warmup_monitor import AdaptiveWarmup, Alert, CurvatureProbe, Detection, WarmupMonitor, Window
 from warmup_monitor.alerts import ALERTS_FILENAME, read_alerts
 from warmup_monitor.loop import LoopMonitor
 
@@ -115,7 +115,7 @@ def test_several_fits_on_one_trainer_continue(tmp_path: os.PathLike) -> None:
     hooked: list[Alert] = []
     values = {0: 1.0, 6: 12.0}
     model = tiny_module_class(pl)(scripted=lambda s: values.get(s, 2.0))
-    monitor = WarmupMonitor(warmup_steps=8, on_alert=hooked.append, detector=ten_x_only())
+    monitor = WarmupMonitor(warmup_steps=8, on_alert=hooked.append, detection=ten_x_only())
     trainer = pl.Trainer(
         max_steps=4,
         callbacks=[monitor],
@@ -195,8 +195,19 @@ def test_lightning_cli_yaml_config(ns: ModuleType, tmp_path: os.PathLike) -> Non
                 - class_path: warmup_monitor.WarmupMonitor
                   init_args:
                     warmup_steps: 4
-                    spike_factor: 5.0
+                    schedule: linear
                     log_key_prefix: "cli/"
+                    adaptive:
+                      class_path: warmup_monitor.AdaptiveWarmup
+                      init_args: {{backoff: 0.5, max_extensions: 2}}
+                    curvature:
+                      class_path: warmup_monitor.CurvatureProbe
+                      init_args: {{every_n_steps: 2, max_iters: 5}}
+                    detection:
+                      spike_factor: 5.0
+                      trend_sigmas: 6.0
+                    window:
+                      post_warmup_steps: 2
             """)
         )
     cli = cli_mod.LightningCLI(
@@ -204,9 +215,16 @@ def test_lightning_cli_yaml_config(ns: ModuleType, tmp_path: os.PathLike) -> Non
     )
     monitors = [c for c in cli.trainer.callbacks if isinstance(c, WarmupMonitor)]
     assert len(monitors) == 1
-    assert monitors[0].detector.loss_ratio_rule.spike_factor == 5.0
+    config = monitors[0].config
+    assert config.adaptive == AdaptiveWarmup(backoff=0.5, max_extensions=2)
+    assert config.curvature == CurvatureProbe(every_n_steps=2, max_iters=5)
+    assert config.detection == Detection(spike_factor=5.0, trend_sigmas=6.0)
+    assert config.window == Window(post_warmup_steps=2)
+    assert monitors[0].engine.detector.loss_ratio_rule.spike_factor == 5.0
+    assert monitors[0].engine.controller.backoff == 0.5  # type: ignore[union-attr]
     scalars = read_scalars(cli.trainer.log_dir)
     assert sorted(scalars["cli/grad_norm"]) == [0, 1, 2, 3]
+    assert sorted(scalars["cli/sharpness"]) == [0, 2]  # probed every 2 steps
 
 
 def test_plain_pytorch_loop(tmp_path: os.PathLike) -> None:
@@ -224,7 +242,7 @@ def test_plain_pytorch_loop(tmp_path: os.PathLike) -> None:
         writer=writer,
         alerts_file=alerts_file,
         on_alert=hooked.append,
-        detector=ten_x_only(),
+        detection=ten_x_only(),
     )
     loader = make_loader()
     norms, grads = [], []
@@ -262,7 +280,9 @@ def test_recorder_sees_what_the_monitor_sees(tmp_path: os.PathLike) -> None:
     import pytorch_lightning as pl
 
     rec = recorder_class(pl)()
-    monitor = WarmupMonitor(warmup_steps=8, log_every_n_steps=4, check_every_n_steps=4)
+    monitor = WarmupMonitor(
+        warmup_steps=8, window=Window(log_every_n_steps=4, check_every_n_steps=4)
+    )
     trainer = fit(pl, tmp_path, [monitor, rec], max_steps=8)
     scalars = read_scalars(trainer.log_dir)
     assert sorted(scalars["warmup/grad_norm"]) == [0, 4]

@@ -11,12 +11,23 @@ package without paying for Lightning.
 from typing import TYPE_CHECKING, Any
 
 from warmup_monitor.alerts import Alert, AlertKind
+from warmup_monitor.config import AdaptiveWarmup, CurvatureProbe, Detection, Statistics, Window
 from warmup_monitor.detectors import InstabilityDetector
 
 if TYPE_CHECKING:
     from warmup_monitor.callback import WarmupMonitor
 
-__all__ = ["Alert", "AlertKind", "InstabilityDetector", "WarmupMonitor"]
+__all__ = [
+    "AdaptiveWarmup",
+    "Alert",
+    "AlertKind",
+    "CurvatureProbe",
+    "Detection",
+    "InstabilityDetector",
+    "Statistics",
+    "WarmupMonitor",
+    "Window",
+]
 __version__ = "0.1.0"
 
 

@@ -22,6 +22,7 @@ This module imports neither torch nor Lightning.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
@@ -35,6 +36,7 @@ __all__ = [
     "MonitorConfig",
     "Statistics",
     "Window",
+    "check_sinks",
 ]
 
 #: A check of one field: ``check(public_name, value) -> normalised value``; raises on a bad one.
@@ -426,3 +428,19 @@ class MonitorConfig:
     def with_options(self, **changes: Any) -> MonitorConfig:
         """A copy with some top-level fields changed (checked again)."""
         return replace(self, **changes)
+
+
+def check_sinks(*, on_alert: Any, alerts_file: Any) -> None:
+    """Check the adapters' sink options: ``on_alert`` and ``alerts_file``.
+
+    Raises:
+        TypeError: ``on_alert`` is not callable, or ``alerts_file`` is not a path.
+        ValueError: ``alerts_file`` is empty.
+    """
+    _callable("on_alert", on_alert)
+    if alerts_file is None:
+        return
+    if not isinstance(alerts_file, (str, os.PathLike)):
+        raise TypeError(f"`alerts_file` must be a file path or None, got {alerts_file!r}")
+    if os.fspath(alerts_file) == "":
+        raise ValueError("`alerts_file` must be a file path or None, got ''")

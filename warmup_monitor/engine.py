@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,39 +32,49 @@ import torch
 from torch import Tensor
 
 from warmup_monitor.alerts import Alert, AlertKind
+from warmup_monitor.config import MonitorConfig
 from warmup_monitor.controller import WarmupController, WarmupExhaustedError
 from warmup_monitor.detectors import InstabilityDetector
 from warmup_monitor.lr_factor import LrFactor
-from warmup_monitor.stats import CosineMode, GradientStats, UpdateRatio
+from warmup_monitor.probe import CurvatureProber
+from warmup_monitor.stats import GradientStats, UpdateRatio
 
-__all__ = ["MetricsSink", "MonitorEngine", "world_reducer"]
+__all__ = ["AlertSink", "MetricsSink", "MonitorEngine"]
 
 #: ``sink(metrics, step)``: where the engine sends the scalars of a logging step.
 MetricsSink = Callable[[dict[str, float], int], None]
+#: ``sink(alert)``: where the engine sends each alert.
+AlertSink = Callable[[Alert], None]
 #: ``reduce(tensor, sharded)``: sums a small float32 tensor over the ranks (all of them, or only
 #: those holding shards when ``sharded``); returns it (in place is fine).
 Reducer = Callable[[Tensor, bool], Tensor]
 
 
-def world_reducer(shard_groups: Sequence[Any] | None = None) -> Reducer:
+class _WorldReducer:
     """A :data:`Reducer` over ``torch.distributed``'s default group (identity when not running).
+
+    A class, not a closure, so that the monitor pickles (``strategy="ddp_spawn"``).
 
     Args:
         shard_groups: Process groups over which shard sums are reduced (default: the world).
     """
 
-    def reduce(t: Tensor, sharded: bool) -> Tensor:
+    def __init__(self, shard_groups: Sequence[Any] | None = None) -> None:
+        self.shard_groups = list(shard_groups or [])
+
+    def __call__(self, t: Tensor, sharded: bool) -> Tensor:
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()):
             return t
-        if sharded and shard_groups:
-            for group in shard_groups:
+        if sharded and self.shard_groups:
+            for group in self.shard_groups:
                 dist.all_reduce(t, group=group)
         else:
             dist.all_reduce(t)
         return t
 
-    return reduce
+    def __getstate__(self) -> dict[str, Any]:
+        return {"shard_groups": []}  # process groups do not travel; attach() finds them again
 
 
 def dtensor_shard_groups(params: Sequence[Tensor]) -> list[Any] | None:
@@ -138,72 +149,87 @@ class _Watch:
 
 
 class MonitorEngine:
-    """Per-step measurement, detection and routing for one or more optimizers.
+    """Per-step measurement, detection, adaptive warmup and the curvature probe, for one or
+    more optimizers; everything the monitor does, without Lightning.
 
-    Call :meth:`attach` with the optimizers, then per optimizer step :meth:`before_step` (after
-    backward and unscaling, before clipping) and per batch :meth:`end_batch` (after the
-    optimizer step or steps, with the batch's loss); :meth:`flush` at the end.
+    The adapters (the Lightning callback, :class:`~warmup_monitor.loop.LoopMonitor`) wire it
+    once with :meth:`attach` and then only say what happened:
+
+    - :meth:`add_loss` for each loss that was back-propagated (the real loss, not divided by
+      the accumulation factor);
+    - :meth:`before_step` per optimizer step, after backward and unscaling, before clipping;
+    - the step is completed right after ``optimizer.step`` by the engine's own step hook
+      (``complete_on_step=True``), or by :meth:`after_step` when the loss is only known later;
+    - :meth:`end_batch` at the end of each batch (completes a step a ``GradScaler`` skipped);
+    - :meth:`probe` after a step, with the probe's loss, when :meth:`probe_due` says so;
+    - :meth:`detach` at the end (flushes what is kept and removes the hooks).
+
+    A step's loss is the mean of the losses added since the previous optimizer step of any
+    optimizer: with accumulation, its micro-batches; with several optimizers (manual
+    optimization), the losses back-propagated for that optimizer's update only.
 
     Args:
-        warmup_steps: Planned warmup length in optimizer steps.
-        log_every_n_steps: Logging interval during warmup.
-        check_every_n_steps: Interval of host reads on steps that do not log.
-        post_warmup_steps: Steps monitored after warmup (``-1``: all).
-        post_warmup_log_every_n_steps: Logging interval after warmup.
-        detector: Template detector; each optimizer gets its own copy.
-        controller: Template warmup plan (schedule, adaptive extension); each optimizer gets
-            its own copy. ``None``: the monitor only watches.
-        cosine: Cosine mode of :class:`~warmup_monitor.stats.GradientStats`.
-        reference_dtype: dtype of the cosine's reference buffer.
-        update_ratio: Whether to measure the update/weight ratio on logging steps.
-        key_prefix: Prefix of every metric key.
+        config: The whole, validated configuration.
     """
 
-    def __init__(
-        self,
-        *,
-        warmup_steps: int,
-        log_every_n_steps: int = 1,
-        check_every_n_steps: int = 1,
-        post_warmup_steps: int = 100,
-        post_warmup_log_every_n_steps: int = 1,
-        detector: InstabilityDetector,
-        controller: WarmupController | None = None,
-        cosine: CosineMode = "exact",
-        reference_dtype: torch.dtype | None = None,
-        update_ratio: bool = True,
-        key_prefix: str = "warmup/",
-    ) -> None:
-        self.warmup_steps = warmup_steps
-        self.log_every_n_steps = log_every_n_steps
-        self.check_every_n_steps = check_every_n_steps
-        self.post_warmup_steps = post_warmup_steps
-        self.post_warmup_log_every_n_steps = post_warmup_log_every_n_steps
-        self.detector = detector
-        self.controller = controller
-        self.cosine = cosine
-        self.reference_dtype = reference_dtype
-        self.update_ratio = update_ratio
-        self.key_prefix = key_prefix
+    def __init__(self, config: MonitorConfig) -> None:
+        if not isinstance(config, MonitorConfig):
+            raise TypeError(f"`config` must be a MonitorConfig, got {config!r}")
+        self.config = config
+        self.warmup_steps = config.warmup_steps
+        window = config.window
+        self.log_every_n_steps = window.log_every_n_steps
+        self.check_every_n_steps = window.check_every_n_steps
+        self.post_warmup_steps = window.post_warmup_steps
+        self.post_warmup_log_every_n_steps = window.post_log_every
+        self.key_prefix = config.log_key_prefix
+        self.detector = InstabilityDetector(config.detection)
+        self.controller: WarmupController | None = None
+        if config.schedule is not None or config.adaptive is not None:
+            self.controller = WarmupController(
+                warmup_steps=config.warmup_steps,
+                shape=config.schedule,
+                shape_kwargs=config.schedule_kwargs,
+                adaptive=config.adaptive if config.adaptive is not None else False,
+            )
+        self.prober = None if config.curvature is None else CurvatureProber(config.curvature)
+        self._watches: list[_Watch] = []
+        self._released = True
+        self._steps: dict[int, int] = {}
+        self._progress: dict[int, int] = {}
+        self._detector_states: dict[int, dict[str, Any]] = {}
+        self._controller_states: dict[int, dict[str, Any]] = {}
+        self.reset()
 
+    def reset(self) -> None:
+        """Start a fresh watch: step counts, counters, detectors, plan and probe from zero."""
+        self.detach()
+        self.detector.reset()
+        if self.controller is not None:
+            self.controller.reset()
+        if self.prober is not None:
+            self.prober.reset()
         self.metrics_sinks: list[MetricsSink] = []
-        self.alert_sinks: list[Callable[[Alert], None]] = []
-        self.reducer: Reducer = world_reducer()
+        self.alert_sinks: list[AlertSink] = []
+        self.reducer: Reducer = _WorldReducer()
         self.world_size = 1
         self.sharded = False
         self.shards_span_world = True
-
+        self.complete_on_step = False
         self.alert_count = 0
         self.skipped_steps = 0
         self.amp_skipped_steps = 0
-        self._watches: list[_Watch] = []
-        self._detector_states: dict[int, dict[str, Any]] = {}
-        self._controller_states: dict[int, dict[str, Any]] = {}
-        self._steps: dict[int, int] = {}
-        self._progress: dict[int, int] = {}
+        self._watches = []
+        self._detector_states = {}
+        self._controller_states = {}
+        self._steps = {}
+        self._progress = {}
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
-        self._released = False
+        self._last_loss: tuple[Tensor | None, int] | None = None  # (loss, batch) of the last step
+        self._batch = 0
+        self._warned: set[str] = set()
+        self._released = True
 
     # ------------------------------------------------------------------ the monitoring window
 
@@ -253,15 +279,41 @@ class MonitorEngine:
         optimizers: Sequence[torch.optim.Optimizer],
         *,
         first_step: int | None = None,
+        world_size: int = 1,
+        sharded: bool = False,
+        complete_on_step: bool = False,
+        metrics_sinks: Sequence[MetricsSink] = (),
+        alert_sinks: Sequence[AlertSink] = (),
     ) -> None:
-        """Start watching ``optimizers`` (again). Step counts and detector states carry over.
+        """Start watching ``optimizers`` (again): the one call that wires the engine.
+
+        Step counts, detector and controller states carry over from an earlier attach or a
+        loaded state.
 
         Args:
             optimizers: The optimizers, in a stable order (index ``K`` logs as ``optK``).
             first_step: Step count to start from for optimizers without a saved count (e.g.
                 the trainer's global step when resuming from a checkpoint made without us).
+            world_size: Number of data-parallel ranks the loss is averaged over.
+            sharded: Whether each rank holds flat gradient shards spanning the world (FSDP1);
+                DTensor shards are found by the engine itself.
+            complete_on_step: Complete each step right after ``optimizer.step`` (the losses of
+                the step were added before it); otherwise :meth:`after_step` completes it.
+            metrics_sinks: Receive the scalars of each logging step.
+            alert_sinks: Receive each alert.
         """
         self.detach()
+        self.world_size = world_size
+        self.sharded = sharded
+        self.shards_span_world = True
+        self.reducer = _WorldReducer()
+        self.complete_on_step = complete_on_step
+        self.metrics_sinks = list(metrics_sinks)
+        self.alert_sinks = list(alert_sinks)
+        stats_cfg = self.config.statistics
+        dtype = (
+            None if stats_cfg.reference_dtype is None else getattr(torch, stats_cfg.reference_dtype)
+        )
         self._watches = []
         all_params: list[Tensor] = []
         for idx, opt in enumerate(optimizers):
@@ -283,9 +335,12 @@ class MonitorEngine:
                 index=idx,
                 optimizer=opt,
                 stats=GradientStats(
-                    params, cosine=self.cosine, reference_dtype=self.reference_dtype
+                    params,
+                    cosine=stats_cfg.cosine,
+                    reference_dtype=dtype,
+                    sketch_fraction=stats_cfg.sketch_fraction,
                 ),
-                update=UpdateRatio(params) if self.update_ratio else None,
+                update=UpdateRatio(params) if stats_cfg.update_ratio else None,
                 detector=detector,
                 controller=controller,
                 step=self._steps.get(idx, first_step or 0),
@@ -298,7 +353,7 @@ class MonitorEngine:
         groups = dtensor_shard_groups(all_params)
         if groups is not None:
             self.sharded = True
-            self.reducer = world_reducer(groups)
+            self.reducer = _WorldReducer(groups)
             dist = torch.distributed
             if dist.is_available() and dist.is_initialized():
                 self.shards_span_world = (
@@ -324,10 +379,20 @@ class MonitorEngine:
                 self._controller_states[w.index] = w.controller.state_dict()
         self._release()
 
-    @staticmethod
-    def _post_hook(watch: _Watch) -> Callable[..., None]:
+    def _post_hook(self, watch: _Watch) -> Callable[..., None]:
         def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
             watch.stepped = True
+            if watch.pending is None:
+                if self.is_active(watch.step, watch.index):
+                    self._warn_once(
+                        "no_before",
+                        "optimizer.step() ran without before_step() first: this step is not "
+                        "monitored. Call order: backward, before_step(optimizer), "
+                        "optimizer.step(), after_step(loss).",
+                    )
+                return
+            if self.complete_on_step:
+                self._complete(watch)
 
         return hook
 
@@ -353,10 +418,27 @@ class MonitorEngine:
         return None
 
     def before_step(self, optimizer: Any) -> None:
-        """Measure ``optimizer``'s gradients (after backward/unscaling, before clipping)."""
+        """Measure ``optimizer``'s gradients (after backward/unscaling, before clipping).
+
+        Raises:
+            ValueError: ``optimizer`` is not one of the watched optimizers.
+        """
         watch = self.watch_of(optimizer)
         if watch is None:
-            return
+            raise ValueError(
+                "before_step() got an optimizer the monitor does not watch; pass one of the "
+                "optimizers it was built with"
+            )
+        if watch.pending is not None:
+            # The previous step was never completed (after_step() forgotten, or a skipped
+            # optimizer.step): complete it now, without the losses that follow.
+            self._warn_once(
+                "no_after",
+                "before_step() came twice without the step being completed: call after_step() "
+                "after every optimizer.step(). Call order: backward, before_step(optimizer), "
+                "optimizer.step(), after_step(loss).",
+            )
+            self._complete(watch)
         if not self.is_active(watch.step, watch.index):
             # Past the window: count the step, do nothing else.
             watch.step += 1
@@ -383,42 +465,64 @@ class MonitorEngine:
             log=do_log,
         )
 
-    def add_loss(self, loss: Tensor | None) -> None:
-        """Add one micro-batch's loss (already divided as the user's loop divides it)."""
+    def add_loss(self, loss: Tensor | float | None) -> None:
+        """Add one back-propagated loss: a float or a one-element tensor (the real loss).
+
+        Raises:
+            ValueError: ``loss`` has more than one element (reduce it first).
+            TypeError: ``loss`` is neither a number nor a tensor.
+        """
         if loss is None:
             return
-        loss = loss.detach().float().reshape(())
-        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        if isinstance(loss, bool) or not isinstance(loss, (Tensor, int, float)):
+            raise TypeError(f"`loss` must be a float or a 0-dim tensor, got {type(loss).__name__}")
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"`loss` must be a single value (a float or a 0-dim tensor), got a tensor "
+                    f"of shape {tuple(loss.shape)}: reduce it (e.g. loss.mean()) first"
+                )
+            value = loss.detach().float().reshape(())
+        else:
+            value = torch.tensor(float(loss))
+        self._loss_sum = (
+            value if self._loss_sum is None else self._loss_sum + value.to(self._loss_sum.device)
+        )
         self._loss_count += 1
 
-    def end_batch(self, loss_scale: float = 1.0) -> None:
-        """Complete the steps measured since the last call, using the losses added so far.
+    def after_step(self, optimizer: Any = None) -> None:
+        """Complete the measured step of ``optimizer`` (default: every pending one) with the
+        losses added since the previous step."""
+        for w in self._watches:
+            if w.pending is not None and (optimizer is None or w is self.watch_of(optimizer)):
+                self._complete(w)
 
-        The step's loss is ``sum(losses) * loss_scale / count`` (Lightning divides each
-        micro-batch's loss by the accumulation factor: pass it as ``loss_scale``). Does nothing
-        (and keeps the losses) when no optimizer stepped.
-        """
-        pending = [w for w in self._watches if w.pending is not None]
-        if not pending:
-            return
-        has_loss = self._loss_sum is not None
-        device = pending[0].pending.sums.device  # type: ignore[union-attr]
+    def end_batch(self) -> None:
+        """End of a batch: complete what is still pending (a step a GradScaler skipped)."""
+        self.after_step()
+        self._batch += 1
+
+    def _take_loss(self) -> Tensor | None:
         if self._loss_sum is not None:
-            loss = (self._loss_sum * (loss_scale / self._loss_count)).to(device)
-        else:
-            loss = torch.zeros((), device=device)
-        self._reset_loss()
+            loss: Tensor | None = self._loss_sum / self._loss_count
+            self._last_loss = (loss, self._batch)
+            self._reset_loss()
+            return loss
+        if self._last_loss is not None and self._last_loss[1] == self._batch:
+            return self._last_loss[0]  # several optimizers stepped on one backward
+        return None
 
+    def _complete(self, w: _Watch) -> None:
+        p = w.pending
+        assert p is not None
+        device = p.sums.device
+        loss = self._take_loss()
+        has_loss = loss is not None
         # One small all-reduce: the loss's share of the mean, and the shard sums.
-        parts: list[Tensor] = [loss / self.world_size]
-        for w in pending:
-            assert w.pending is not None
-            parts.append(w.pending.sums.to(device))
-            upd = w.update.local_sums() if w.update is not None and w.update.has_snapshot else None
-            parts.append(
-                upd.to(device) if upd is not None else torch.full((2,), math.nan, device=device)
-            )
-        flat = torch.cat([p.reshape(-1) for p in parts])
+        loss_t = loss.to(device) if loss is not None else torch.zeros((), device=device)
+        upd = w.update.local_sums() if w.update is not None and w.update.has_snapshot else None
+        upd_t = upd.to(device) if upd is not None else torch.full((2,), math.nan, device=device)
+        flat = torch.cat([(loss_t / self.world_size).reshape(1), p.sums.to(device), upd_t])
         if self.world_size > 1:
             if not self.sharded:  # whole gradients, identical on every rank: only the loss
                 flat = torch.cat([self.reducer(flat[:1].clone(), False), flat[1:]])
@@ -429,32 +533,59 @@ class MonitorEngine:
                     [self.reducer(flat[:1].clone(), False), self.reducer(flat[1:], True)]
                 )
         loss_mean = flat[0] if has_loss else torch.full_like(flat[0], math.nan)
-
-        for i, w in enumerate(pending):
-            p = w.pending
-            assert p is not None
-            grad = w.stats.finish(flat[1 + 4 * i : 3 + 4 * i])
-            ratio = UpdateRatio.finish(flat[3 + 4 * i : 5 + 4 * i])
-            values = torch.stack([loss_mean, grad[0], grad[1], ratio])
-            w.records.append(
-                _Record(
-                    step=p.step,
-                    progress=p.progress,
-                    values=values,
-                    lrs=p.lrs,
-                    factor=p.factor,
-                    grad_count=p.grad_count,
-                    has_loss=has_loss,
-                    log=p.log,
-                    amp_skipped=not w.stepped,
-                )
+        grad = w.stats.finish(flat[1:3])
+        ratio = UpdateRatio.finish(flat[3:5])
+        w.records.append(
+            _Record(
+                step=p.step,
+                progress=p.progress,
+                values=torch.stack([loss_mean, grad[0], grad[1], ratio]),
+                lrs=p.lrs,
+                factor=p.factor,
+                grad_count=p.grad_count,
+                has_loss=has_loss,
+                log=p.log,
+                amp_skipped=not w.stepped,
             )
-            w.pending = None
-            w.step = p.step + 1
-            if w.stepped:
-                w.progress = p.progress + 1
-            if self._should_read(p.step, w.index):
-                self._read(w)
+        )
+        w.pending = None
+        w.step = p.step + 1
+        if w.stepped:
+            w.progress = p.progress + 1
+        if self._should_read(p.step, w.index):
+            self._read(w)
+
+    # ------------------------------------------------------------------ the curvature probe
+
+    def probe_due(self, step: int) -> bool:
+        """Whether a curvature probe follows the update at ``step`` (optimizer 0)."""
+        return self.prober is not None and self.prober.due(step) and self.is_active(step)
+
+    def probe(self, step: int, loss_fn: Callable[[], Tensor], module: Any = None) -> None:
+        """Probe the curvature after the update at ``step`` and report what it finds.
+
+        Args:
+            step: The update just taken by optimizer 0.
+            loss_fn: Recomputes the loss of the fixed probe batch (the adapter's business).
+            module: The model, restored by the probe's guard (``None``: no guard).
+        """
+        if self.prober is None or not self._watches:
+            return
+        self.flush()  # the probe's findings come after the step's own
+        w = self._watches[0]
+        metrics, alerts = self.prober.probe(
+            step,
+            w.optimizer,
+            loss_fn,
+            module,
+            lr_factor=w.factor(),
+            distributed=self.world_size > 1,
+        )
+        if self.prober.disabled:
+            for alert in alerts:
+                warnings.warn(f"warmup_monitor: the {alert.message}", UserWarning, stacklevel=2)
+        feed = self.prober.config.feeds_controller and not self.prober.disabled
+        self.report(step, alerts, metrics, feed_controller=feed)
 
     def report(
         self,
@@ -569,7 +700,12 @@ class MonitorEngine:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """Step counts, counters and every optimizer's detector state (primitives only)."""
+        """Step counts, counters, detector, controller and probe states (primitives only).
+
+        Steps still kept on the device are processed first, so that the state includes every
+        step taken (a checkpoint between two host reads loses nothing).
+        """
+        self.flush()
         steps = dict(self._steps)
         progress = dict(self._progress)
         detectors = dict(self._detector_states)
@@ -582,7 +718,7 @@ class MonitorEngine:
                 controllers[w.index] = w.controller.state_dict()
         if not detectors:
             detectors[0] = self.detector.state_dict()
-        return {
+        state = {
             "steps": steps,
             "progress": progress,
             "controllers": controllers,
@@ -591,6 +727,9 @@ class MonitorEngine:
             "amp_skipped_steps": self.amp_skipped_steps,
             "detectors": detectors,
         }
+        if self.prober is not None:
+            state["probe"] = self.prober.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the previous gradients are not restored (no cosine on
@@ -606,6 +745,8 @@ class MonitorEngine:
         self._detector_states = {int(k): v for k, v in state.get("detectors", {}).items()}
         if 0 in self._detector_states:
             self.detector.load_state_dict(self._detector_states[0])
+        if self.prober is not None:
+            self.prober.load_state_dict(state.get("probe", {}))
         for w in self._watches:
             w.step = self._steps.get(w.index, w.step)
             w.progress = self._progress.get(w.index, w.progress)
@@ -616,6 +757,11 @@ class MonitorEngine:
             w.stats.forget()
 
     # ------------------------------------------------------------------ internals
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"warmup_monitor: {message}", UserWarning, stacklevel=3)
 
     def _reset_loss(self) -> None:
         self._loss_sum = None

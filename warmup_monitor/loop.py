@@ -6,7 +6,7 @@ Example::
     from warmup_monitor.loop import LoopMonitor
 
     monitor = LoopMonitor(optimizer, warmup_steps=200, writer=SummaryWriter("runs/x"),
-                          alerts_file="runs/x/warmup_alerts.jsonl")
+                          alerts_file="runs/x/warmup_alerts.jsonl", adaptive=True)
     for x, y in loader:
         loss = loss_fn(model(x), y)
         loss.backward()
@@ -14,24 +14,38 @@ Example::
         optimizer.step()
         monitor.after_step(loss)       # after the step: logs, detects, alerts
         optimizer.zero_grad()
+        monitor.probe(lambda: loss_fn(model(x0), y0), model)  # if curvature=...: when due
     monitor.close()
 
-The same keys, alerts and files as the Lightning callback; this module imports no Lightning.
+The call order is required: ``before_step`` then ``optimizer.step()`` then ``after_step``, once
+per optimizer step. A step taken without ``before_step``, or a second ``before_step`` without
+``after_step``, is reported once with a ``UserWarning`` that names the order.
+
+The same keys, alerts and files as the Lightning callback, from the same configuration objects;
+this module imports no Lightning.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from warmup_monitor._checks import check_choice, check_int
 from warmup_monitor.alerts import Alert, AlertDispatcher
-from warmup_monitor.detectors import InstabilityDetector
+from warmup_monitor.config import (
+    AdaptiveWarmup,
+    CurvatureProbe,
+    Detection,
+    MonitorConfig,
+    Statistics,
+    Window,
+    check_sinks,
+)
 from warmup_monitor.engine import MonitorEngine
+from warmup_monitor.schedules import Shape
 from warmup_monitor.tensorboard import write_layout
 
 __all__ = ["LoopMonitor"]
@@ -41,22 +55,18 @@ class LoopMonitor:
     """Drive :class:`~warmup_monitor.engine.MonitorEngine` from a plain loop.
 
     Args:
-        optimizers: The optimizer, or a sequence of them (index ``K >= 1`` logs as ``optK``).
+        optimizers: The optimizer, or a sequence of distinct ones (index ``K >= 1`` logs as
+            ``optK``).
         warmup_steps: Planned warmup length in optimizer steps.
         writer: A TensorBoard ``SummaryWriter`` for the scalars, the dashboard layout and the
             alert texts; ``None`` logs no scalars.
         alerts_file: Path of the alerts JSONL; ``None`` writes none.
         on_alert: Called with each alert after the other sinks; exceptions are logged.
-        detector: A configured :class:`~warmup_monitor.InstabilityDetector`.
-        log_every_n_steps: Logging interval during warmup.
-        check_every_n_steps: Host-read interval on steps that do not log.
-        post_warmup_steps: Steps monitored after warmup (``-1``: all).
-        cosine: ``"exact"`` or ``"off"``.
-        update_ratio: Measure the update/weight ratio on logging steps.
-        log_key_prefix: Prefix of every key.
+        schedule, schedule_kwargs, adaptive, detection, curvature, statistics, window,
+            log_key_prefix: As for :class:`~warmup_monitor.WarmupMonitor`.
 
     Raises:
-        TypeError, ValueError: a bad argument, named in the message.
+        TypeError, ValueError: a bad argument or field, named in the message.
     """
 
     def __init__(
@@ -67,53 +77,114 @@ class LoopMonitor:
         writer: Any | None = None,
         alerts_file: str | os.PathLike[str] | None = None,
         on_alert: Callable[[Alert], Any] | None = None,
-        detector: InstabilityDetector | None = None,
-        log_every_n_steps: int = 1,
-        check_every_n_steps: int = 1,
-        post_warmup_steps: int = 100,
-        cosine: str = "exact",
-        update_ratio: bool = True,
+        schedule: Shape | None = None,
+        schedule_kwargs: Mapping[str, Any] | None = None,
+        adaptive: AdaptiveWarmup | bool = False,
+        detection: Detection | None = None,
+        curvature: CurvatureProbe | bool = False,
+        statistics: Statistics | None = None,
+        window: Window | None = None,
         log_key_prefix: str = "warmup/",
     ) -> None:
-        opts = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
+        opts = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers
+        ok = isinstance(opts, Sequence) and not isinstance(opts, (str, bytes))
+        opts = list(opts) if ok else []
         if not opts or not all(isinstance(o, torch.optim.Optimizer) for o in opts):
-            raise TypeError("`optimizers` must be a torch optimizer or a sequence of them")
-        if on_alert is not None and not callable(on_alert):
-            raise TypeError(f"`on_alert` must be callable or None, got {type(on_alert).__name__}")
-        self.engine = MonitorEngine(
-            warmup_steps=check_int("warmup_steps", warmup_steps, minimum=1),
-            log_every_n_steps=check_int("log_every_n_steps", log_every_n_steps, minimum=1),
-            check_every_n_steps=check_int("check_every_n_steps", check_every_n_steps, minimum=1),
-            post_warmup_steps=check_int("post_warmup_steps", post_warmup_steps, minimum=-1),
-            post_warmup_log_every_n_steps=log_every_n_steps,
-            detector=detector if detector is not None else InstabilityDetector(),
-            cosine=check_choice("cosine", cosine, ("exact", "sketch", "off")),  # type: ignore[arg-type]
-            update_ratio=update_ratio,
-            key_prefix=log_key_prefix,
+            raise TypeError(
+                f"`optimizers` must be a torch optimizer or a sequence of them, got {optimizers!r}"
+            )
+        if len({id(o) for o in opts}) != len(opts):
+            raise ValueError("`optimizers` holds the same optimizer twice")
+        if writer is not None and not callable(getattr(writer, "add_scalar", None)):
+            raise TypeError(f"`writer` must be a TensorBoard SummaryWriter or None, got {writer!r}")
+        check_sinks(on_alert=on_alert, alerts_file=alerts_file)
+        config = MonitorConfig(
+            warmup_steps=warmup_steps,
+            schedule=schedule,
+            schedule_kwargs=schedule_kwargs,
+            adaptive=adaptive,  # type: ignore[arg-type]
+            detection=detection,  # type: ignore[arg-type]
+            curvature=curvature,  # type: ignore[arg-type]
+            statistics=statistics,  # type: ignore[arg-type]
+            window=window,  # type: ignore[arg-type]
+            log_key_prefix=log_key_prefix,
         )
-        self.engine.attach(opts)
+        self._setup(config, opts, writer, alerts_file, on_alert)
+
+    def _setup(
+        self, config: MonitorConfig, opts: list[Any], writer: Any, alerts_file: Any, on_alert: Any
+    ) -> None:
+        self.config = config
         self.writer = writer
+        self.alerts_file = alerts_file
+        self.on_alert = on_alert
+        self.engine = MonitorEngine(config)
         writers = [writer] if writer is not None else []
         for w in writers:
-            write_layout(w, log_key_prefix)
+            write_layout(w, config.log_key_prefix)
         self._dispatcher = AlertDispatcher(
             jsonl_path=alerts_file,
             text_writers=writers,
             on_alert=on_alert,
-            text_tag=f"{log_key_prefix}alerts",
+            text_tag=f"{config.log_key_prefix}alerts",
         )
-        self.engine.alert_sinks.append(self._dispatcher.dispatch)
-        if writer is not None:
-            self.engine.metrics_sinks.append(self._write_scalars)
+        self.engine.attach(
+            opts,
+            alert_sinks=[self._dispatcher.dispatch],
+            metrics_sinks=[self._write_scalars] if writer is not None else [],
+        )
+
+    def __repr__(self) -> str:
+        return f"LoopMonitor({len(self.engine.optimizers)} optimizer(s), {self.config!r})"
+
+    # Pickling and deepcopy: the optimizers, configuration and state travel; a SummaryWriter
+    # does not pickle, so a new one is opened on the same directory.
+    def __getstate__(self) -> dict[str, Any]:
+        logdir = None if self.writer is None else getattr(self.writer, "log_dir", None)
+        return {"config": self.config, "optimizers": self.engine.optimizers,
+                "logdir": logdir, "alerts_file": self.alerts_file, "on_alert": self.on_alert,
+                "state": self.engine.state_dict()}  # fmt: skip
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        writer = None
+        if state["logdir"] is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(state["logdir"])
+        self._setup(state["config"], state["optimizers"], writer, state["alerts_file"],
+                    state["on_alert"])  # fmt: skip
+        self.engine.load_state_dict(state["state"])
 
     def before_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Measure the gradients of ``optimizer`` (default: the first) before it steps."""
-        self.engine.before_step(optimizer if optimizer is not None else self.engine_optimizer)
+        """Measure the gradients of ``optimizer`` (default: the first) before it steps.
 
-    def after_step(self, loss: Tensor | None) -> None:
-        """Complete the step(s) taken since :meth:`before_step` with the batch's loss."""
+        Raises:
+            ValueError: ``optimizer`` is not one the monitor was built with.
+        """
+        self.engine.before_step(optimizer if optimizer is not None else self.engine.optimizers[0])
+
+    def after_step(self, loss: Tensor | float | None) -> None:
+        """Complete the step(s) taken since :meth:`before_step` with the batch's loss (a float
+        or a one-element tensor; ``None``: no loss).
+
+        Raises:
+            ValueError: ``loss`` has several elements.
+            TypeError: ``loss`` is not a number or a tensor.
+        """
         self.engine.add_loss(loss)
         self.engine.end_batch()
+
+    def probe(self, loss_fn: Callable[[], Tensor], module: torch.nn.Module | None = None) -> None:
+        """Probe the curvature after the step just completed, if one is due (``curvature=``).
+
+        Args:
+            loss_fn: Recomputes the loss on a fixed probe batch (only the loss: no backward,
+                no optimizer step).
+            module: The model, put back exactly as it was after the probe.
+        """
+        step = self.engine.steps_taken(0) - 1
+        if step >= 0 and self.engine.probe_due(step):
+            self.engine.probe(step, loss_fn, module)
 
     def close(self) -> None:
         """Process what is still kept on the device, and close the alerts file."""
@@ -129,10 +200,6 @@ class LoopMonitor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self.engine.load_state_dict(state)
-
-    @property
-    def engine_optimizer(self) -> torch.optim.Optimizer:
-        return self.engine.optimizers[0]
 
     def _write_scalars(self, metrics: dict[str, float], step: int) -> None:
         assert self.writer is not None

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from warmup_monitor import Alert, WarmupMonitor
+from warmup_monitor import Alert, WarmupMonitor, Window
 
 warnings.filterwarnings("ignore")
 
@@ -101,7 +101,9 @@ def main() -> None:
     x = torch.randn(64, 6, generator=g)
     y = torch.sin(x.sum(dim=1, keepdim=True)) + 0.1 * torch.randn(64, 1, generator=g)
     alerts: list[Alert] = []
-    monitor = WarmupMonitor(warmup_steps=6, post_warmup_steps=10, on_alert=alerts.append)
+    monitor = WarmupMonitor(
+        warmup_steps=6, window=Window(post_warmup_steps=10), on_alert=alerts.append
+    )
     counter = CollectiveCounter()
     if args.mode == "single":
         strategy: object = "auto"

@@ -1,0 +1,131 @@
+"""Every Lightning detail the adapter needs, in one place (some reach into Lightning's internals).
+
+Each function is tested through the callback's tests in both namespaces.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+
+__all__ = [
+    "LoggersSink",
+    "callback_bases",
+    "extract_loss",
+    "is_fsdp1",
+    "log_dir",
+    "rank_zero_warn",
+    "silenced_logging",
+    "tensorboard_writers",
+    "unscaled",
+]
+
+log = logging.getLogger("warmup_monitor")
+
+
+def callback_bases() -> tuple[type, ...]:
+    """``pytorch_lightning.Callback``, plus ``lightning.pytorch.Callback`` when installed.
+
+    Deriving from both lets ``LightningCLI`` of either namespace accept the callback in a config.
+    """
+    bases: list[type] = [pl.Callback]
+    try:
+        import lightning.pytorch as lp
+    except ImportError:
+        return tuple(bases)
+    if lp.Callback is not pl.Callback:
+        bases.append(lp.Callback)
+    return tuple(bases)
+
+
+def _tensorboard_logger_types() -> tuple[type, ...]:
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    types: list[type] = [TensorBoardLogger]
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger as LTensorBoardLogger
+    except ImportError:
+        return tuple(types)
+    types.append(LTensorBoardLogger)
+    return tuple(types)
+
+
+def tensorboard_writers(trainer: Any) -> list[Any]:
+    """The ``SummaryWriter`` of every TensorBoard logger of the Trainer (either namespace)."""
+    types = _tensorboard_logger_types()
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, types)]  # type: ignore[attr-defined]
+
+
+def log_dir(trainer: Any) -> str:
+    """The run's log directory: the Trainer's ``log_dir``, or its ``default_root_dir`` when the
+    first logger has none (said once, so that the alerts file is never silently elsewhere).
+
+    Every rank must call it (``trainer.log_dir`` broadcasts from rank zero).
+    """
+    path = trainer.log_dir
+    if path is None:
+        path = trainer.default_root_dir
+        if trainer.is_global_zero:
+            log.warning(
+                "warmup_monitor: the first logger has no log_dir; the alerts file goes to the "
+                "Trainer's default_root_dir %s",
+                os.path.abspath(path),
+            )
+    return str(path)
+
+
+def is_fsdp1(trainer: Any) -> bool:
+    """Whether gradients are FSDP1 flat shards on each rank (``FSDPStrategy``, GPU only)."""
+    return type(trainer.strategy).__name__ == "FSDPStrategy"
+
+
+def unscaled(trainer: Any, loss: Tensor) -> Tensor:
+    """``loss`` as given to ``on_before_backward``, divided by the GradScaler's scale (fp16
+    AMP scales it before the hook); on the device, no host sync."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return loss.detach()
+    scale = scaler._scale  # the device tensor behind get_scale(), which would sync
+    return loss.detach() if scale is None else loss.detach() / scale.to(loss.device)
+
+
+def extract_loss(outputs: Any) -> Tensor | None:
+    """The loss tensor in ``training_step``'s output (a tensor, or a dict with ``"loss"``)."""
+    if isinstance(outputs, Tensor):
+        return outputs if outputs.numel() == 1 else None
+    if isinstance(outputs, dict):
+        loss = outputs.get("loss")
+        if isinstance(loss, Tensor) and loss.numel() == 1:
+            return loss
+    return None
+
+
+@contextmanager
+def silenced_logging(module: Any) -> Iterator[None]:
+    """``self.log`` and ``self.log_dict`` do nothing inside (the probe's ``training_step``)."""
+    names = ("log", "log_dict")
+    for name in names:
+        setattr(module, name, lambda *a, **k: None)
+    try:
+        yield
+    finally:
+        for name in names:
+            module.__dict__.pop(name, None)
+
+
+class LoggersSink:
+    """A metrics sink that logs through every logger of the Trainer."""
+
+    def __init__(self, loggers: Sequence[Any]) -> None:
+        self.loggers = list(loggers)
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
