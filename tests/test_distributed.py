@@ -25,6 +25,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "distributed_run.py"
 RUNS = {
     "single": ["--mode", "single"],
     "ddp": ["--mode", "ddp"],
+    "ddp_spawn": ["--mode", "ddp_spawn"],
     "fsdp": ["--mode", "fsdp"],
     "ddp_nan": ["--mode", "ddp", "--nan-rank", "1", "--nan-step", "3"],
 }
@@ -79,6 +80,16 @@ def test_statistics_equal_one_process_over_the_same_global_batch(
         assert sorted(got) == sorted(expected), key
         for step, value in expected.items():
             assert got[step] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, step)
+
+
+def test_ddp_spawn_pickles_the_monitor_and_logs_what_ddp_logs(runs: dict[str, Path]) -> None:
+    ddp = read_scalars(str(runs["ddp"]))
+    spawn = read_scalars(str(runs["ddp_spawn"]))
+    for key in KEYS:
+        expected, got = ddp[f"warmup/{key}"], spawn[f"warmup/{key}"]
+        assert sorted(got) == sorted(expected), key
+        for step, value in expected.items():
+            assert got[step] == pytest.approx(value, rel=1e-6, abs=1e-7), (key, step)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp_nan"])

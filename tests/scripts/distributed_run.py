@@ -1,11 +1,15 @@
-"""One training run for the distributed tests: single process, DDP or FSDP2 on 2 CPU processes.
+"""One training run for the distributed tests: single process, DDP, DDP spawn or FSDP2 on 2 CPU
+processes.
 
 Every run sees the same global batches: a single process trains on batches of 8 samples; each of
 2 ranks trains on its half (``data[rank::2]``, 4 samples a batch, no distributed sampler), so the
 averaged gradient equals the single process's. Each rank writes ``rank{R}.json`` with the
 monitor's state and the alerts it decided on; rank zero's TensorBoard files are in ``--out``.
+With ``ddp_spawn`` the monitor is pickled into the spawned ranks, and each rank picks its half of
+the data in ``train_dataloader`` (the rank is known only there); no ``rank{R}.json``.
 
-Usage: python distributed_run.py --mode single|ddp|fsdp --out DIR [--nan-rank R --nan-step S]
+Usage: python distributed_run.py --mode single|ddp|ddp_spawn|fsdp --out DIR
+       [--nan-rank R --nan-step S]
 """
 
 from __future__ import annotations
@@ -63,6 +67,25 @@ class Net(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def make_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=g)
+    y = torch.sin(x.sum(dim=1, keepdim=True)) + 0.1 * torch.randn(64, 1, generator=g)
+    return x, y
+
+
+def rank_loader(rank: int, world: int) -> DataLoader:
+    x, y = make_data()
+    return DataLoader(TensorDataset(x[rank::world], y[rank::world]), batch_size=8 // world)
+
+
+class SpawnNet(Net):
+    """Under ddp_spawn the rank is known only in the spawned process."""
+
+    def train_dataloader(self) -> DataLoader:
+        return rank_loader(self.trainer.global_rank, self.trainer.world_size)
+
+
 class CollectiveCounter(pl.Callback):
     """Counts Python-level collectives per training step (spies on the real functions)."""
 
@@ -89,7 +112,7 @@ class CollectiveCounter(pl.Callback):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=["single", "ddp", "fsdp"], required=True)
+    ap.add_argument("--mode", choices=["single", "ddp", "ddp_spawn", "fsdp"], required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--nan-rank", type=int, default=-1)
     ap.add_argument("--nan-step", type=int, default=-1)
@@ -97,19 +120,19 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 6, generator=g)
-    y = torch.sin(x.sum(dim=1, keepdim=True)) + 0.1 * torch.randn(64, 1, generator=g)
     alerts: list[Alert] = []
     monitor = WarmupMonitor(
         warmup_steps=6, window=Window(post_warmup_steps=10), on_alert=alerts.append
     )
-    counter = CollectiveCounter()
+    callbacks: list[pl.Callback] = [monitor]
+    if args.mode != "ddp_spawn":  # its spies on torch.distributed do not pickle
+        counter = CollectiveCounter()
+        callbacks.append(counter)
     if args.mode == "single":
         strategy: object = "auto"
         devices = 1
-    elif args.mode == "ddp":
-        strategy, devices = "ddp", 2
+    elif args.mode in ("ddp", "ddp_spawn"):
+        strategy, devices = args.mode, 2
     else:
         from pytorch_lightning.strategies import ModelParallelStrategy
 
@@ -120,16 +143,18 @@ def main() -> None:
         devices=devices,
         strategy=strategy,
         max_steps=args.steps,
-        callbacks=[monitor, counter],
+        callbacks=callbacks,
         logger=pl.loggers.TensorBoardLogger(args.out, name="", version=""),
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
         use_distributed_sampler=False,
     )
+    if args.mode == "ddp_spawn":
+        trainer.fit(SpawnNet(args.nan_rank, args.nan_step, False))
+        return
     rank, world = trainer.global_rank, trainer.world_size
-    data = TensorDataset(x[rank::world], y[rank::world])
-    loader = DataLoader(data, batch_size=8 // world, shuffle=False)
+    loader = rank_loader(rank, world)
     trainer.fit(Net(args.nan_rank, args.nan_step, args.mode == "fsdp"), loader)
     state = monitor.state_dict()
     result = {
