@@ -210,7 +210,8 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
     ) -> None:
         # The loss as back-propagated: scaled by a GradScaler, divided by the accumulation.
         scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
-        self._engine.add_loss(_compat.unscaled(trainer, loss) * scale)
+        loss = _compat.unscaled(trainer, loss)
+        self._engine.add_loss(loss * scale if scale != 1 else loss)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any

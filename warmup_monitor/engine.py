@@ -504,7 +504,8 @@ class MonitorEngine:
 
     def _take_loss(self) -> Tensor | None:
         if self._loss_sum is not None:
-            loss: Tensor | None = self._loss_sum / self._loss_count
+            count = self._loss_count
+            loss: Tensor | None = self._loss_sum / count if count > 1 else self._loss_sum
             self._last_loss = (loss, self._batch)
             self._reset_loss()
             return loss
@@ -522,7 +523,8 @@ class MonitorEngine:
         loss_t = loss.to(device) if loss is not None else torch.zeros((), device=device)
         upd = w.update.local_sums() if w.update is not None and w.update.has_snapshot else None
         upd_t = upd.to(device) if upd is not None else torch.full((2,), math.nan, device=device)
-        flat = torch.cat([(loss_t / self.world_size).reshape(1), p.sums.to(device), upd_t])
+        share = loss_t / self.world_size if self.world_size > 1 else loss_t
+        flat = torch.cat([share.reshape(1), p.sums.to(device), upd_t])
         if self.world_size > 1:
             if not self.sharded:  # whole gradients, identical on every rank: only the loss
                 flat = torch.cat([self.reducer(flat[:1].clone(), False), flat[1:]])

@@ -1,0 +1,137 @@
+"""Host time the monitor spends per optimizer step, inside its own code, on a small model.
+
+On a model of about 100k parameters the gradient maths is cheap and the monitor's fixed cost
+per step (Python in its hooks, the optimizer step hook, host reads) is what shows. This trains
+a small GRU language model (about 100k parameters, real Lightning ``Trainer``, CPU, one
+thread) with the monitor watching every step, and times every call into the monitor: the
+callback's hooks and the engine's entry points, counting only the outermost call when they
+nest (so the engine's own step hook inside ``optimizer.step`` is counted once).
+
+Two settings: logging every step (``log_every_n_steps=1``) and quiet steps
+(``log_every_n_steps=10`` with ``check_every_n_steps=10``: no host read on 9 steps of 10).
+Each run is its own process; runs alternate between the settings (and between code trees with
+``--tree``), and the figure is the median over ``--reps`` runs.
+
+    python benchmarks/host_time.py                      # this tree
+    python benchmarks/host_time.py --tree old=/tmp/old  # and another checkout, interleaved
+
+Works against the flat-keyword API of 0.1 too (``--tree`` of an older checkout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+RUN = r"""
+import json, sys, time, warnings, logging
+warnings.filterwarnings("ignore"); logging.disable(logging.WARNING)
+import torch, pytorch_lightning as pl
+from torch.utils.data import DataLoader, TensorDataset
+torch.set_num_threads(1)
+log_every, steps, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+import warmup_monitor.callback as cb, warmup_monitor.engine as en
+spent = [0.0]; depth = [0]; calls = [0]
+
+def timed(f):
+    def wrapper(*a, **k):
+        if depth[0]:
+            return f(*a, **k)
+        depth[0] += 1; calls[0] += 1; t0 = time.perf_counter()
+        try:
+            return f(*a, **k)
+        finally:
+            spent[0] += time.perf_counter() - t0; depth[0] -= 1
+    return wrapper
+
+for name, f in list(vars(cb.WarmupMonitor).items()):
+    if callable(f) and name.startswith("on_"):
+        setattr(cb.WarmupMonitor, name, timed(f))
+for name in ("before_step", "add_loss", "end_batch", "after_step", "_complete", "flush"):
+    if hasattr(en.MonitorEngine, name):
+        setattr(en.MonitorEngine, name, timed(getattr(en.MonitorEngine, name)))
+
+class LM(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(64, 64)
+        self.rnn = torch.nn.GRU(64, 144, batch_first=True)
+        self.head = torch.nn.Linear(144, 64)
+    def training_step(self, batch, i):
+        x, y = batch
+        h, _ = self.rnn(self.emb(x))
+        return torch.nn.functional.cross_entropy(self.head(h).flatten(0, 1), y.flatten())
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+g = torch.Generator().manual_seed(0)
+data = torch.randint(0, 64, (steps * 16, 33), generator=g)
+loader = DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=16)
+n_params = sum(p.numel() for p in LM().parameters())
+try:
+    from warmup_monitor import Window
+    monitor = cb.WarmupMonitor(warmup_steps=steps, window=Window(
+        log_every_n_steps=log_every, check_every_n_steps=log_every, post_warmup_steps=0))
+except ImportError:  # the flat keywords of 0.1
+    monitor = cb.WarmupMonitor(warmup_steps=steps, log_every_n_steps=log_every,
+                               check_every_n_steps=log_every, post_warmup_steps=0)
+trainer = pl.Trainer(max_steps=steps, accelerator="cpu", callbacks=[monitor],
+                     logger=pl.loggers.TensorBoardLogger(out, name="", version=""),
+                     enable_progress_bar=False, enable_model_summary=False,
+                     enable_checkpointing=False, log_every_n_steps=50)
+t0 = time.perf_counter()
+trainer.fit(LM(), loader)
+fit = time.perf_counter() - t0
+print(json.dumps({"params": n_params, "host_s": spent[0], "fit_s": fit, "steps": steps}))
+"""
+
+
+def run(tree: str, log_every: int, steps: int, out: str) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=tree, PL_DISABLE_FORK="1")
+    cmd = [sys.executable, "-c", RUN, str(log_every), str(steps), out]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tree", action="append", default=[], help="NAME=PATH of a checkout")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", default="/tmp/host_time_runs")
+    args = parser.parse_args(argv)
+    trees = {"this": HERE, **dict(t.split("=", 1) for t in args.tree)}
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    start = time.perf_counter()
+    for rep in range(args.reps):  # interleaved: every setting once per repetition
+        for name, path in trees.items():
+            for log_every in (1, 10):
+                out = os.path.join(args.out, f"{name}-{log_every}-{rep}")
+                results.setdefault((name, log_every), []).append(
+                    run(path, log_every, args.steps, out)
+                )
+    print(f"small model: {results[('this', 1)][0]['params']:,} parameters, {args.steps} steps")
+    print("| code | logging | monitor host ms / step | fit ms / step | share of the step |")
+    print("|---|---|---|---|---|")
+    for (name, log_every), runs in results.items():
+        host = statistics.median(r["host_s"] / r["steps"] * 1e3 for r in runs)
+        fit = statistics.median(r["fit_s"] / r["steps"] * 1e3 for r in runs)
+        label = "every step" if log_every == 1 else "every 10th (quiet steps)"
+        print(f"| {name} | {label} | {host:.3f} | {fit:.1f} | {host / fit:.1%} |")
+    print(f"({args.reps} runs each, median; {time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
