@@ -137,6 +137,7 @@ class _Watch:
     records: list[_Record] = field(default_factory=list)
     hook: Any = None
     lr_factor: LrFactor | None = None
+    released: bool = False  # buffers freed once past the window
 
     @property
     def plan_end(self) -> int | None:
@@ -165,8 +166,8 @@ class MonitorEngine:
     - :meth:`detach` at the end (flushes what is kept and removes the hooks).
 
     A step's loss is the mean of the losses added since the previous optimizer step of any
-    optimizer: with accumulation, its micro-batches; with several optimizers (manual
-    optimization), the losses back-propagated for that optimizer's update only.
+    optimizer (monitored or not): with accumulation, its micro-batches; with several optimizers
+    (manual optimization), the losses back-propagated for that optimizer's update only.
 
     Args:
         config: The whole, validated configuration.
@@ -383,6 +384,8 @@ class MonitorEngine:
         def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
             watch.stepped = True
             if watch.pending is None:
+                if self.complete_on_step:
+                    self._take_loss()  # this step's losses are its own, monitored or not
                 if self.is_active(watch.step, watch.index):
                     self._warn_once(
                         "no_before",
@@ -443,8 +446,13 @@ class MonitorEngine:
             # Past the window: count the step, do nothing else.
             watch.step += 1
             watch.progress += 1
-            self._release()
+            if not watch.released:  # only this optimizer's buffers: the others may still watch
+                watch.released = True
+                watch.stats.release()
+                if watch.update is not None:
+                    watch.update.release()
             return
+        watch.released = False
         sums = watch.stats.local_sums()
         do_log = self.should_log(watch.step, watch.index)
         if watch.update is not None and do_log:
