@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from conftest import fit, make_loader, read_scalars, ten_x_only, tiny_module_class
 
-from warmup_monitor import WarmupMonitor, Window
+from warmup_monitor import Alert, WarmupMonitor, Window
 
 
 class LrProbe(pl.Callback):
@@ -103,6 +103,70 @@ def test_several_fits_on_one_trainer_keep_counting(tmp_path: os.PathLike) -> Non
 
 
 # ------------------------------------------------------------------------------- item 6
+
+
+def _skipping_module_class(ns: ModuleType, style: str) -> type:
+    """One optimizer, manual optimization, and the usual guard: skip the update on a NaN loss.
+
+    ``style``: ``"return"`` returns before backward; ``"zero_grad"`` back-propagates, then drops
+    the gradients (``zero_grad`` without ``step``); ``"backward"`` back-propagates and returns,
+    the next batch's ``zero_grad`` drops them.
+    """
+
+    class Skipping(ns.LightningModule):  # type: ignore[name-defined,misc]
+        def __init__(self, nan_at: int) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.automatic_optimization = False
+            self.net = torch.nn.Linear(4, 1)
+            self.nan_at = nan_at
+            self.stepped: list[tuple[int, float]] = []  # (optimizer step, loss back-propagated)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            opt = self.optimizers()
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            if batch_idx == self.nan_at:
+                loss = loss * float("nan")
+            if style == "backward":
+                opt.zero_grad()
+                self.manual_backward(loss)
+                if not torch.isfinite(loss):
+                    return loss
+            elif not torch.isfinite(loss):
+                if style == "zero_grad":
+                    self.manual_backward(loss)
+                    opt.zero_grad()
+                return loss
+            else:
+                opt.zero_grad()
+                self.manual_backward(loss)
+            self.stepped.append((len(self.stepped), float(loss.detach())))
+            opt.step()
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    return Skipping
+
+
+@pytest.mark.parametrize("style", ["return", "zero_grad", "backward"])
+def test_a_batch_that_skips_the_update_does_not_leak_its_loss(
+    tmp_path: os.PathLike, style: str
+) -> None:
+    hooked: list[Alert] = []
+    monitor = WarmupMonitor(warmup_steps=5, on_alert=hooked.append)
+    model = _skipping_module_class(pl, style)(nan_at=2)
+    trainer = fit(pl, tmp_path, [monitor], model=model, max_steps=5)
+    scalars = read_scalars(trainer.log_dir)
+    # Batch 2 took no step: optimizer steps 0..4 are batches 0, 1, 3, 4, 5, each logging the
+    # loss that was back-propagated for it, and nothing non-finite.
+    assert [s for s, _ in model.stepped] == list(range(5))
+    assert sorted(scalars["warmup/loss"]) == list(range(5))
+    for step, loss in model.stepped:
+        assert scalars["warmup/loss"][step] == pytest.approx(loss, rel=1e-6)
+    assert not [a for a in hooked if a.kind == "non_finite"]
 
 
 def _two_paced_optimizers_class(ns: ModuleType) -> type:

@@ -167,7 +167,9 @@ class MonitorEngine:
 
     A step's loss is the mean of the losses added since the previous optimizer step of any
     optimizer (monitored or not): with accumulation, its micro-batches; with several optimizers
-    (manual optimization), the losses back-propagated for that optimizer's update only.
+    (manual optimization), the losses back-propagated for that optimizer's update only. Losses
+    whose gradients were dropped before a step (a ``zero_grad`` that sets them to ``None``, as
+    a batch skipped on a NaN loss does) belong to no step.
 
     Args:
         config: The whole, validated configuration.
@@ -493,6 +495,10 @@ class MonitorEngine:
             value = loss.detach().float().reshape(())
         else:
             value = torch.tensor(float(loss))
+        if self._loss_count and self._gradients_dropped():
+            # The earlier losses' gradients were dropped (zero_grad without a step, e.g. a
+            # batch skipped on a NaN loss): they belong to no update.
+            self._reset_loss()
         self._loss_sum = (
             value if self._loss_sum is None else self._loss_sum + value.to(self._loss_sum.device)
         )
@@ -770,6 +776,10 @@ class MonitorEngine:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(f"warmup_monitor: {message}", UserWarning, stacklevel=3)
+
+    def _gradients_dropped(self) -> bool:
+        """Whether no watched parameter holds a gradient (host-side; no device work)."""
+        return all(p.grad is None for w in self._watches for p in w.stats.params)
 
     def _reset_loss(self) -> None:
         self._loss_sum = None
