@@ -15,6 +15,7 @@ import torch
 from conftest import fit, make_loader, read_scalars, ten_x_only, tiny_module_class
 
 from warmup_monitor import Alert, WarmupMonitor, Window
+from warmup_monitor.loop import LoopMonitor
 
 
 class LrProbe(pl.Callback):
@@ -227,3 +228,99 @@ def test_two_optimizers_log_each_their_own_loss(tmp_path: os.PathLike) -> None:
         g = model.grads[1]
         cos = torch.nn.functional.cosine_similarity(g[step], g[step - 1], dim=0).item()
         assert scalars["warmup/opt1/grad_cosine"][step] == pytest.approx(cos, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------- item 7
+
+
+def _loop(
+    tmp: str, steps: int, order: str = "right", loss_as: str = "tensor", forget_after: int = -1
+) -> tuple[LoopMonitor, list[float], list[float]]:
+    """A plain loop of ``steps`` updates; returns the monitor, each update's loss and its
+    gradient norm, computed here independently of the monitor."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    writer = SummaryWriter(tmp)
+    monitor = LoopMonitor(opt, warmup_steps=steps, writer=writer, detection=ten_x_only())
+    losses, norms = [], []
+    for step, (x, y) in enumerate(make_loader(n=4 * steps)):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        losses.append(loss.item())
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item())
+        value = loss.item() if loss_as == "float" else loss
+        if order != "no_before":
+            monitor.before_step()
+        if order == "after_first":
+            monitor.after_step(value)
+        opt.step()
+        if order != "after_first" and step != forget_after:
+            monitor.after_step(value)
+        opt.zero_grad()
+    monitor.close()
+    writer.close()
+    return monitor, losses, norms
+
+
+def test_loop_step_without_before_step_warns_with_the_call_order(tmp_path: os.PathLike) -> None:
+    with pytest.warns(UserWarning, match=r"without before_step\(\).*Call order: backward, "):
+        _loop(str(tmp_path), 4, order="no_before")
+
+
+def test_loop_forgotten_after_step_warns_and_merges_nothing(tmp_path: os.PathLike) -> None:
+    with pytest.warns(UserWarning, match=r"call after_step\(\) after every optimizer.step"):
+        monitor, losses, norms = _loop(str(tmp_path), 6, forget_after=2)
+    scalars = read_scalars(str(tmp_path))
+    # Every update is its own step; step 2 has no loss, the others keep their own.
+    assert sorted(scalars["warmup/grad_norm"]) == list(range(6))
+    assert sorted(scalars["warmup/loss"]) == [0, 1, 3, 4, 5]
+    for step in range(6):
+        assert scalars["warmup/grad_norm"][step] == pytest.approx(norms[step], rel=1e-5)
+        if step != 2:
+            assert scalars["warmup/loss"][step] == pytest.approx(losses[step], rel=1e-6)
+    assert monitor.engine.amp_skipped_steps == 0
+
+
+def test_loop_after_step_before_the_optimizer_step_warns_with_the_call_order(
+    tmp_path: os.PathLike,
+) -> None:
+    with pytest.warns(
+        UserWarning, match=r"after_step\(\) ran before optimizer.step\(\).*Call order: backward, "
+    ):
+        _loop(str(tmp_path), 4, order="after_first")
+
+
+def test_loop_refuses_an_optimizer_it_does_not_watch() -> None:
+    w = torch.nn.Parameter(torch.zeros(2))
+    monitor = LoopMonitor(torch.optim.SGD([w], lr=0.1), warmup_steps=4)
+    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.raises(ValueError, match="does not watch"):
+        monitor.before_step(other)
+    monitor.close()
+
+
+def test_loop_takes_a_float_loss_like_a_tensor(tmp_path: os.PathLike) -> None:
+    _, losses, _ = _loop(os.path.join(str(tmp_path), "t"), 4, loss_as="tensor")
+    _loop(os.path.join(str(tmp_path), "f"), 4, loss_as="float")
+    as_tensor = read_scalars(os.path.join(str(tmp_path), "t"))
+    as_float = read_scalars(os.path.join(str(tmp_path), "f"))
+    assert as_float == as_tensor
+    assert [as_float["warmup/loss"][s] for s in range(4)] == pytest.approx(losses, rel=1e-6)
+
+
+def test_loop_refuses_a_per_sample_loss_by_name() -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    monitor = LoopMonitor(opt, warmup_steps=4)
+    per_sample = w * torch.arange(3.0)
+    per_sample.sum().backward()
+    monitor.before_step()
+    opt.step()
+    with pytest.raises(ValueError, match=r"`loss` must be a single value"):
+        monitor.after_step(per_sample)
+    with pytest.raises(TypeError, match="`loss`"):
+        monitor.after_step("0.5")  # type: ignore[arg-type]
+    monitor.close()

@@ -138,6 +138,7 @@ class _Watch:
     hook: Any = None
     lr_factor: LrFactor | None = None
     released: bool = False  # buffers freed once past the window
+    completed_unstepped: bool = False  # the last step was completed before its optimizer stepped
 
     @property
     def plan_end(self) -> int | None:
@@ -388,7 +389,15 @@ class MonitorEngine:
             if watch.pending is None:
                 if self.complete_on_step:
                     self._take_loss()  # this step's losses are its own, monitored or not
-                if self.is_active(watch.step, watch.index):
+                if watch.completed_unstepped:  # completed before this step: after_step first
+                    watch.completed_unstepped = False
+                    self._warn_once(
+                        "after_first",
+                        "after_step() ran before optimizer.step(): the step was counted as "
+                        "skipped by a GradScaler and not monitored. Call order: backward, "
+                        "before_step(optimizer), optimizer.step(), after_step(loss).",
+                    )
+                elif self.is_active(watch.step, watch.index):
                     self._warn_once(
                         "no_before",
                         "optimizer.step() ran without before_step() first: this step is not "
@@ -563,6 +572,7 @@ class MonitorEngine:
             )
         )
         w.pending = None
+        w.completed_unstepped = not w.stepped
         w.step = p.step + 1
         if w.stepped:
             w.progress = p.progress + 1
