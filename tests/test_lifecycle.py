@@ -5,6 +5,8 @@ file goes."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from types import ModuleType
 from typing import Any
@@ -15,6 +17,7 @@ import torch
 from conftest import fit, make_loader, read_scalars, ten_x_only, tiny_module_class
 
 from warmup_monitor import Alert, WarmupMonitor, Window
+from warmup_monitor.alerts import ALERTS_FILENAME
 from warmup_monitor.loop import LoopMonitor
 
 
@@ -35,6 +38,12 @@ class LrProbe(pl.Callback):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         for h in self._handles:
             h.remove()
+
+
+def _jsonl(path: str) -> list[dict[str, Any]]:
+    """Every record of an alerts file, as written."""
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 def _warns_short() -> Any:
@@ -324,3 +333,48 @@ def test_loop_refuses_a_per_sample_loss_by_name() -> None:
     with pytest.raises(TypeError, match="`loss`"):
         monitor.after_step("0.5")  # type: ignore[arg-type]
     monitor.close()
+
+
+# ------------------------------------------------------------------------------- item 14b
+
+
+class _NoDirLogger(pl.loggers.Logger):
+    """A logger with no directory (``save_dir`` is None, as for many remote loggers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "nodir"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.logged.append((int(step or 0), dict(metrics)))
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def test_alerts_follow_default_root_dir_when_the_logger_has_no_dir(
+    tmp_path: os.PathLike, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    root, cwd = os.path.join(str(tmp_path), "root"), os.path.join(str(tmp_path), "cwd")
+    os.makedirs(cwd)
+    monkeypatch.chdir(cwd)
+    model = tiny_module_class(pl)(scripted=lambda s: 50.0 if s == 3 else 1.0)
+    monitor = WarmupMonitor(warmup_steps=6, detection=ten_x_only())
+    logger = _NoDirLogger()
+    with caplog.at_level(logging.WARNING, logger="warmup_monitor"):
+        fit(pl, root, [monitor], model=model, max_steps=6, logger=logger)
+    said = [r.getMessage() for r in caplog.records if "default_root_dir" in r.getMessage()]
+    assert said == [f"warmup_monitor: the first logger has no log_dir; the alerts file goes to "
+                    f"the Trainer's default_root_dir {os.path.abspath(root)}"]  # fmt: skip
+    lines = _jsonl(os.path.join(root, ALERTS_FILENAME))
+    assert [(a["step"], a["kind"]) for a in lines] == [(3, "loss_spike")]
+    assert os.listdir(cwd) == []
+    assert [s for s, m in logger.logged if "warmup/loss" in m] == list(range(6))
