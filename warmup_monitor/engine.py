@@ -120,6 +120,29 @@ class _Record:
     amp_skipped: bool = False
 
 
+def _record_state(rec: _Record, values: list[float]) -> dict[str, Any]:
+    """A kept step as primitives, its values read back (for a checkpoint)."""
+    return {"step": rec.step, "progress": rec.progress, "values": values, "lrs": rec.lrs,
+            "factor": rec.factor, "grad_count": rec.grad_count, "has_loss": rec.has_loss,
+            "log": rec.log, "amp_skipped": rec.amp_skipped}  # fmt: skip
+
+
+def _restore_record(state: dict[str, Any], device: torch.device) -> _Record:
+    """The inverse of :func:`_record_state`, its values back on ``device``."""
+    values = torch.tensor([float(v) for v in state["values"]], device=device)
+    return _Record(
+        step=int(state["step"]),
+        progress=int(state["progress"]),
+        values=values,
+        lrs=[float(x) for x in state["lrs"]],
+        factor=float(state["factor"]),
+        grad_count=int(state["grad_count"]),
+        has_loss=bool(state["has_loss"]),
+        log=bool(state["log"]),
+        amp_skipped=bool(state.get("amp_skipped", False)),
+    )
+
+
 @dataclass
 class _Watch:
     """Everything kept for one optimizer."""
@@ -228,6 +251,7 @@ class MonitorEngine:
         self._controller_states = {}
         self._steps = {}
         self._progress = {}
+        self._kept: dict[int, list[dict[str, Any]]] = {}  # loaded records, not yet attached
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
         self._last_loss: tuple[Tensor | None, int] | None = None  # (loss, batch) of the last step
@@ -350,6 +374,9 @@ class MonitorEngine:
                 step=self._steps.get(idx, first_step or 0),
                 progress=self._progress.get(idx, first_step or 0),
             )
+            watch.records = [
+                _restore_record(r, watch.stats.device) for r in self._kept.pop(idx, [])
+            ]
             watch.hook = opt.register_step_post_hook(self._post_hook(watch))
             if controller is not None and (controller.shape is not None or controller.adaptive):
                 watch.lr_factor = LrFactor(opt, watch.factor)
@@ -726,10 +753,17 @@ class MonitorEngine:
     def state_dict(self) -> dict[str, Any]:
         """Step counts, counters, detector, controller and probe states (primitives only).
 
-        Steps still kept on the device are processed first, so that the state includes every
-        step taken (a checkpoint between two host reads loses nothing).
+        Steps still kept on the device are saved as they are, unprocessed (one host read): a
+        run resumed from the state processes them at its next read, exactly where the run
+        without the checkpoint does. Processing them here would take their decisions earlier
+        than a run that never saved (with ``check_every_n_steps > 1``, an extension anchored
+        at another step): writing a checkpoint changes nothing in the run that writes it.
         """
-        self.flush()
+        kept = {k: list(v) for k, v in self._kept.items()}
+        for w in self._watches:
+            if w.records:  # a checkpoint between two host reads: one read, no processing
+                host = torch.stack([r.values for r in w.records]).tolist()
+                kept[w.index] = [_record_state(r, v) for r, v in zip(w.records, host, strict=True)]
         steps = dict(self._steps)
         progress = dict(self._progress)
         detectors = dict(self._detector_states)
@@ -750,6 +784,7 @@ class MonitorEngine:
             "skipped_steps": self.skipped_steps,
             "amp_skipped_steps": self.amp_skipped_steps,
             "detectors": detectors,
+            "kept": kept,
         }
         if self.prober is not None:
             state["probe"] = self.prober.state_dict()
@@ -771,7 +806,9 @@ class MonitorEngine:
             self.detector.load_state_dict(self._detector_states[0])
         if self.prober is not None:
             self.prober.load_state_dict(state.get("probe", {}))
+        self._kept = {int(k): list(v) for k, v in state.get("kept", {}).items()}
         for w in self._watches:
+            w.records = [_restore_record(r, w.stats.device) for r in self._kept.pop(w.index, [])]
             w.step = self._steps.get(w.index, w.step)
             w.progress = self._progress.get(w.index, w.progress)
             if w.controller is not None and w.index in self._controller_states:
