@@ -543,3 +543,64 @@ def test_resume_equality_matrix(
     ``on_train_batch_end``, where the step that just ended must already be counted.
     """
     _assert_resume_reproduces(str(tmp_path), check, adaptive, saver)
+
+
+def test_loop_resume_between_host_reads_reproduces_the_run(tmp_path: os.PathLike) -> None:
+    """LoopMonitor's state round trip through torch.save, taken while steps 5 and 6 are still
+    on the device (check_every_n_steps=4), with a spike at 6 that extends warmup."""
+    import io
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    spikes = {1: 30.0, 6: 30.0}
+
+    def run(logdir: str, steps: range, saved: bytes | None) -> tuple[list, list, bytes]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        hooked: list[Alert] = []
+        writer = SummaryWriter(logdir)
+        monitor = LoopMonitor(
+            opt,
+            warmup_steps=8,
+            writer=writer,
+            on_alert=hooked.append,
+            schedule="linear",
+            adaptive=True,
+            detection=ten_x_only(),
+            window=Window(log_every_n_steps=4, check_every_n_steps=4),
+        )
+        if saved is not None:
+            state = torch.load(io.BytesIO(saved), weights_only=False)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            monitor.load_state_dict(state["monitor"])
+        lrs: list[float] = []
+        opt.register_step_pre_hook(lambda o, a, k: lrs.append(o.param_groups[0]["lr"]))
+        buffer = io.BytesIO()
+        for step in steps:
+            x, y = make_loader(n=4, seed=step).dataset.tensors
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss = loss - loss.detach() + spikes.get(step, 1.0)
+            loss.backward()
+            monitor.before_step()
+            opt.step()
+            monitor.after_step(loss)
+            opt.zero_grad()
+            if step == 6 and saved is None:
+                state = {"model": model.state_dict(), "opt": opt.state_dict()}
+                torch.save({**state, "monitor": monitor.state_dict()}, buffer)
+        monitor.close()
+        writer.close()
+        return lrs, [a.to_dict() for a in hooked], buffer.getvalue()
+
+    whole_lrs, whole_alerts, saved = run(os.path.join(str(tmp_path), "whole"), range(16), None)
+    assert [a["kind"] for a in whole_alerts].count("warmup_extended") == 2
+    lrs, alerts, _ = run(os.path.join(str(tmp_path), "resumed"), range(7, 16), saved)
+    assert lrs == whole_lrs[7:]
+    assert alerts == [a for a in whole_alerts if a["step"] >= 5]
+    whole = read_scalars(os.path.join(str(tmp_path), "whole"))
+    resumed = read_scalars(os.path.join(str(tmp_path), "resumed"))
+    assert resumed == {
+        tag: {s: v for s, v in vals.items() if s >= 7} for tag, vals in whole.items()
+    }
