@@ -119,6 +119,82 @@ def test_several_fits_on_one_trainer_keep_counting(tmp_path: os.PathLike) -> Non
     assert sorted(read_scalars(trainer.log_dir)["warmup/loss"]) == list(range(6))
 
 
+class _LateRestore(pl.strategies.SingleDeviceStrategy):
+    """Restores callbacks after ``on_fit_start``, as FSDP, DeepSpeed and ModelParallel do."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+def test_a_resume_restored_after_fit_start_continues_and_a_new_trainer_starts_afresh(
+    tmp_path: os.PathLike,
+) -> None:
+    ckpt = os.path.join(str(tmp_path), "saved.ckpt")
+    first = WarmupMonitor(warmup_steps=10, schedule="linear")
+    model = tiny_module_class(pl)(optimizer="plain_sgd", lr=0.05)
+    with _warns_short():
+        fit(
+            pl, os.path.join(str(tmp_path), "a"), [first, _Saver(ckpt, 4)], model=model, max_steps=4
+        )
+    monitor, factors = WarmupMonitor(warmup_steps=10, schedule="linear"), []
+    for run, (steps, path) in enumerate([(6, ckpt), (3, None)]):
+        probe = LrProbe()
+        strategy = _LateRestore(torch.device("cpu")) if path else "auto"
+        with _warns_short():
+            fit(
+                pl,
+                os.path.join(str(tmp_path), f"r{run}"),
+                [monitor, probe],
+                model=tiny_module_class(pl)(optimizer="plain_sgd", lr=0.05),
+                max_steps=steps,
+                ckpt_path=path,
+                strategy=strategy,
+            )
+        factors.append([(s, lr / 0.05) for s, lr in probe.lrs])
+    # The resumed run continues the ramp at steps 4, 5; the next, fresh Trainer starts over.
+    assert [s for s, _ in factors[0]] == [4, 5]
+    assert [f for _, f in factors[0]] == pytest.approx([0.5, 0.6])
+    assert [s for s, _ in factors[1]] == [0, 1, 2]
+    assert [f for _, f in factors[1]] == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_a_copied_callback_follows_the_trainer_rule(tmp_path: os.PathLike) -> None:
+    """A pickled copy (as ``ddp_spawn`` makes) of a used callback starts afresh in a new
+    Trainer, and continues in a further fit of the same Trainer."""
+    import pickle
+
+    monitor = WarmupMonitor(warmup_steps=10, schedule="linear")
+    model = tiny_module_class(pl)(optimizer="plain_sgd", lr=0.05)
+    trainer = pl.Trainer(
+        max_steps=3,
+        callbacks=[monitor],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with _warns_short():
+        trainer.fit(model, make_loader())
+    copy, probe = pickle.loads(pickle.dumps(monitor)), LrProbe()
+    with _warns_short():
+        fit(
+            pl,
+            tmp_path,
+            [copy, probe],
+            model=tiny_module_class(pl)(optimizer="plain_sgd", lr=0.05),
+            max_steps=3,
+            logger=False,
+        )
+    assert [lr / 0.05 for _, lr in probe.lrs] == pytest.approx([0.1, 0.2, 0.3])
+    copy, probe = pickle.loads(pickle.dumps(monitor)), LrProbe()
+    trainer.callbacks = [copy, probe]
+    trainer.fit_loop.epoch_loop.max_steps = 5
+    with _warns_short():
+        trainer.fit(model, make_loader())
+    assert [lr / 0.05 for _, lr in probe.lrs] == pytest.approx([0.4, 0.5])
+
+
 # ------------------------------------------------------------------------------- item 6
 
 
