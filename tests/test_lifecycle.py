@@ -262,6 +262,40 @@ def test_a_batch_that_skips_the_update_does_not_leak_its_loss(
     assert not [a for a in hooked if a.kind == "non_finite"]
 
 
+def test_manual_accumulation_keeps_every_micro_batch_loss(tmp_path: os.PathLike) -> None:
+    """The dropped-gradient rule leaves accumulation alone: gradients kept across batches keep
+    their losses (each step logs the mean of its two micro-batches)."""
+
+    class Accumulating(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.automatic_optimization = False
+            self.net = torch.nn.Linear(4, 1)
+            self.micro: list[float] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            opt = self.optimizers()
+            loss = torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+            self.manual_backward(loss)
+            self.micro.append(float(loss.detach()))
+            if batch_idx % 2 == 1:
+                opt.step()
+                opt.zero_grad()
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    model = Accumulating()
+    trainer = fit(pl, tmp_path, [WarmupMonitor(warmup_steps=3)], model=model, max_steps=3)
+    logged = read_scalars(trainer.log_dir)["warmup/loss"]
+    assert sorted(logged) == [0, 1, 2]
+    for step in range(3):
+        expected = (model.micro[2 * step] + model.micro[2 * step + 1]) / 2
+        assert logged[step] == pytest.approx(expected, rel=1e-6)
+
+
 def _two_paced_optimizers_class(ns: ModuleType) -> type:
     """Two optimizers, the second stepping every other batch: their windows end at different
     batches. Each loss is recorded with the optimizer step it was back-propagated for."""
