@@ -143,6 +143,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._setup(state["config"], state["on_alert"], state["alerts_file"])
         self.load_state_dict(state["state"])
+        self._restored = False  # a copy is no checkpoint: the next Trainer decides (global_step)
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -250,6 +251,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._engine.detach()
+            self._restored = False  # a state loaded after on_fit_start (FSDP, DeepSpeed) is spent
         if self._dispatcher is not None:
             self._dispatcher.close()
 

@@ -120,6 +120,29 @@ class _Record:
     amp_skipped: bool = False
 
 
+def _record_state(rec: _Record, values: list[float]) -> dict[str, Any]:
+    """A kept step as primitives, its values read back (for a checkpoint)."""
+    return {"step": rec.step, "progress": rec.progress, "values": values, "lrs": rec.lrs,
+            "factor": rec.factor, "grad_count": rec.grad_count, "has_loss": rec.has_loss,
+            "log": rec.log, "amp_skipped": rec.amp_skipped}  # fmt: skip
+
+
+def _restore_record(state: dict[str, Any], device: torch.device) -> _Record:
+    """The inverse of :func:`_record_state`, its values back on ``device``."""
+    values = torch.tensor([float(v) for v in state["values"]], device=device)
+    return _Record(
+        step=int(state["step"]),
+        progress=int(state["progress"]),
+        values=values,
+        lrs=[float(x) for x in state["lrs"]],
+        factor=float(state["factor"]),
+        grad_count=int(state["grad_count"]),
+        has_loss=bool(state["has_loss"]),
+        log=bool(state["log"]),
+        amp_skipped=bool(state.get("amp_skipped", False)),
+    )
+
+
 @dataclass
 class _Watch:
     """Everything kept for one optimizer."""
@@ -137,6 +160,8 @@ class _Watch:
     records: list[_Record] = field(default_factory=list)
     hook: Any = None
     lr_factor: LrFactor | None = None
+    released: bool = False  # buffers freed once past the window
+    completed_unstepped: bool = False  # the last step was completed before its optimizer stepped
 
     @property
     def plan_end(self) -> int | None:
@@ -165,8 +190,10 @@ class MonitorEngine:
     - :meth:`detach` at the end (flushes what is kept and removes the hooks).
 
     A step's loss is the mean of the losses added since the previous optimizer step of any
-    optimizer: with accumulation, its micro-batches; with several optimizers (manual
-    optimization), the losses back-propagated for that optimizer's update only.
+    optimizer (monitored or not): with accumulation, its micro-batches; with several optimizers
+    (manual optimization), the losses back-propagated for that optimizer's update only. Losses
+    whose gradients were dropped before a step (a ``zero_grad`` that sets them to ``None``, as
+    a batch skipped on a NaN loss does) belong to no step.
 
     Args:
         config: The whole, validated configuration.
@@ -224,6 +251,7 @@ class MonitorEngine:
         self._controller_states = {}
         self._steps = {}
         self._progress = {}
+        self._kept: dict[int, list[dict[str, Any]]] = {}  # loaded records, not yet attached
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
         self._last_loss: tuple[Tensor | None, int] | None = None  # (loss, batch) of the last step
@@ -346,6 +374,9 @@ class MonitorEngine:
                 step=self._steps.get(idx, first_step or 0),
                 progress=self._progress.get(idx, first_step or 0),
             )
+            watch.records = [
+                _restore_record(r, watch.stats.device) for r in self._kept.pop(idx, [])
+            ]
             watch.hook = opt.register_step_post_hook(self._post_hook(watch))
             if controller is not None and (controller.shape is not None or controller.adaptive):
                 watch.lr_factor = LrFactor(opt, watch.factor)
@@ -383,7 +414,17 @@ class MonitorEngine:
         def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
             watch.stepped = True
             if watch.pending is None:
-                if self.is_active(watch.step, watch.index):
+                if self.complete_on_step:
+                    self._take_loss()  # this step's losses are its own, monitored or not
+                if watch.completed_unstepped:  # completed before this step: after_step first
+                    watch.completed_unstepped = False
+                    self._warn_once(
+                        "after_first",
+                        "after_step() ran before optimizer.step(): the step was counted as "
+                        "skipped by a GradScaler and not monitored. Call order: backward, "
+                        "before_step(optimizer), optimizer.step(), after_step(loss).",
+                    )
+                elif self.is_active(watch.step, watch.index):
                     self._warn_once(
                         "no_before",
                         "optimizer.step() ran without before_step() first: this step is not "
@@ -443,8 +484,13 @@ class MonitorEngine:
             # Past the window: count the step, do nothing else.
             watch.step += 1
             watch.progress += 1
-            self._release()
+            if not watch.released:  # only this optimizer's buffers: the others may still watch
+                watch.released = True
+                watch.stats.release()
+                if watch.update is not None:
+                    watch.update.release()
             return
+        watch.released = False
         sums = watch.stats.local_sums()
         do_log = self.should_log(watch.step, watch.index)
         if watch.update is not None and do_log:
@@ -485,6 +531,10 @@ class MonitorEngine:
             value = loss.detach().float().reshape(())
         else:
             value = torch.tensor(float(loss))
+        if self._loss_count and self._gradients_dropped():
+            # The earlier losses' gradients were dropped (zero_grad without a step, e.g. a
+            # batch skipped on a NaN loss): they belong to no update.
+            self._reset_loss()
         self._loss_sum = (
             value if self._loss_sum is None else self._loss_sum + value.to(self._loss_sum.device)
         )
@@ -551,6 +601,7 @@ class MonitorEngine:
             )
         )
         w.pending = None
+        w.completed_unstepped = not w.stepped
         w.step = p.step + 1
         if w.stepped:
             w.progress = p.progress + 1
@@ -704,10 +755,17 @@ class MonitorEngine:
     def state_dict(self) -> dict[str, Any]:
         """Step counts, counters, detector, controller and probe states (primitives only).
 
-        Steps still kept on the device are processed first, so that the state includes every
-        step taken (a checkpoint between two host reads loses nothing).
+        Steps still kept on the device are saved as they are, unprocessed (one host read): a
+        run resumed from the state processes them at its next read, exactly where the run
+        without the checkpoint does. Processing them here would take their decisions earlier
+        than a run that never saved (with ``check_every_n_steps > 1``, an extension anchored
+        at another step): writing a checkpoint changes nothing in the run that writes it.
         """
-        self.flush()
+        kept = {k: list(v) for k, v in self._kept.items()}
+        for w in self._watches:
+            if w.records:  # a checkpoint between two host reads: one read, no processing
+                host = torch.stack([r.values for r in w.records]).tolist()
+                kept[w.index] = [_record_state(r, v) for r, v in zip(w.records, host, strict=True)]
         steps = dict(self._steps)
         progress = dict(self._progress)
         detectors = dict(self._detector_states)
@@ -728,6 +786,7 @@ class MonitorEngine:
             "skipped_steps": self.skipped_steps,
             "amp_skipped_steps": self.amp_skipped_steps,
             "detectors": detectors,
+            "kept": kept,
         }
         if self.prober is not None:
             state["probe"] = self.prober.state_dict()
@@ -749,7 +808,9 @@ class MonitorEngine:
             self.detector.load_state_dict(self._detector_states[0])
         if self.prober is not None:
             self.prober.load_state_dict(state.get("probe", {}))
+        self._kept = {int(k): list(v) for k, v in state.get("kept", {}).items()}
         for w in self._watches:
+            w.records = [_restore_record(r, w.stats.device) for r in self._kept.pop(w.index, [])]
             w.step = self._steps.get(w.index, w.step)
             w.progress = self._progress.get(w.index, w.progress)
             if w.controller is not None and w.index in self._controller_states:
@@ -764,6 +825,10 @@ class MonitorEngine:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(f"warmup_monitor: {message}", UserWarning, stacklevel=3)
+
+    def _gradients_dropped(self) -> bool:
+        """Whether no watched parameter holds a gradient (host-side; no device work)."""
+        return all(p.grad is None for w in self._watches for p in w.stats.params)
 
     def _reset_loss(self) -> None:
         self._loss_sum = None

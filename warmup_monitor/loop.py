@@ -18,8 +18,10 @@ Example::
     monitor.close()
 
 The call order is required: ``before_step`` then ``optimizer.step()`` then ``after_step``, once
-per optimizer step. A step taken without ``before_step``, or a second ``before_step`` without
-``after_step``, is reported once with a ``UserWarning`` that names the order.
+per optimizer step. A step taken without ``before_step``, a second ``before_step`` without
+``after_step``, and ``after_step`` before ``optimizer.step()`` are each reported once with a
+``UserWarning`` that names the order; ``before_step`` on an optimizer the monitor was not built
+with raises ``ValueError``.
 
 The same keys, alerts and files as the Lightning callback, from the same configuration objects;
 this module imports no Lightning.
