@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from conftest import load_example
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from warmup_monitor import stats as stats_module
-from warmup_monitor.stats import BLOCK, MIN_BUCKETS, GradientStats, UpdateRatio
+from warmup_monitor.stats import GradientStats, UpdateRatio
+from warmup_monitor.stats import plans as stats_module
+from warmup_monitor.stats.plans import BLOCK
+from warmup_monitor.stats.reference import MIN_BUCKETS
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "char_transformer.py"
 PLANS = ["blocked", "foreach"]
