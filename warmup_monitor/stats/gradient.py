@@ -23,7 +23,14 @@ import torch
 from torch import Tensor
 
 from warmup_monitor._checks import check_choice, check_float, check_int
-from warmup_monitor.stats.plans import Kernels, Plan, local_tensor, make_plans, sq_norms
+from warmup_monitor.stats.plans import (
+    Kernels,
+    Plan,
+    accumulate_dtype,
+    local_tensor,
+    make_plans,
+    sq_norms,
+)
 from warmup_monitor.stats.reference import ExactReference, NoReference, SketchReference
 
 CosineMode = Literal["exact", "sketch", "off"]
@@ -51,8 +58,8 @@ class GradientStats:
       ``reference_dtype``, default the parameters' dtype; ``torch.bfloat16`` halves it at about
       1e-3 of cosine error). Per step: the dot product with the reference, the sum of squares,
       and a copy of the gradient into the reference, in one pass on the CPU (blocked plan) or
-      four foreach/flat kernels on an accelerator (which multiply bf16 gradients by a bf16
-      reference in bf16: about 1e-4 of cosine error).
+      four foreach/flat kernels on an accelerator (which subtract a bf16 reference from bf16
+      gradients in bf16: about 1e-4 of cosine error).
     - ``"sketch"`` keeps a count sketch of the previous gradient instead: extra memory of
       ``sketch_fraction`` of the gradients' bytes (default 2%). On real gradients of the
       example's 0.8M-parameter transformer (about 5,000 buckets) the cosine is off by 0.005 on
@@ -63,26 +70,20 @@ class GradientStats:
       there are about 160 rounds whatever the model's size).
     - ``"off"`` computes only the norm and keeps no buffer.
 
-    The sketch. Lay the local gradients of one device and dtype end to end in a fixed order (a
-    virtual vector of ``n`` elements) and cut it into rounds of ``k`` elements. Element ``p``
-    goes to bucket ``p mod k`` with sign ``s[rho[p // k] + p mod k]``, where ``s`` is a fixed
-    random sign table of ``1.25 k`` entries and ``rho`` one random offset per round (seeded by
-    ``sketch_seed``):
+    The sketch (how it is built: :class:`~warmup_monitor.stats.reference.SketchReference`)
+    sends each element of the gradient to one of ``k`` buckets with a pseudo-random sign, and
+    estimates the cosine by the cosine of the two sketches; its error is of the order of
+    ``(1 - cos^2) / sqrt(k)``. ``k`` is chosen so that the current and previous sketch and the
+    sign table (13 bytes a bucket) take ``sketch_fraction`` of the gradients' bytes, with at
+    least :data:`~warmup_monitor.stats.reference.MIN_BUCKETS` buckets (a group of at most that
+    many elements is sketched one element a bucket: exactly).
 
-    .. math::
-
-        S(g)_b = \\textstyle\\sum_{p \\equiv b \\,(\\mathrm{mod}\\, k)} s_p\\, g_p, \\qquad
-        \\widehat{\\cos}_t = \\frac{\\langle S(g_t), S(g_{t-1}) \\rangle}
-                                  {\\|S(g_t)\\|\\,\\|S(g_{t-1})\\|}
-
-    Colliding elements carry independent pseudo-random signs, so cross terms cancel in
-    expectation, as in a count sketch with hashed buckets (measured: as accurate as one), while
-    the hash needs no stored index: a round is a contiguous range of buckets, computed with one
-    fused multiply-add per tensor and round. The error of this ratio estimator is of the order
-    of ``(1 - cos^2) / sqrt(k)``. ``k`` is chosen so that
-    the current and previous sketch and the sign table (13 bytes a bucket) take
-    ``sketch_fraction`` of the gradients' bytes, with at least :data:`MIN_BUCKETS` buckets (a
-    group of at most that many elements is sketched one element a bucket: exactly).
+    Range. The float32 square of a finite gradient overflows from about 1.8e19 (a loss scaled
+    by 1e20 gets there), so sums are kept in float64 and computed so that finite gradients give
+    a finite norm and cosine: the foreach plan sums squares in float64 inside its norm kernel
+    and takes the dot product from ``||g_t - g_{t-1}||^2``; the CPU plan scales its float32
+    blocks by a power of two set from the previous step's norm, and sums again in float64 a
+    step that overflowed anyway (details in :mod:`warmup_monitor.stats.plans`).
 
     Shards: each rank sketches only its local shard, so the sketch is block-diagonal across
     ranks. :meth:`local_sums` returns this rank's ``[sum_sq, dot]`` where in sketch mode ``dot``
@@ -144,6 +145,7 @@ class GradientStats:
         locals_ = [local_tensor(p) for p in self.params]
         self._dtensor = any(loc is not p for loc, p in zip(locals_, self.params, strict=True))
         self.device = locals_[0].device if locals_ else torch.device("cpu")
+        self._acc = accumulate_dtype(self.device)
         self._plans = make_plans(locals_, self.kernels)
         # A single group covering every parameter in order needs no per-step re-indexing.
         self._identity = len(self._plans) == 1 and self._plans[0].index == list(
@@ -152,7 +154,7 @@ class GradientStats:
         self._refs: list[_Reference] = []  # one per plan, built at the first step
         self._sparse: list[int] = []
         self._layout_missing = -1  # missing-gradient count when layouts were last checked
-        self._prev_sq = torch.zeros((), device=self.device)
+        self._prev_sq = torch.zeros((), dtype=self._acc, device=self.device)
         self._prev_valid = torch.zeros((), dtype=torch.bool, device=self.device)
         self._skipped = False
         #: How many parameters had a gradient at the last :meth:`local_sums` call.
@@ -202,15 +204,17 @@ class GradientStats:
             return ExactReference(plan, self.reference_dtype or plan.dtype)
         if self.cosine == "sketch":
             return SketchReference(plan, self.sketch_fraction, seed)
-        return NoReference(plan)
+        return NoReference()
 
     # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
     def local_sums(self) -> Tensor:
-        """This rank's ``[sum of squares, dot with previous gradient]`` (float32, on device).
+        """This rank's ``[sum of squares, dot with previous gradient]`` on the device.
 
-        Also stores the current gradient (or its sketch) as the next step's reference. Call
+        In float64 (float32 on MPS, which has none): finite gradients give finite sums (see
+        Range in the class docstring); the caller's reduction adds them in that dtype. Also
+        stores the current gradient (or its sketch) as the next step's reference. Call
         exactly once per optimizer step, after backward (and unscaling) and before clipping,
         then reduce the result across shard holders (if any) and pass it to :meth:`finish`.
         In sketch mode the dot product is the sketch's estimate (see the class docstring).
@@ -222,7 +226,7 @@ class GradientStats:
         if self._skipped:
             # No gradient at all (a skipped batch): leave the reference as it is, so the next
             # cosine compares with the last real gradient.
-            return torch.zeros(2, device=self.device)
+            return torch.zeros(2, dtype=self._acc, device=self.device)
         if not self._refs:
             self._build()
         if self._dtensor:
@@ -240,8 +244,8 @@ class GradientStats:
         for plan, ref in zip(self._plans, self._refs, strict=True):
             gs = grads if self._identity else [grads[i] for i in plan.index]
             sq, dot = plan.grad_sums(gs, missing > 0, ref)
-            sq_parts.append(sq.to(device=self.device, dtype=torch.float32))
-            dot_parts.append(dot.to(device=self.device, dtype=torch.float32))
+            sq_parts.append(sq.to(device=self.device, dtype=self._acc))
+            dot_parts.append(dot.to(device=self.device, dtype=self._acc))
         if len(sq_parts) == 1:
             return torch.stack([sq_parts[0], dot_parts[0]])
         return torch.stack([torch.stack(sq_parts).sum(), torch.stack(dot_parts).sum()])

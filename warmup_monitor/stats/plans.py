@@ -17,11 +17,26 @@ group and compute the same numbers:
 A plan owns the iteration; what is done with each piece of gradient belongs to the reference
 (:mod:`warmup_monitor.stats.reference`), which a plan drives through :class:`Reference`.
 
+Range. Squares of finite float32 gradients overflow float32 from about 1.8e19 (a loss scaled by
+1e20 is enough), so the sums a plan returns are float64 (:func:`accumulate_dtype`) and are
+computed so that finite gradients give finite sums:
+
+- the foreach plan accumulates squares in float64 inside ``torch._foreach_norm`` (no float64
+  copy of the gradients), and the exact reference takes its dot product from
+  ``||g_t - g_{t-1}||^2`` (see :class:`~warmup_monitor.stats.reference.ExactReference`);
+- the block plan keeps its float32 block kernels and multiplies each block by a power of two,
+  :attr:`BlockPlan.scale`, chosen from the previous step's norm (1 for norms in
+  ``[2^-32, 2^32]``: then nothing changes); a step whose float32 sum still overflows (or, when
+  scaled, underflows) is summed again in float64 from the gradients. That check reads one
+  number of host memory per group and step: the plan runs on the CPU, so this is no device
+  sync.
+
 This module imports no Lightning.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -56,6 +71,35 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def accumulate_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of sums of squares and dot products: float64, or float32 on MPS (no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def exact_sq(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """Sum of squares of same-device tensors, every square and sum in ``dtype``.
+
+    Elsewhere than on the CPU, ``torch._foreach_norm`` converts each element in registers (one
+    pass, no copy). The CPU converts ``BLOCK``-element chunks, one at a time.
+    """
+    if not tensors:
+        return torch.zeros((), dtype=dtype)
+    if tensors[0].device.type != "cpu":
+        norms = torch._foreach_norm(tensors, 2, dtype=dtype)
+        return norms[0].square() if len(norms) == 1 else torch.stack(norms).square().sum()
+    parts = []
+    for t in tensors:
+        for c in t.reshape(-1).split(BLOCK):
+            c = c if c.dtype == dtype else c.to(dtype)  # one chunk at a time
+            parts.append(torch.dot(c, c))
+    return torch.stack(parts).sum() if parts else torch.zeros((), dtype=dtype)
+
+
+def host_float(t: Tensor) -> float:
+    """The value of a 0-d CPU tensor, read from host memory (no device, so no sync)."""
+    return float(t.numpy())
+
+
 def flat_sq(x: Tensor, dtype: torch.dtype) -> Tensor:
     """Sum of squares of a 1-D tensor, accumulated in ``dtype``.
 
@@ -86,11 +130,6 @@ def sq_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     )
 
 
-def sum_sq(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """Sum of squares of a non-empty list of same-device tensors."""
-    return sq_norms(tensors, dtype).sum()
-
-
 class Reference(Protocol):
     """What a plan does with each piece of gradient: the exact or sketch reference, or nothing.
 
@@ -105,19 +144,23 @@ class Reference(Protocol):
     def block_step(self, j: int, raw: Tensor, x: Tensor) -> Tensor | None:
         """Take block ``j`` (``raw`` in its dtype, ``x`` the same in the compute dtype).
 
-        Returns the block's dot product with the reference, or ``None`` if there is none.
+        Both are multiplied by the plan's scale; what is stored keeps it. Returns the block's
+        dot product with the reference (as stored), or ``None`` if there is none.
         """
 
     def block_clear(self, j: int) -> None:
         """Block ``j`` is part of a tensor without gradient (a zero gradient)."""
 
     def block_end(self, sq: Tensor, dot: Tensor) -> tuple[Tensor, Tensor]:
-        """Finish a step of the block plan: ``(sum_sq, dot)`` from the plan's sums."""
+        """Finish a step of the block plan: ``(sum_sq, dot)`` from the plan's unscaled sums."""
 
     def foreach_step(
-        self, plan: ForeachPlan, gs: Sequence[Tensor | None], present: list[Tensor]
+        self, plan: ForeachPlan, gs: Sequence[Tensor | None], present: list[Tensor], sq: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """A whole step of the foreach plan: ``(sum_sq, dot)`` (``present``: the gradients)."""
+        """A whole step of the foreach plan: ``(sum_sq, dot)``.
+
+        ``present`` are the gradients there are, ``sq`` their sum of squares.
+        """
 
 
 @dataclass
@@ -198,6 +241,10 @@ class Plan:
     def compute_dtype(self) -> torch.dtype:
         return compute_dtype(self.dtype)
 
+    @property
+    def accumulate_dtype(self) -> torch.dtype:
+        return accumulate_dtype(self.device)
+
     def spans(self) -> list[tuple[int, int, torch.Size | None]]:
         """``(virtual start, length, shape)`` of each piece a step visits, in order."""
         raise NotImplementedError
@@ -251,7 +298,8 @@ class ForeachPlan(Plan):
         self, gs: Sequence[Tensor | None], missing: bool, ref: Reference
     ) -> tuple[Tensor, Tensor]:
         present = [t for t in gs if t is not None] if missing else cast(list[Tensor], gs)
-        return ref.foreach_step(self, gs, present)
+        sq = exact_sq(present, self.accumulate_dtype).to(self.device)
+        return ref.foreach_step(self, gs, present, sq)
 
     # The buffer's padding stays zero: one reduction over all of it.
 
@@ -264,8 +312,29 @@ class ForeachPlan(Plan):
         return flat_sq(buf.data, self.compute_dtype)
 
 
+#: Norms in ``[2^-_SCALE_FREE, 2^_SCALE_FREE]`` leave the block plan's float32 kernels unscaled.
+_SCALE_FREE = 32
+#: A scaled float32 sum below this lost its precision to underflow: sum again in float64.
+_TINY_SUM = 2.0**-60
+
+
+def _scale_for(sq: float, current: float) -> float:
+    """The power of two that brings a norm of ``sqrt(sq)`` near 1 (1 if it already is near)."""
+    if sq == 0.0:
+        return 1.0
+    if not math.isfinite(sq):  # non-finite gradients: keep the scale
+        return current
+    e = math.frexp(math.sqrt(sq))[1]
+    return 1.0 if abs(e) <= _SCALE_FREE else math.ldexp(1.0, -e)
+
+
 class BlockPlan(Plan):
-    """A step walks the group in blocks of at most :data:`BLOCK` elements, each in cache."""
+    """A step walks the group in blocks of at most :data:`BLOCK` elements, each in cache.
+
+    The gradients' float32 kernels run on each block multiplied by :attr:`scale`, a power of
+    two set from the previous step's norm so that the block's squares stay well inside float32
+    (see the module docstring). Scaling by a power of two is exact.
+    """
 
     def __init__(
         self,
@@ -278,6 +347,12 @@ class BlockPlan(Plan):
         super().__init__(index, shapes, device, dtype)
         self.block = block
         self.units = _plan_units(self.sizes, block)
+        #: Multiplies the gradients in this step's float32 kernels.
+        self.scale = 1.0
+        # The scale of what the reference stores (the last step's), and whether host memory
+        # can be read (a block plan forced onto another device neither rescales nor checks).
+        self._stored_scale = 1.0
+        self._host = device.type == "cpu"
 
     def spans(self) -> list[tuple[int, int, torch.Size | None]]:
         return [(v, n, None) for u in self.units for v, n in u.spans]
@@ -319,7 +394,30 @@ class BlockPlan(Plan):
     def grad_sums(
         self, gs: Sequence[Tensor | None], missing: bool, ref: Reference
     ) -> tuple[Tensor, Tensor]:
-        cd = self.compute_dtype
+        c = self.scale
+        sq, dot = self._pass(gs, missing, ref, c)
+        if self._host:
+            # One number read from host memory per step: the plan runs on the CPU, no sync.
+            value = host_float(sq)
+            scaled = value * c * c  # the float32 kernels' own sum
+            if not math.isfinite(value) or 0.0 < scaled < _TINY_SUM or (scaled == 0.0 and c != 1.0):
+                # Float32 did not hold this step (a jump of the norm): sum the gradients again
+                # in float64, and store the reference at the scale they need.
+                sq = exact_sq([t for t in gs if t is not None], torch.float64).to(sq.dtype)
+                value = host_float(sq)
+                self.scale = _scale_for(value, c)
+                if math.isfinite(value):  # else the gradients themselves are not finite
+                    self._pass(gs, missing, ref, self.scale)
+            else:
+                self.scale = _scale_for(value, c)
+        return ref.block_end(sq, dot)
+
+    def _pass(
+        self, gs: Sequence[Tensor | None], missing: bool, ref: Reference, c: float
+    ) -> tuple[Tensor, Tensor]:
+        """One walk over the blocks, each multiplied by ``c``; the sums, divided by it."""
+        cd, acc = self.compute_dtype, self.accumulate_dtype
+        scratch = None
         ref.block_begin()
         dots: list[Tensor] = []
         sqs: list[Tensor] = []
@@ -328,14 +426,26 @@ class BlockPlan(Plan):
             if s is None:  # a chunk of a tensor without gradient
                 ref.block_clear(j)
                 continue
-            x = s if s.dtype == cd else s.to(cd)
+            if c == 1.0:
+                x = s if s.dtype == cd else s.to(cd)
+            else:
+                if scratch is None:
+                    scratch = torch.empty(min(self.block, self.numel), dtype=cd, device=self.device)
+                x = s = torch.mul(s, c, out=scratch[: s.numel()])
             d = ref.block_step(j, s, x)
             if d is not None:
                 dots.append(d)
             sqs.append(torch.dot(x, x))
-        zero = torch.zeros((), dtype=cd, device=self.device)
-        sq = torch.stack(sqs).sum() if sqs else zero
-        return ref.block_end(sq, torch.stack(dots).sum() if dots else zero)
+        sq = (
+            torch.stack(sqs).sum(dtype=acc)
+            if sqs
+            else torch.zeros((), dtype=acc, device=self.device)
+        )
+        dot = torch.stack(dots).sum(dtype=acc) if dots else torch.zeros_like(sq)
+        if c != 1.0 or self._stored_scale != 1.0:
+            sq, dot = sq / (c * c), dot / (c * self._stored_scale)
+        self._stored_scale = c
+        return sq, dot
 
     def copy_sq(self, ts: list[Tensor], buf: Flat) -> Tensor:
         cd = self.compute_dtype
