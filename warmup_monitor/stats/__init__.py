@@ -1,8 +1,9 @@
 """Gradient statistics on the device: global norm, consecutive-gradient cosine, update ratio.
 
-Nothing here reads a value back to the host: every result is a device tensor, and the caller
-decides when to pay for one batched read. Parameter lists, buffers and the kernel plan are
-built once per fit; a step runs a few kernels over them.
+Nothing here reads a value back from a device: every result is a device tensor, and the caller
+decides when to pay for one batched read (the CPU plan reads one float of host memory per step
+to guard against overflow: no device is involved). Parameter lists, buffers and the kernel plan
+are built once per fit; a step runs a few kernels over them.
 
 The package is cut along two seams:
 

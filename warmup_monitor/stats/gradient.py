@@ -1,8 +1,9 @@
 """GradientStats: global gradient norm and consecutive-gradient cosine, on the device.
 
-Nothing here reads a value back to the host: every result is a device tensor, and the caller
-decides when to pay for one batched read. Parameter lists, buffers and the kernel plan are
-built once per fit; a step runs a few kernels over them.
+Nothing here reads a value back from a device: every result is a device tensor, and the caller
+decides when to pay for one batched read (the CPU plan reads one float of host memory per step
+to guard against overflow: no device is involved). Parameter lists, buffers and the kernel plan
+are built once per fit; a step runs a few kernels over them.
 
 Sharded gradients (FSDP2 ``DTensor``) are handled by computing *local* sums on each shard; the
 caller reduces those two numbers across ranks (a sum) and then calls ``finish``. Whole gradients
