@@ -390,7 +390,9 @@ def _check_run(stats: GradientStats, params: list[Any], steps: list[list[torch.T
     prev = None
     for grads in steps:
         _set_grads(params, list(grads))
-        norm, cos = _step(stats)
+        sums = stats.local_sums()
+        assert sums.dtype == torch.float64  # float32 cannot hold the sum of squares
+        norm, cos = stats.finish(sums).tolist()
         exp_norm, exp_cos = _exact64(grads, prev)
         assert norm == pytest.approx(exp_norm, rel=1e-6)
         if stats.cosine == "off" or prev is None:
