@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from conftest import load_example
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from warmup_monitor import stats as stats_module
-from warmup_monitor.stats import BLOCK, MIN_BUCKETS, GradientStats, UpdateRatio
+from warmup_monitor.stats import GradientStats, UpdateRatio
+from warmup_monitor.stats import plans as stats_module
+from warmup_monitor.stats.plans import BLOCK
+from warmup_monitor.stats.reference import MIN_BUCKETS
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "char_transformer.py"
 PLANS = ["blocked", "foreach"]
@@ -132,7 +134,7 @@ def test_mixed_dtypes_and_missing_gradients(plan: str) -> None:
         if prev is None:
             assert math.isnan(cos)
         else:
-            # The foreach plan multiplies bf16 gradients by their bf16 reference in bf16.
+            # The foreach plan subtracts bf16 gradients from their bf16 reference in bf16.
             assert cos == pytest.approx(exp_cos, abs=1e-5 if plan == "blocked" else 1e-4)
         prev = filled
 
@@ -352,6 +354,97 @@ def test_sketch_cosine_on_real_transformer_gradients(example: ModuleType, one_th
     assert max(errors) <= 0.05, errors
     assert sketch.memory_bytes <= 0.02 * sketch.grad_bytes
     assert sketch.sketch_buckets >= 4000  # ~5000 buckets for these 822K parameters
+
+
+# --------------------------------------------------------------------------------------------
+# Finite gradients whose float32 squares overflow (a loss scaled by 1e20)
+# --------------------------------------------------------------------------------------------
+
+# A run of small tensors, a tensor cut in chunks, a small tensor after it.
+HUGE_SHAPES: list[tuple[int, ...]] = [(200, 150), (BLOCK + 9,), (33,)]
+
+
+def _scaled_steps(
+    params: list[Any], scales: list[float], seed: int, keep: float = 0.8
+) -> list[list[torch.Tensor]]:
+    """Correlated float32 gradients, step ``t`` multiplied by ``scales[t]`` (all finite)."""
+    steps = _correlated_steps(params, len(scales), seed=seed, keep=keep)
+    out = [
+        [(g.double() * c).float() for g in grads] for grads, c in zip(steps, scales, strict=True)
+    ]
+    assert all(torch.isfinite(g).all() for grads in out for g in grads)
+    return out
+
+
+def _exact64(grads: list[torch.Tensor], prev: list[torch.Tensor] | None) -> tuple[float, float]:
+    """Norm and cosine of float64 copies, with torch's own float64 functions."""
+    flat = _flat(grads)
+    norm = torch.linalg.vector_norm(flat).item()
+    if prev is None:
+        return norm, math.nan
+    other = _flat(prev)
+    return norm, (torch.dot(flat, other) / (norm * torch.linalg.vector_norm(other))).item()
+
+
+def _check_run(stats: GradientStats, params: list[Any], steps: list[list[torch.Tensor]]) -> None:
+    prev = None
+    for grads in steps:
+        _set_grads(params, list(grads))
+        sums = stats.local_sums()
+        assert sums.dtype == torch.float64  # float32 cannot hold the sum of squares
+        norm, cos = stats.finish(sums).tolist()
+        exp_norm, exp_cos = _exact64(grads, prev)
+        assert norm == pytest.approx(exp_norm, rel=1e-6)
+        if stats.cosine == "off" or prev is None:
+            assert math.isnan(cos)
+        else:
+            assert cos == pytest.approx(exp_cos, abs=1e-6)
+        prev = grads
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("cosine", ["exact", "off"])
+def test_huge_finite_gradients_give_the_exact_norm_and_cosine(plan: str, cosine: str) -> None:
+    # Gradients of 1e20 to 1e30: their float32 squares overflow, the float64 values do not.
+    params = _params(HUGE_SHAPES)
+    stats = GradientStats(params, cosine=cosine, kernels=plan)  # type: ignore[arg-type]
+    _check_run(stats, params, _scaled_steps(params, [1e20, 1e20, 3e20, 1e21, 2e20], seed=13))
+    stats.release()  # rebuilt at the next step, in a steady 1e30 regime from its first step
+    _check_run(stats, params, _scaled_steps(params, [1e30, 1e30, 5e29, 1e30], seed=14))
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_huge_finite_gradients_in_sketch_mode(plan: str) -> None:
+    # A group of at most MIN_BUCKETS elements is sketched exactly: the exact float64 cosine.
+    small = _params([(20, 30), (30,), (7, 11)])
+    stats = GradientStats(small, cosine="sketch", kernels=plan)  # type: ignore[arg-type]
+    _check_run(stats, small, _scaled_steps(small, [1e20, 2e20, 1e20, 1e30, 1e30], seed=15))
+    # A larger group: the norm is exact, and the estimate is the same as for the gradients
+    # divided by their scale (the sketch's estimate does not depend on the scale).
+    params = _params(HUGE_SHAPES)
+    huge = GradientStats(params, cosine="sketch", kernels=plan)  # type: ignore[arg-type]
+    unit = GradientStats(params, cosine="sketch", kernels=plan)  # type: ignore[arg-type]
+    scales = [1e20, 1e20, 3e20, 1e30, 1e30]
+    for c, grads in zip(scales, _scaled_steps(params, scales, seed=16), strict=True):
+        _set_grads(params, list(grads))
+        norm, cos = _step(huge)
+        assert norm == pytest.approx(_exact64(grads, None)[0], rel=1e-6)
+        _set_grads(params, [(g.double() / c).float() for g in grads])
+        _, unit_cos = _step(unit)
+        assert cos == pytest.approx(unit_cos, abs=1e-6) or (
+            math.isnan(cos) and math.isnan(unit_cos)
+        )
+
+
+def test_block_plan_follows_jumps_of_the_norm() -> None:
+    # From ordinary gradients to 1e20 and 1e30, down to 1e-20 and back, in single steps: the
+    # CPU plan rescales its float32 blocks, and sums again in float64 a step whose float32 sum
+    # overflowed or underflowed.
+    params = _params(HUGE_SHAPES)
+    scales = [1.0, 1e20, 1e30, 1.0, 1e-20, 1.0, 1e25, 1e25, 1.0]
+    for cosine in ("exact", "off"):
+        stats = GradientStats(params, cosine=cosine, kernels="blocked")  # type: ignore[arg-type]
+        _check_run(stats, params, _scaled_steps(params, scales, seed=17))
 
 
 # --------------------------------------------------------------------------------------------
