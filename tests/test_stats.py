@@ -549,3 +549,33 @@ def test_block_size_is_what_the_plan_uses(monkeypatch: pytest.MonkeyPatch) -> No
         assert math.isnan(a[1]) == math.isnan(b[1])
         if not math.isnan(a[1]):
             assert a[1] == pytest.approx(b[1], abs=1e-6)
+
+
+def test_a_loss_scaled_by_1e20_gives_finite_norms_and_no_alert_in_a_loop() -> None:
+    """Issue 15 item 10 end to end: finite gradients of ~1e20 are not `non_finite`."""
+    from warmup_monitor.loop import LoopMonitor
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-30)
+    alerts: list = []
+    monitor = LoopMonitor(opt, warmup_steps=6, on_alert=alerts.append)
+    logged: dict[int, float] = {}
+    monitor.engine.metrics_sinks.append(
+        lambda m, step: logged.update({step: m["warmup/grad_norm"]})
+    )
+    norms = []
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    for _ in range(6):
+        loss = torch.nn.functional.mse_loss(model(x), y) * 1e20
+        loss.backward()
+        grads = [p.grad.double() for p in model.parameters()]
+        norms.append(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item())
+        monitor.before_step()
+        opt.step()
+        monitor.after_step(loss)
+        opt.zero_grad()
+    monitor.close()
+    assert [a.kind for a in alerts if a.kind == "non_finite"] == []
+    assert all(math.isfinite(n) and n > 1e18 for n in norms)
+    assert [logged[t] for t in range(6)] == pytest.approx(norms, rel=1e-5)
