@@ -126,7 +126,7 @@ def test_bad_jsonl_line(logs: Path, capsys: pytest.CaptureFixture[str], tmp_path
     code, out, err = run_main(["report", str(run), "--json"], capsys)
     assert code == 6
     assert json.loads(out)["runs"][0]["alerts_by_kind"] == expected
-    assert f"{ALERTS_FILENAME} line {lines + 1}: truncated or not JSON; skipped" in err
+    assert f"{ALERTS_FILENAME} line {lines + 1}: truncated or not JSON: unterminated" in err
 
 
 def test_good_runs_are_reported_beside_a_bad_one(

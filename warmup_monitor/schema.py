@@ -49,6 +49,7 @@ __all__ = [
     "key",
     "kind_value",
     "parse_alert_line",
+    "parse_alerts",
     "read_alerts",
     "read_alerts_file",
     "split_key",
@@ -474,38 +475,45 @@ def parse_alert_line(raw: bytes) -> Alert:
     except RecursionError:  # pragma: no cover - _too_deep refuses such lines first
         raise ValueError(f"nested deeper than {MAX_DEPTH} levels") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"not JSON ({e.msg} at column {e.colno})") from None
+        raise ValueError(f"not JSON: {e.msg.lower()} (column {e.colno})") from None
     return Alert.from_dict(data)
 
 
-def read_alerts_file(path: str | os.PathLike[str]) -> AlertsFile:
-    """Read a ``warmup_alerts.jsonl`` file; never raises.
+def parse_alerts(data: bytes) -> AlertsFile:
+    """The records of a ``warmup_alerts.jsonl`` file's bytes; never raises.
 
     Each bad line is skipped and named in :attr:`AlertsFile.problems` (``"line N: why;
-    skipped"``); an unreadable file gives one problem and no alert. Blank lines are ignored.
+    skipped"``). Blank lines are ignored.
     """
     out = AlertsFile()
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        out.problems.append(f"could not be read ({e.strerror or e})")
-        return out
-    last = data.count(b"\n") + 1
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    lines = data.split(b"\n")
+    for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
         try:
             alert = parse_alert_line(raw.strip())
         except ValueError as e:
             why = str(e)
-            if number == last and why.startswith("not JSON") and not data.endswith(b"\n"):
+            if number == len(lines) and why.startswith("not JSON"):
                 why = "truncated or " + why  # a writer stopped mid-line
             out.problems.append(f"line {number}: {why}; skipped")
             continue
         out.alerts.append(alert)
         out.lines.append(number)
     return out
+
+
+def read_alerts_file(path: str | os.PathLike[str]) -> AlertsFile:
+    """Read a ``warmup_alerts.jsonl`` file; never raises (see :func:`parse_alerts`).
+
+    An unreadable file gives one problem and no alert.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return AlertsFile(problems=[f"could not be read ({e.strerror or e})"])
+    return parse_alerts(data)
 
 
 def read_alerts(path: str | os.PathLike[str]) -> list[Alert]:

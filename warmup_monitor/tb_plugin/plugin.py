@@ -26,7 +26,7 @@ from werkzeug import wrappers
 from warmup_monitor.alerts import ALERTS_FILENAME
 from warmup_monitor.report.analysis import RunSummary, summarize
 from warmup_monitor.report.events import event_files
-from warmup_monitor.report.render import downsample
+from warmup_monitor.report.figure import downsample
 from warmup_monitor.report.runs import ReportError, RunData, load_run
 
 __all__ = ["PLUGIN_NAME", "WarmupPlugin"]
@@ -79,7 +79,7 @@ class WarmupPlugin(base_plugin.TBPlugin):
         if flags is not None and str(getattr(flags, "logdir_spec", None) or ""):
             logdir = ""  # several named log directories: not supported
         self._logdir = logdir
-        self._prefix = "warmup/"
+        self._prefix: str | None = None  # found in each run's tags
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[Any, RunData | None, RunSummary | None, str | None]] = {}
 
