@@ -65,8 +65,8 @@ def test_resumed_run_with_overlapping_files(tmp_path: Path) -> None:
     assert loss.values.tolist() == [0, 1, 2, 3, 4, 105, 106, 107]
     assert loss.values[-1] == expected["warmup/loss"][-1][1]
     assert data.notes == [
-        "12 logged points of steps 5-10 were written again later (a resumed or restarted run): "
-        "the later values are used; TensorBoard still shows the earlier ones too"
+        "12 logged points (steps 5-10) written again later, by a resumed or restarted run or a "
+        "repeated step: the later values are used; TensorBoard shows both"
     ]
 
 

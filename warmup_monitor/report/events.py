@@ -566,8 +566,9 @@ def _finish(
         kept = kept[keep]
         out.scalars[t] = Series(steps=step[kept], values=value[kept])
     if superseded:
+        where = f"step {lo}" if lo == hi else f"steps {lo}-{hi}"
+        points = "1 logged point" if superseded == 1 else f"{superseded} logged points"
         out.notes.append(
-            f"{superseded} logged points of steps {lo}-{hi} were written again later (a resumed "
-            "or restarted run): the later values are used; TensorBoard still shows the earlier "
-            "ones too"
+            f"{points} ({where}) written again later, by a resumed or restarted run or a "
+            "repeated step: the later values are used; TensorBoard shows both"
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,6 +84,30 @@ def _at(s: Series | None, steps: np.ndarray) -> np.ndarray:
     return out
 
 
+def _spans(summary: RunSummary) -> list[tuple[int, int]]:
+    """The episodes' step spans, ``[start, end + 1)``, overlapping or touching ones merged."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted((e.start, e.end + 1) for e in summary.episodes):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _shade(ax: Any, spans: list[tuple[int, int]], color: Any, alpha: float) -> None:
+    """Full-height shaded spans, as one collection (one artist, however many spans)."""
+    if not spans:
+        return
+    from matplotlib.collections import PolyCollection
+
+    verts = [[(a, 0.0), (a, 1.0), (b, 1.0), (b, 0.0)] for a, b in spans]
+    shade = PolyCollection(
+        verts, transform=ax.get_xaxis_transform(), facecolors=color, alpha=alpha, linewidths=0
+    )
+    ax.add_collection(shade, autolim=False)
+
+
 def _positive(y: np.ndarray) -> np.ndarray:
     return np.where(y > 0, y, np.nan)
 
@@ -95,6 +120,13 @@ def _short(name: str, limit: int = 40) -> str:
     return name if len(name) <= limit else "…" + name[-(limit - 1) :]
 
 
+def _relative(name: str, common: str) -> str:
+    """``name`` without the directory all runs share (``runs/a/version_0`` -> ``a/version_0``)."""
+    if common and name != common and name.startswith(common):
+        return name[len(common) :].lstrip(os.sep) or name
+    return name
+
+
 def _g(x: float | None) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.3g}"
 
@@ -105,7 +137,11 @@ def caption(summary: RunSummary) -> str:
     w, e = summary.planned_warmup, summary.effective_warmup
     if w is not None:
         parts.append(f"warmup {w}" + (f"→{e}" if e is not None and e != w else ""))
-    parts.append(f"{len(summary.episodes)} episode(s)")
+    with_ids = sum(1 for e in summary.episodes if e.id is not None)
+    if with_ids or not summary.episodes:
+        parts.append(f"{with_ids} unstable episode(s)")
+    else:  # a file written before episodes: one group per alert
+        parts.append(f"{len(summary.instability_steps)} unstable step(s)")
     if summary.peak_loss_ratio is not None:
         parts.append(
             f"peak loss {_g(summary.peak_loss_ratio)}x initial @{summary.peak_loss_ratio_step}"
@@ -194,12 +230,12 @@ def _overlay(plt: Any, runs: Sequence[RunData], summaries: Sequence[RunSummary])
     ):
         ax.set_title(title, fontsize=9, loc="left")
         ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=8)
+        ax.tick_params(which="both", labelsize=8)
     for ax in (ax_loss, ax_grad, ax_zoom):
         if ax.has_data():
-            ax.set_yscale("log")
+            _log_axis(ax)
     if log_lr and ax_lr.has_data():
-        ax_lr.set_yscale("log")
+        _log_axis(ax_lr)
     if zoom_end:
         ax_zoom.set_xlim(0, zoom_end)
     ax_cos.axhline(0.0, color="black", lw=0.6)
@@ -238,6 +274,19 @@ def _overlay(plt: Any, runs: Sequence[RunData], summaries: Sequence[RunSummary])
     return fig
 
 
+def _log_axis(ax: Any) -> None:
+    """A log y axis labelled with plain numbers: decades only when it spans one or more, else
+    the minor ticks too (a loss from 2.1 to 3.4 still gets labels)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    lo, hi = ax.get_ylim()
+    wide = lo > 0 and hi / lo >= 10
+    ax.yaxis.set_minor_formatter(NullFormatter() if wide else plain)
+
+
 def _curve(ax: Any, s: Series | None, color: Any, log: bool) -> None:
     if s is None or not len(s):
         return
@@ -257,7 +306,7 @@ def _marks(
     used: set[str] = set()
     loss = run.series.get("loss")
     lr = run.series.get("lr")
-    spans = [(e.start, e.end + 1) for e in summary.episodes if e.id is not None]
+    spans = _spans(summary)
     if spans:
         used.add("episode")
     alert_steps = np.array(
@@ -267,8 +316,7 @@ def _marks(
         sorted({a.step for a in run.alerts if a.kind == AlertKind.TRANSIENT}), dtype=np.int64
     )
     for ax in loss_axes:
-        for a, b in spans:
-            ax.axvspan(a, b, color=color, alpha=0.15, lw=0)
+        _shade(ax, spans, color, 0.15)
         if alert_steps.size:
             ax.plot(
                 alert_steps,
@@ -349,57 +397,72 @@ def _legend_marks(line: Any, patch: Any, used: set[str]) -> list[Any]:
 
 
 def _small_multiples(plt: Any, runs: Sequence[RunData], summaries: Sequence[RunSummary]) -> Any:
+    """One small loss panel per run. Axes are kept cheap (a fixed handful of ticks, no minor
+    ticks, titles as plain text): tick layout, not the curves, is what costs with 50 panels."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
+
     n = len(runs)
+    common = os.path.commonpath([r.name for r in runs]) if all(r.name for r in runs) else ""
     cols = 5 if n > 12 else 4
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.3 * rows + 1.0), squeeze=False)
+    height = 2.1 * rows + 1.0
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, height), squeeze=False)
     counts: dict[str, int] = {}
     for ax, run, summary in zip(axes.flat, runs, summaries, strict=False):
         color = _verdict_color(summary.verdict)
         counts[summary.verdict] = counts.get(summary.verdict, 0) + 1
         loss = run.series.get("loss")
+        lo, hi = math.inf, -math.inf
         if loss is not None and len(loss):
-            x, y = downsample(loss.steps, loss.values, 1000)
-            ax.plot(x, _positive(y), color="#0969da", lw=0.8)
-            ax.set_yscale("log")
-        for e in summary.episodes:
-            if e.id is not None:
-                ax.axvspan(e.start, e.end + 1, color=_UNSTABLE_COLOR, alpha=0.2, lw=0)
+            x, y = downsample(loss.steps, loss.values, 600)
+            ly = np.log10(_positive(y))
+            ax.plot(x, ly, color="#0969da", lw=0.8)
+            if np.isfinite(ly).any():
+                lo, hi = float(np.nanmin(ly)), float(np.nanmax(ly))
+        _shade(ax, _spans(summary), _UNSTABLE_COLOR, 0.2)
         steps = np.array(sorted({a.step for a in run.alerts if is_instability(a.kind)}), np.int64)
         if steps.size:
-            ax.plot(
-                steps,
-                _positive(_at(loss, steps)),
-                ls="none",
-                marker="o",
-                ms=2.5,
-                color=_UNSTABLE_COLOR,
-            )
-        if summary.initial_loss:
-            ax.axhline(SPIKE_FACTOR * summary.initial_loss, color="black", ls="--", lw=0.7)
+            ys = np.log10(_positive(_at(loss, steps)))
+            ax.plot(steps, ys, ls="none", marker="o", ms=2.5, color=_UNSTABLE_COLOR)
+        if summary.initial_loss and summary.initial_loss > 0:
+            level = math.log10(SPIKE_FACTOR * summary.initial_loss)
+            ax.axhline(level, color="black", ls="--", lw=0.7)
+            lo, hi = min(lo, level), max(hi, level)
         if summary.effective_warmup:
             ax.axvline(summary.effective_warmup, color="black", ls=":", lw=0.8)
-        ax.set_title(
-            f"{_short(run.name, 30)}\n{summary.verdict}", fontsize=7.5, color=color, loc="left"
+        if math.isfinite(lo):
+            decades = list(range(math.floor(lo), math.ceil(hi) + 1))
+            step = max(1, len(decades) // 3)
+            ax.yaxis.set_major_locator(FixedLocator(decades[::step]))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{10.0**v:g}"))
+        ax.xaxis.set_major_locator(MaxNLocator(3, integer=True))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.text(
+            0.0,
+            1.04,
+            f"{_short(run.name, 32)}\n{summary.verdict}",
+            transform=ax.transAxes,
+            fontsize=7.5,
+            color=color,
+            va="bottom",
+            ha="left",
         )
-        ax.tick_params(labelsize=6)
-        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=6, length=2, pad=1)
     for ax in list(axes.flat)[n:]:
-        ax.axis("off")
+        ax.set_visible(False)
     tally = ", ".join(f"{v}: {c}" for v, c in sorted(counts.items()))
-    fig.suptitle(
-        f"warmup report: {n} runs ({tally}); loss (log) per run; red: instability alerts and "
-        "episodes; dashed: 10x initial loss; dotted: end of warmup",
-        x=0.01,
-        ha="left",
+    fig.text(
+        0.01,
+        1 - 0.15 / height,
+        f"warmup report: {n} runs under {common or '.'} ({tally}).\nEach panel: the loss (log "
+        "scale) of one run; red shading and dots: instability alerts and episodes; dashed: 10x "
+        "the initial loss; dotted: end of warmup",
         fontsize=9,
+        va="top",
+        ha="left",
     )
     fig.subplots_adjust(
-        left=0.04,
-        right=0.99,
-        bottom=0.03,
-        top=1 - 0.9 / (2.3 * rows + 1.0),
-        hspace=0.75,
-        wspace=0.25,
+        left=0.04, right=0.99, bottom=0.03, top=1 - 0.9 / height, hspace=0.8, wspace=0.25
     )
     return fig
