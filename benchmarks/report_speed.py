@@ -35,6 +35,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import statistics
 import struct
 import subprocess
@@ -144,19 +145,57 @@ def many_runs(args: argparse.Namespace) -> None:
     load = os.getloadavg()
 
     def cli() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        # cwd: `python -m` would put the current directory (this checkout) before PYTHONPATH.
         done = subprocess.run(
-            [*cmd, "report", root, "--out", out], capture_output=True, env=env, check=False
+            [*cmd, "report", root, "--out", out],
+            capture_output=True,
+            env=env,
+            cwd=args.dir,
+            check=False,
         )
         assert os.path.exists(os.path.join(out, "report.png")), done.stderr[-2000:]
 
     wall, cpu = timed(cli, args.repeat)
+    stages: list[tuple[str, float]] = []
+    if not args.pythonpath:  # in process, this checkout: where the time goes (CPU s)
+        c = time.process_time()
+        import matplotlib.pyplot  # noqa: F401
+
+        from warmup_monitor.report.analysis import summarize
+        from warmup_monitor.report.figure import render_png
+        from warmup_monitor.report.runs import find_run_dirs, load_run
+
+        stages.append(("import matplotlib", time.process_time() - c))
+        c = time.process_time()
+        data = [load_run(p) for p in find_run_dirs(root)]
+        stages.append((f"read {len(data)} runs", time.process_time() - c))
+        c = time.process_time()
+        summaries = [summarize(d) for d in data]
+        stages.append(("summaries", time.process_time() - c))
+        c = time.process_time()
+        render_png(data, summaries)
+        stages.append(("report.png", time.process_time() - c))
     print(
         f"\n{args.runs} runs x {steps} steps x 10 keys, 150 alerts each; "
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; "
         f"load average before: {load[0]:.1f}\n"
     )
+
+    probe = "import warmup_monitor; print(warmup_monitor.__file__)"
+    where = subprocess.run(
+        [args.python or sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=args.dir,
+        check=False,
+    ).stdout.strip()
+    print(f"package timed: {where}\n")
     print("| what | wall s | CPU s |\n|---|---|---|")
     print(f"| `warmup-monitor report ROOT --out DIR` ({args.runs} runs) | {wall:.2f} | {cpu:.2f} |")
+    for name, seconds in stages:
+        print(f"| in process: {name} | | {seconds:.2f} |")
 
 
 def timed(fn: Callable[[], object], repeat: int) -> tuple[float, float]:

@@ -5,7 +5,8 @@
 //
 // Deep link: the tab reads and writes `run=NAME` (and `overlay=A,B`) in the hash of its own page
 // (/data/plugin_entry.html?name=warmup_monitor#run=NAME) and, inside TensorBoard, the
-// `wm_run` query parameter of the TensorBoard page (/?wm_run=NAME#warmup_monitor).
+// `wm_run` (and `wm_overlay=A,B`) query parameters of the TensorBoard page
+// (/?wm_run=NAME#warmup_monitor).
 
 const BASE = new URL('./', import.meta.url);
 const INSTABILITY = new Set([
@@ -70,6 +71,7 @@ function readLink() {
   try {
     const parent = new URLSearchParams(window.parent.location.search);
     if (parent.get('wm_run')) out.run = parent.get('wm_run');
+    if (parent.get('wm_overlay')) out.overlay = parent.get('wm_overlay').split(',').filter(Boolean);
   } catch (e) { /* not inside TensorBoard, or another origin */ }
   if (params.get('run')) out.run = params.get('run');
   if (params.get('overlay')) out.overlay = params.get('overlay').split(',').filter(Boolean);
@@ -114,7 +116,8 @@ function runTable(detail) {
     });
     const row = el('tr', {class: 'wm-run', 'data-run': r.run}, [
       el('td', {}, box), el('td', {class: 'wm-name'}, r.run), verdict, el('td', {}, warmup),
-      el('td', {}, r.episodes == null ? '-' : String(r.episodes)),
+      el('td', {}, r.episodes == null ? '-' : (r.episodes || !r.unstable_steps ? String(r.episodes) :
+        `${r.unstable_steps} flagged step(s), no episode ids`)),
       el('td', {}, r.error ? r.error : alerts),
     ]);
     if (!r.error) row.addEventListener('click', () => showRun(r.run, detail));
@@ -237,7 +240,8 @@ function chart(box, key, runs, log, sync) {
   const series = [{label: 'step'}];
   for (const c of columns) {
     series.push(c.marker ? {
-      label: c.label, stroke: c.stroke, width: c.dash ? 1.2 : 0, dash: c.dash, spanGaps: true,
+      label: c.label, stroke: c.stroke, fill: c.dash ? undefined : (c.fill || c.stroke),
+      width: c.dash ? 1.2 : 0, dash: c.dash, spanGaps: true,
       paths: c.dash ? undefined : () => null,
       points: {show: true, size: c.marker, stroke: '#24292f', fill: c.fill || c.stroke, width: 1},
     } : {label: c.label, stroke: c.stroke, width: c.width || 1.3, dash: c.dash, spanGaps: true,
@@ -265,6 +269,16 @@ function markSteps(r, kind) {
   return [...new Set(alerts.filter((a) => a.kind === kind).map((a) => a.step))];
 }
 
+function spans(episodes) {
+  // [start, end + 1) of each episode, overlapping or touching ones merged.
+  const out = [];
+  for (const [a, b] of episodes.map((e) => [e.start, e.end + 1]).sort((x, y) => x[0] - y[0])) {
+    if (out.length && a <= out[out.length - 1][1]) out[out.length - 1][1] = Math.max(out[out.length - 1][1], b);
+    else out.push([a, b]);
+  }
+  return out;
+}
+
 function drawBands(u, runs) {
   // Unstable episodes as shaded spans, the end of warmup as a dotted line, per run colour.
   const ctx = u.ctx;
@@ -274,8 +288,8 @@ function drawBands(u, runs) {
     const color = runs.length > 1 ? RUN_COLORS[i % RUN_COLORS.length] : '#cf222e';
     ctx.fillStyle = color;
     ctx.globalAlpha = 0.12;
-    for (const e of r.summary.episodes) {
-      const x0 = u.valToPos(e.start, 'x', true), x1 = u.valToPos(e.end + 1, 'x', true);
+    for (const [a, b] of spans(r.summary.episodes)) {
+      const x0 = u.valToPos(a, 'x', true), x1 = u.valToPos(b, 'x', true);
       ctx.fillRect(x0, top, Math.max(2, x1 - x0), height);
     }
     ctx.globalAlpha = 0.9;
