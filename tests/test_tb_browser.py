@@ -26,6 +26,7 @@ import pytest
 from test_report import make_real_run
 from test_tb_plugin import Server, _free_port
 
+from warmup_monitor.schema import ALERTS_FILENAME
 from warmup_monitor.tb_plugin import PLUGIN_NAME
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -127,6 +128,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     logdir = tmp_path_factory.mktemp("browser") / "logs"
     make_real_run(logdir / "spiky")  # spiky/run/version_0: two 50x loss spikes in warmup
     make_real_run(logdir / "calm", scripted=lambda s: 1.0 / (1.0 + 0.05 * s))
+    # The same spiky run, its alerts written as one episode (open record, close record).
+    shutil.copytree(logdir / SPIKY, logdir / "episodes")
+    end = {
+        "episode": 0, "start": 12, "end": 13, "duration": 2, "count": 2,
+        "kinds": ["loss_spike", "loss_trend_spike"], "peak_ratio": 50.0, "peak_step": 12,
+        "recovered": True, "steps": [[12, 13]],
+    }  # fmt: skip
+    records = [
+        {"step": 12, "kind": "loss_spike", "message": "loss 50x", "value": 50.0, "episode": 0},
+        {"step": 14, "kind": "episode_end", "message": "ended", "details": end, "episode": 0},
+    ]
+    (logdir / "episodes" / ALERTS_FILENAME).write_text(
+        "".join(json.dumps(r) + "\n" for r in records), encoding="utf-8"
+    )
     srv = Server(logdir)
     try:
         srv.wait()
@@ -198,6 +213,26 @@ def test_the_tab_draws_interactive_charts_with_a_legend_for_every_mark(
     shot = tmp_path / "tab_standalone.png"
     assert browser.screenshot(shot).startswith(b"\x89PNG")
     _keep(shot)
+
+
+def test_episodes_are_rows_that_expand_to_their_steps(server: Server, browser: Browser) -> None:
+    browser.get(f"{server.url}/data/plugin_entry.html?name={PLUGIN_NAME}#run=episodes")
+    browser.wait("const h = document.querySelector('#wm-focus'); return h && h.textContent")
+    rows = browser.wait(
+        "const d = [...document.querySelectorAll('details.wm-episode')];"
+        "return d.length && d.map(x => x.querySelector('summary').textContent)"
+    )
+    assert rows[0] == (
+        "episode 0: steps 12-13 · 2 flagged step(s) · loss_spike, loss_trend_spike · "
+        "peak 50.0x @12 · recovered"
+    )
+    expanded = browser.js(
+        "const d = document.querySelector('details.wm-episode');"
+        "const before = d.open; d.querySelector('summary').click();"
+        "return [before, d.open, d.querySelector('p').textContent,"
+        " [...d.querySelectorAll('tbody tr td:nth-child(2)')].map(t => t.textContent)]"
+    )
+    assert expanded == [False, True, "flagged steps: 12-13", ["loss_spike", "episode_end"]]
 
 
 def test_inside_tensorboard_with_a_deep_link(
