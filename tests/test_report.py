@@ -5,6 +5,7 @@ hand-made series."""
 from __future__ import annotations
 
 import ast
+import html
 import json
 import math
 import os
@@ -393,6 +394,7 @@ def test_html_and_json_escape_and_serialize(real_run: str) -> None:
     assert "<script>" not in page and "<img src=x" not in page and "<b>bad" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "data:image/png;base64," in page
+    assert html.escape(summary.verdict_reason) in page
     doc = to_json([summary])
     json.dumps(doc, allow_nan=False)
     assert doc["runs"][0]["alerts_by_kind"] == jsonl_by_kind(real_run)
