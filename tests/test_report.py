@@ -436,3 +436,20 @@ def test_offline_tools_import_neither_lightning_nor_the_callback(module: str) ->
             imported.add(node.module)
     forbidden = {"torch", "pytorch_lightning", "lightning", "warmup_monitor.callback"}
     assert not {m for m in imported if m.split(".")[0] in forbidden or m in forbidden}
+
+
+@pytest.mark.parametrize("tag", ["val_loss", "val/loss", "validation/loss", "val_loss_epoch"])
+def test_validation_loss_is_read_when_logged(tmp_path: Path, tag: str) -> None:
+    write_scalars(
+        tmp_path,
+        {
+            "warmup/lr": [(0, 0.1), (1, 0.2)],
+            "warmup/loss": [(0, 2.0), (1, 1.5)],
+            "warmup/warmup_steps": [(0, 2.0), (1, 2.0)],
+            "train/loss": [(0, 2.0)],
+            tag: [(1, 1.75)],
+        },
+    )
+    run = load_run(str(tmp_path))
+    assert run.extra["val_loss"].steps.tolist() == [1]
+    assert run.extra["val_loss"].values.tolist() == [1.75]

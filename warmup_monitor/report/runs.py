@@ -177,8 +177,10 @@ def discover_prefix(tags: list[str]) -> str | None:
     return min(found, key=lambda p: (len(p), p))
 
 
-#: Tags of a validation loss the report draws when the run logged one (outside the prefix).
-VAL_LOSS_TAGS = ("val_loss", "val/loss", "validation/loss", "val_loss_epoch", "valid/loss")
+#: Tags of a validation loss the report draws when the run logged one (outside the prefix):
+#: ``val_loss``, ``val/loss``, ``valid_loss``, ``validation/loss``, ``val_loss_epoch``, and the
+#: same under a group (``eval/val_loss``); the shortest such tag wins.
+VAL_LOSS = re.compile(r"(^|/)(val|valid|validation)[_/]?loss(_epoch)?$")
 
 
 _TEXT_ALERT = re.compile(
@@ -243,8 +245,12 @@ def load_run(path: str, name: str | None = None, prefix: str | None = None) -> R
             + (f" (also: {'; '.join(events.problems)})" if events.problems else "")
         )
     extra = {}
-    for tag in VAL_LOSS_TAGS:
-        if tag in events.scalars and len(events.scalars[tag]):
+    val_tags = sorted(
+        (t for t, v in events.scalars.items() if len(v) and not t.startswith(prefix)),
+        key=lambda t: (len(t), t),
+    )
+    for tag in val_tags:
+        if VAL_LOSS.search(tag):
             extra["val_loss"] = events.scalars[tag]
             break
     problems = list(events.problems)
