@@ -249,8 +249,9 @@ def test_inside_tensorboard_with_a_deep_link(
         browser.wait("return document.querySelectorAll('.wm-chart canvas').length >= 4")
         # Choosing another run writes it into TensorBoard's URL: the link to share.
         browser.js(f"document.querySelector('tr[data-run=\"{SPIKY}\"]').click()")
-        browser.wait(
-            f"return document.querySelector('#wm-focus').textContent.startsWith('{SPIKY}')"
+        browser.wait(  # the section is rebuilt: "#wm-focus" is absent for a moment
+            "const h = document.querySelector('#wm-focus');"
+            f"return h !== null && h.textContent.startsWith('{SPIKY}')"
         )
         assert "wm_run=spiky" in browser.js("return window.parent.location.search")
     finally:
