@@ -183,7 +183,7 @@ _lines = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lines=_lines)
 def test_fuzz_alerts_reader(tmp_path_factory: pytest.TempPathFactory, lines: list[bytes]) -> None:
     """Random JSON records, JSON values and bytes: no exception; every non-blank line is either
