@@ -20,7 +20,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
-from warmup_monitor.report.events import event_files, read_event_files
+from warmup_monitor.report.events import event_files, read_event_files, superseded_note
 
 
 def accumulated(run_dir: str | os.PathLike[str]) -> dict[str, list[tuple[int, float]]]:
@@ -64,10 +64,12 @@ def test_resumed_run_with_overlapping_files(tmp_path: Path) -> None:
     assert loss.steps.tolist() == list(range(8))
     assert loss.values.tolist() == [0, 1, 2, 3, 4, 105, 106, 107]
     assert loss.values[-1] == expected["warmup/loss"][-1][1]
-    assert data.notes == [
+    assert data.superseded == {"warmup/loss": (6, 5, 10), "warmup/lr": (6, 5, 10)}
+    assert superseded_note(data, "warmup/") == (
         "12 logged points (steps 5-10) written again later, by a resumed or restarted run or a "
         "repeated step: the later values are used; TensorBoard shows both"
-    ]
+    )
+    assert superseded_note(data, "other/") is None
 
 
 def test_restart_with_purge_step_drops_the_orphaned_steps(tmp_path: Path) -> None:
@@ -81,7 +83,8 @@ def test_restart_with_purge_step_drops_the_orphaned_steps(tmp_path: Path) -> Non
     ]
     assert ours(tmp_path) == expected
     data = read_event_files(event_files(str(tmp_path)))
-    assert data.scalars["warmup/loss"].steps.tolist() == list(range(8)) and data.notes == []
+    assert data.scalars["warmup/loss"].steps.tolist() == list(range(8))
+    assert data.superseded == {}
 
 
 def test_repeated_step_in_one_file(tmp_path: Path) -> None:

@@ -143,3 +143,17 @@ def test_real_run_reports_episodes_through_the_cli(
     got = doc["runs"][0]
     assert got["verdict_reason"] and got["episodes"]
     assert got["instability_steps"] == sorted(set(got["instability_steps"]))
+
+
+def test_a_loss_that_climbed_before_the_first_alert_does_not_set_the_bar() -> None:
+    """The demo's loss rose from 4.4 to 15 before the first alert: coming back to 15 is not a
+    recovery; the initial loss is the bar then."""
+
+    def climbing(s: int) -> float:
+        if s < 30:
+            return 2.0 + s  # climbing, unflagged, to 31 before the first alert at step 30
+        return 40.0 if s < 100 else 3.0  # after the episode: 3, below 31 but above 2
+
+    r = summarize(synthetic_run(alerts=[_alert(30, "loss_spike")], loss=climbing))
+    assert r.verdict == UNSTABLE
+    assert "stayed above the initial loss (2)" in r.verdict_reason

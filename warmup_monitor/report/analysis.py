@@ -12,8 +12,9 @@ which rule produced it):
   count.
 * ``unstable but recovered``: instability alerts, none in the last :data:`RECOVERY_STEPS` logged
   steps (or the last 10 % of them, whichever is more), and the median loss over those steps is
-  finite and at or below the loss before the first instability (the median of the
-  :data:`BEFORE_STEPS` losses logged before it; the initial loss when there are none). A
+  finite and at or below the lower of the initial loss and the loss before the first instability
+  (the median of the :data:`BEFORE_STEPS` losses logged before it: a loss that was already
+  climbing before the first alert does not set the bar). A
   ``warmup_exhausted`` alert is an instability alert at its step like any other: a run that
   recovered after it is "recovered".
 * ``unstable``: instability alerts, and one of the two conditions above fails (the reason says
@@ -272,16 +273,21 @@ def verdict(
     median = float(np.median(tail))
     before = loss.values[loss.steps < first]
     before = before[np.isfinite(before)][-BEFORE_STEPS:]
+    levels: list[tuple[float, str]] = []
     if before.size:
         level = float(np.median(before))
-        what = (
-            f"the loss before the first instability (median {level:.4g} of the {before.size} "
-            f"logged before step {first})"
+        levels.append(
+            (
+                level,
+                f"the loss before the first instability (median {level:.4g} of the {before.size} "
+                f"logged before step {first})",
+            )
         )
-    elif initial_loss is not None:
-        level, what = initial_loss, f"the initial loss ({initial_loss:.4g})"
-    else:
+    if initial_loss is not None and math.isfinite(initial_loss):
+        levels.append((initial_loss, f"the initial loss ({initial_loss:.4g})"))
+    if not levels:
         return UNSTABLE, "instability alerts, and no loss before them to come back to"
+    level, what = min(levels, key=lambda x: x[0])  # the lower; the loss before on a tie
     if median > level:
         return UNSTABLE, (
             f"no instability alert after step {last_alert}, but the median loss of the last "

@@ -31,7 +31,7 @@ sequence as the run's timeline: a point at step ``s`` supersedes every earlier p
 ``>= s``. So the last value written for a step wins, the series ends with TensorBoard's last point
 (the run's final values are those of the resumed run, not of an abandoned step), and when the
 resumed run goes past the old end this is exactly TensorBoard's own restart purge.
-:attr:`EventData.notes` says how many points were superseded.
+:func:`superseded_note` says how many points were superseded.
 
 Like TensorBoard, reading a file stops at the first record that is truncated or fails its
 checksum; unlike TensorBoard, the reader says so (:attr:`EventData.problems`), and tells an empty
@@ -63,6 +63,7 @@ __all__ = [
     "event_files",
     "read_event_files",
     "read_regular_file",
+    "superseded_note",
 ]
 
 EVENT_FILE_MARKER = "tfevents"
@@ -108,7 +109,8 @@ class EventData:
         texts: tag -> ``[(step, text), ...]`` in file order.
         records: Number of records read.
         problems: One sentence for a person per thing that could not be read.
-        notes: Facts about how the files were read that are not a loss of data.
+        superseded: tag -> ``(points, first step, last step)`` of the points a later point
+            superseded (see :func:`superseded_note`).
         unreadable: Whether no file held a single readable record.
     """
 
@@ -117,7 +119,7 @@ class EventData:
     texts: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     records: int = 0
     problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    superseded: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     unreadable: bool = False
 
 
@@ -548,8 +550,6 @@ def _finish(
         out.problems.append(
             f"{int(bad_step.sum())} scalar points with a step outside [0, 2**53]; skipped"
         )
-    superseded = 0
-    lo, hi = None, None
     for i, t in enumerate(tags):
         mask = tag == i
         idx = np.flatnonzero(mask)
@@ -560,15 +560,22 @@ def _finish(
         keep = _timeline(step[kept])
         dropped = kept[~keep]
         if dropped.size:
-            superseded += int(dropped.size)
-            lo = int(step[dropped].min()) if lo is None else min(lo, int(step[dropped].min()))
-            hi = int(step[dropped].max()) if hi is None else max(hi, int(step[dropped].max()))
+            lo, hi = int(step[dropped].min()), int(step[dropped].max())
+            out.superseded[t] = (int(dropped.size), lo, hi)
         kept = kept[keep]
         out.scalars[t] = Series(steps=step[kept], values=value[kept])
-    if superseded:
-        where = f"step {lo}" if lo == hi else f"steps {lo}-{hi}"
-        points = "1 logged point" if superseded == 1 else f"{superseded} logged points"
-        out.notes.append(
-            f"{points} ({where}) written again later, by a resumed or restarted run or a "
-            "repeated step: the later values are used; TensorBoard shows both"
-        )
+
+
+def superseded_note(data: EventData, prefix: str = "") -> str | None:
+    """A sentence on the points of the tags under ``prefix`` that a later point superseded."""
+    found = [v for t, v in data.superseded.items() if t.startswith(prefix)]
+    if not found:
+        return None
+    count = sum(v[0] for v in found)
+    lo, hi = min(v[1] for v in found), max(v[2] for v in found)
+    where = f"step {lo}" if lo == hi else f"steps {lo}-{hi}"
+    points = "1 logged point" if count == 1 else f"{count} logged points"
+    return (
+        f"{points} ({where}) written again later, by a resumed or restarted run or a repeated "
+        "step: the later values are used; TensorBoard shows both"
+    )

@@ -14,7 +14,13 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from warmup_monitor.report.events import Series, event_files, read_event_files, read_regular_file
+from warmup_monitor.report.events import (
+    Series,
+    event_files,
+    read_event_files,
+    read_regular_file,
+    superseded_note,
+)
 from warmup_monitor.schema import (
     ALERTS_FILENAME,
     DEFAULT_PREFIX,
@@ -254,7 +260,9 @@ def load_run(path: str, name: str | None = None, prefix: str | None = None) -> R
             extra["val_loss"] = events.scalars[tag]
             break
     problems = list(events.problems)
-    notes: list[str] = list(events.notes)
+    notes: list[str] = []
+    if (note := superseded_note(events, prefix)) is not None:
+        notes.append(note)
     jsonl = os.path.join(path, ALERTS_FILENAME)
     texts = {t: rows for t, rows in events.texts.items() if t.startswith(prefix)}
     alerts: list[Alert]
