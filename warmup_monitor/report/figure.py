@@ -182,13 +182,14 @@ def _overlay(plt: Any, runs: Sequence[RunData], summaries: Sequence[RunSummary])
     fig = plt.figure(figsize=(12, 11.5 + caption_h))
     top = 1 - (0.5 + caption_h) / (11.5 + caption_h)
     grid = fig.add_gridspec(
-        4, 2, left=0.07, right=0.80, top=top, bottom=0.05, hspace=0.3, wspace=0.22
+        4, 2, left=0.07, right=0.78, top=top, bottom=0.05, hspace=0.3, wspace=0.22
     )
     ax_lr = fig.add_subplot(grid[0, 0])
     ax_zoom = fig.add_subplot(grid[0, 1])
     ax_loss = fig.add_subplot(grid[1, :])
     ax_grad = fig.add_subplot(grid[2, :], sharex=ax_loss)
     ax_cos = fig.add_subplot(grid[3, :], sharex=ax_loss)
+    ax_zoom_lr = ax_zoom.twinx()  # the lr during warmup, where the controller acts
     colors = plt.get_cmap("tab10").colors
     peaks = [s.peak_lr for s in summaries if s.peak_lr and s.peak_lr > 0]
     log_lr = bool(peaks) and max(peaks) >= 10 * min(peaks)
@@ -200,6 +201,7 @@ def _overlay(plt: Any, runs: Sequence[RunData], summaries: Sequence[RunSummary])
         legend_runs.append(Line2D([], [], color=color, lw=2, label=_short(run.name, 28)))
         s = run.series
         _curve(ax_lr, s.get("lr"), color, log_lr)
+        _curve(ax_zoom_lr, s.get("lr"), color, log_lr, alpha=0.45)
         _curve(ax_loss, s.get("loss"), color, True)
         _curve(ax_grad, s.get("grad_norm"), color, True)
         _curve(ax_cos, s.get("grad_cosine"), color, False)
@@ -220,10 +222,10 @@ def _overlay(plt: Any, runs: Sequence[RunData], summaries: Sequence[RunSummary])
             for ax in (ax_loss, ax_zoom):
                 ax.axhline(level, color=color, ls=(0, (6, 3)), lw=0.9, alpha=0.8)
             used.add("threshold")
-        used |= _marks(run, summary, color, ax_lr, (ax_loss, ax_zoom), log_lr)
+        used |= _marks(run, summary, color, (ax_lr, ax_zoom_lr), (ax_loss, ax_zoom), log_lr)
     for ax, title in (
         (ax_lr, "learning rate" + (" (log)" if log_lr else "")),
-        (ax_zoom, "loss, warmup + grace window (log)"),
+        (ax_zoom, "warmup + grace window: loss (log, left), lr (faint, right)"),
         (ax_loss, "loss (log)"),
         (ax_grad, "gradient norm (log)"),
         (ax_cos, "cosine of consecutive gradients"),
@@ -236,6 +238,8 @@ def _overlay(plt: Any, runs: Sequence[RunData], summaries: Sequence[RunSummary])
             _log_axis(ax)
     if log_lr and ax_lr.has_data():
         _log_axis(ax_lr)
+        _log_axis(ax_zoom_lr)
+    ax_zoom_lr.tick_params(labelsize=7)
     if zoom_end:
         ax_zoom.set_xlim(0, zoom_end)
     ax_cos.axhline(0.0, color="black", lw=0.6)
@@ -244,7 +248,7 @@ def _overlay(plt: Any, runs: Sequence[RunData], summaries: Sequence[RunSummary])
     fig.legend(
         handles=legend_runs,
         loc="upper left",
-        bbox_to_anchor=(0.81, top),
+        bbox_to_anchor=(0.825, top),
         fontsize=8,
         title="runs",
         title_fontsize=8,
@@ -253,7 +257,7 @@ def _overlay(plt: Any, runs: Sequence[RunData], summaries: Sequence[RunSummary])
     fig.legend(
         handles=marks,
         loc="upper left",
-        bbox_to_anchor=(0.81, top - 0.03 * (n + 2)),
+        bbox_to_anchor=(0.825, top - 0.03 * (n + 2)),
         fontsize=8,
         title="marks",
         title_fontsize=8,
@@ -287,18 +291,18 @@ def _log_axis(ax: Any) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter() if wide else plain)
 
 
-def _curve(ax: Any, s: Series | None, color: Any, log: bool) -> None:
+def _curve(ax: Any, s: Series | None, color: Any, log: bool, alpha: float = 1.0) -> None:
     if s is None or not len(s):
         return
     x, y = downsample(s.steps, s.values)
-    ax.plot(x, _positive(y) if log else y, color=color, lw=1.0)
+    ax.plot(x, _positive(y) if log else y, color=color, lw=1.0, alpha=alpha)
 
 
 def _marks(
     run: RunData,
     summary: RunSummary,
     color: Any,
-    ax_lr: Any,
+    lr_axes: tuple[Any, ...],
     loss_axes: tuple[Any, ...],
     log_lr: bool,
 ) -> set[str]:
@@ -348,19 +352,20 @@ def _marks(
         if not steps.size:
             continue
         y = _at(lr, steps)
-        ax_lr.plot(
-            steps,
-            _positive(y) if log_lr else y,
-            ls="none",
-            marker=marker,
-            ms=8,
-            mfc=color,
-            mec="black",
-            mew=0.8,
-        )
+        for ax in lr_axes:
+            ax.plot(
+                steps,
+                _positive(y) if log_lr else y,
+                ls="none",
+                marker=marker,
+                ms=8,
+                mfc=color,
+                mec="black",
+                mew=0.8,
+            )
         used.add(kind)
     for end in sorted({x for x in (summary.planned_warmup, summary.effective_warmup) if x}):
-        for ax in (ax_lr, *loss_axes):
+        for ax in (lr_axes[0], *loss_axes):
             ax.axvline(end, color=color, ls=":", lw=1.0)
         used.add("warmup_end")
     return used
