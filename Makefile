@@ -1,6 +1,7 @@
 # Two entry points, both usable on a fresh machine with only python3:
 #   make demo   train the example transformer with the monitor, write TensorBoard logs and a report
 #   make test   lint, type-check and run the test suite
+#   make docs-images   docs/report.png and docs/tb_plugin.png from the runs of `make demo`
 # Both create (or reuse) the virtual environment in .venv.
 
 VENV    ?= .venv
@@ -10,7 +11,7 @@ STAMP   := $(VENV)/.installed-stamp
 TORCH   ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean docs-images
 
 venv: $(STAMP)
 
@@ -24,6 +25,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) examples/char_transformer.py --log-dir $(DEMO_DIR) --quiet \
 		--monitor-kwargs '{"adaptive": true}'
+
+docs-images: $(STAMP)
+	$(PY) docs/make_images.py $(DEMO_DIR)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

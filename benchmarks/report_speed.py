@@ -10,6 +10,12 @@ monitor's key names, plus an alerts JSONL, then times:
 * with ``--compare``: TensorBoard's ``EventAccumulator`` and ``RawEventFileLoader`` on the same
   file (pure-Python checksums without TensorFlow: slow).
 
+``--runs N`` times many runs at once instead: ``N`` run directories of ``--steps`` steps (1,000
+by default there), each with 150 instability alerts in its JSONL (as a long diverging episode
+writes), reported by ``warmup-monitor report ROOT --out DIR`` (the table, report.png and
+report.html of all of them); ``--python`` runs that command with another interpreter and
+``--pythonpath`` with another copy of the package, to time an older version on the same files.
+
 The event file has the exact layout ``torch.utils.tensorboard.SummaryWriter.add_scalar`` writes
 (``--writer summarywriter`` writes it with SummaryWriter itself, about 100 s per million records;
 the default writes the same records directly).
@@ -18,6 +24,7 @@ Usage::
 
     .venv/bin/python benchmarks/report_speed.py                # 100,000 steps x 10 keys
     .venv/bin/python benchmarks/report_speed.py --compare      # also TensorBoard's readers
+    .venv/bin/python benchmarks/report_speed.py --runs 50      # --out on 50 runs
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import statistics
 import struct
 import subprocess
@@ -111,6 +119,85 @@ def write_run(path: str, steps: int, keys: int, writer: str, warmup: int = 2000)
             f.write(json.dumps({**alert, "threshold": 2.0, "details": {}}) + "\n")
 
 
+def write_runs(root: str, runs: int, steps: int, alerts: int = 150) -> None:
+    """``runs`` run directories of ``steps`` steps, each with ``alerts`` loss_spike alerts."""
+    for i in range(runs):
+        path = os.path.join(root, f"run_{i:03d}")
+        write_run(path, steps, 10, "direct", warmup=max(10, steps // 10))
+        with open(os.path.join(path, "warmup_alerts.jsonl"), "w", encoding="utf-8") as f:
+            start = steps // 5
+            for s in range(start, min(steps, start + alerts)):
+                alert = {"step": s, "kind": "loss_spike", "message": "synthetic", "value": 12.0}
+                f.write(json.dumps({**alert, "threshold": 10.0, "details": {}}) + "\n")
+
+
+def many_runs(args: argparse.Namespace) -> None:
+    steps = args.steps if args.steps != 100_000 else 1000
+    root = os.path.join(args.dir, f"runs_{args.runs}x{steps}")
+    if not os.path.isdir(root):
+        write_runs(root, args.runs, steps)
+    out = os.path.join(args.dir, "out_many")
+    script = os.path.join(os.path.dirname(sys.executable), "warmup-monitor")
+    cmd = [args.python, "-m", "warmup_monitor.cli"] if args.python else [script]
+    env = dict(os.environ)
+    if args.pythonpath:
+        env["PYTHONPATH"] = args.pythonpath
+    load = os.getloadavg()
+
+    def cli() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        # cwd: `python -m` would put the current directory (this checkout) before PYTHONPATH.
+        done = subprocess.run(
+            [*cmd, "report", root, "--out", out],
+            capture_output=True,
+            env=env,
+            cwd=args.dir,
+            check=False,
+        )
+        assert os.path.exists(os.path.join(out, "report.png")), done.stderr[-2000:]
+
+    wall, cpu = timed(cli, args.repeat)
+    stages: list[tuple[str, float]] = []
+    if not args.pythonpath:  # in process, this checkout: where the time goes (CPU s)
+        c = time.process_time()
+        import matplotlib.pyplot  # noqa: F401
+
+        from warmup_monitor.report.analysis import summarize
+        from warmup_monitor.report.figure import render_png
+        from warmup_monitor.report.runs import find_run_dirs, load_run
+
+        stages.append(("import matplotlib", time.process_time() - c))
+        c = time.process_time()
+        data = [load_run(p) for p in find_run_dirs(root)]
+        stages.append((f"read {len(data)} runs", time.process_time() - c))
+        c = time.process_time()
+        summaries = [summarize(d) for d in data]
+        stages.append(("summaries", time.process_time() - c))
+        c = time.process_time()
+        render_png(data, summaries)
+        stages.append(("report.png", time.process_time() - c))
+    print(
+        f"\n{args.runs} runs x {steps} steps x 10 keys, 150 alerts each; "
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; "
+        f"load average before: {load[0]:.1f}\n"
+    )
+
+    probe = "import warmup_monitor; print(warmup_monitor.__file__)"
+    where = subprocess.run(
+        [args.python or sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=args.dir,
+        check=False,
+    ).stdout.strip()
+    print(f"package timed: {where}\n")
+    print("| what | wall s | CPU s |\n|---|---|---|")
+    print(f"| `warmup-monitor report ROOT --out DIR` ({args.runs} runs) | {wall:.2f} | {cpu:.2f} |")
+    for name, seconds in stages:
+        print(f"| in process: {name} | | {seconds:.2f} |")
+
+
 def timed(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
     """Median wall time and median CPU time (this process and its children) of ``fn``."""
     walls, cpus = [], []
@@ -136,7 +223,13 @@ def main() -> None:
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "wm_report_bench"))
     parser.add_argument("--writer", choices=("direct", "summarywriter"), default="direct")
     parser.add_argument("--compare", action="store_true", help="also time TensorBoard's readers")
+    parser.add_argument("--runs", type=int, default=0, help="time --out on this many runs")
+    parser.add_argument("--python", default="", help="with --runs: the interpreter to time")
+    parser.add_argument("--pythonpath", default="", help="with --runs: PYTHONPATH for it")
     args = parser.parse_args()
+    if args.runs:
+        many_runs(args)
+        return
 
     run = os.path.join(args.dir, f"run_{args.steps}x{args.keys}_{args.writer}")
     if not os.path.isdir(run):
@@ -149,7 +242,8 @@ def main() -> None:
 
     from warmup_monitor.report.analysis import summarize
     from warmup_monitor.report.events import FAST_CRC
-    from warmup_monitor.report.render import print_report, render_html, render_png
+    from warmup_monitor.report.figure import render_png
+    from warmup_monitor.report.render import print_report, render_html
     from warmup_monitor.report.runs import load_run
 
     data = load_run(run)

@@ -41,3 +41,25 @@ def test_zero_quiet_steps_logs_every_alert(caplog: pytest.LogCaptureFixture) -> 
         for step in range(5):
             dispatcher.dispatch(Alert(step, AlertKind.LOSS_SPIKE, "big"))
     assert len(caplog.records) == 5
+
+
+def test_actions_and_episode_summaries_are_always_said(
+    tmp_path: os.PathLike, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The controller's actions and the close of an episode are never held back on the console;
+    the file gets strict JSON lines through the schema's one writer."""
+    path = os.path.join(str(tmp_path), "alerts.jsonl")
+    dispatcher = AlertDispatcher(jsonl_path=path, log_quiet_steps=50)
+    kinds = [AlertKind.LR_BACKOFF, AlertKind.ROLLBACK, AlertKind.EPISODE_END]
+    with caplog.at_level(logging.WARNING, logger="warmup_monitor"):
+        for step in range(3):
+            for kind in kinds:
+                dispatcher.dispatch(Alert(step, kind, "m", value=math.inf, episode=step))
+    dispatcher.close()
+    assert len(caplog.records) == 9
+    got = read_alerts(path)
+    assert [(a.step, a.kind, a.episode) for a in got] == [
+        (step, kind, step) for step in range(3) for kind in kinds
+    ]
+    with open(path, encoding="utf-8") as f:
+        assert all('"value": "inf"' in line for line in f)

@@ -126,7 +126,7 @@ def test_bad_jsonl_line(logs: Path, capsys: pytest.CaptureFixture[str], tmp_path
     code, out, err = run_main(["report", str(run), "--json"], capsys)
     assert code == 6
     assert json.loads(out)["runs"][0]["alerts_by_kind"] == expected
-    assert f"{ALERTS_FILENAME} line {lines + 1}: truncated or not JSON; skipped" in err
+    assert f"{ALERTS_FILENAME} line {lines + 1}: truncated or not JSON: unterminated" in err
 
 
 def test_good_runs_are_reported_beside_a_bad_one(
@@ -165,3 +165,90 @@ def test_console_script(logs: Path) -> None:
         [script, "report", str(logs / "nope")], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 3 and "no such directory" in done.stderr
+
+
+# ---------------------------------------------------------------------------------- issue 16
+
+
+def test_bad_alert_values_never_crash_the_report(
+    logs: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Defect 1: `"step": Infinity` (or 1e400) gave an OverflowError traceback, 100,000 nested
+    `[` a RecursionError, 1e23 stretched the picture, 7.9 became 7."""
+    run = tmp_path / "run"
+    shutil.copytree(logs / "run" / "version_0", run)
+    expected = jsonl_by_kind(run)
+    n = len((run / ALERTS_FILENAME).read_text(encoding="utf-8").splitlines())
+    bad = [
+        '{"step": Infinity, "kind": "loss_spike"}',
+        '{"step": 1e400, "kind": "loss_spike"}',
+        '{"step": 1e23, "kind": "loss_spike"}',
+        '{"step": 7.9, "kind": "loss_spike"}',
+        "[" * 100_000,
+        '{"step": 900000000, "kind": "loss_spike"}',  # < 2**53, far beyond the run's 60 steps
+    ]
+    with open(run / ALERTS_FILENAME, "a", encoding="utf-8") as f:
+        f.write("\n".join(bad) + "\n")
+    code, out, err = run_main(["report", str(run), "--json", "--out", str(tmp_path / "o")], capsys)
+    assert code == 6
+    assert "Traceback" not in err and "Error" not in err
+    assert json.loads(out)["runs"][0]["alerts_by_kind"] == expected
+    for i, why in enumerate(
+        [
+            "'step' is not finite",
+            "'step' is not finite",
+            "'step' 1e+23 is beyond 2**53",
+            "'step' 7.9 is not a whole",
+        ]
+    ):
+        assert f"{ALERTS_FILENAME} line {n + 1 + i}: {why}" in err
+    assert f"{ALERTS_FILENAME} line {n + 5}: nested deeper than 64 levels; skipped" in err
+    assert "1 alerts at steps beyond" in err
+    assert (tmp_path / "o" / "report.png").stat().st_size > 10_000
+
+
+def test_control_characters_are_never_printed(
+    logs: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Defect 2: ESC sequences in a run directory name or an alert kind reached the terminal."""
+    esc = "\x1b]0;pwned\x07\x1b[2J"
+    run = tmp_path / f"run{esc}"
+    shutil.copytree(logs / "run" / "version_0", run)
+    with open(run / ALERTS_FILENAME, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": 30, "kind": f"odd{esc}", "message": f"m{esc}"}) + "\n")
+        f.write('{"step": 31, "kind": "x"' + esc + "\n")  # a bad line quoting the sequence
+    code, out, err = run_main(["report", str(run)], capsys)
+    assert code == 6
+    assert "odd]0;pwned[2J" in out  # the kind is shown, without its control characters
+    for text in (out, err):
+        assert not any(c in text for c in "\x1b\x07\x9b"), repr(text[:200])
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"", "empty (0 bytes)"),
+        (bytes(range(256)) * 8, "not a TensorBoard event file"),
+        (None, "first record header fails its checksum"),  # a real file, byte 0 flipped
+    ],
+)
+def test_broken_event_files_are_diagnosed(
+    logs: Path,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    content: bytes | None,
+    why: str,
+) -> None:
+    """Defect 6: all three said "hold none of the monitor's keys; was WarmupMonitor in the
+    Trainer's callbacks?"."""
+    run = tmp_path / "run"
+    shutil.copytree(logs / "run" / "version_0", run)
+    (path,) = event_files(str(run))
+    if content is None:
+        raw = bytearray(Path(path).read_bytes())
+        raw[0] ^= 0xFF
+        content = bytes(raw)
+    Path(path).write_bytes(content)
+    code, _, err = run_main(["report", str(run)], capsys)
+    assert code == 4
+    assert why in err and "none of the monitor's keys" not in err

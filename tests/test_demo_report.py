@@ -51,3 +51,12 @@ def test_report_of_a_demo_run_matches_its_alerts_file(
         new_end = extended[-1]["details"]["new_warmup_steps"]
         assert report["effective_warmup"] == new_end
         assert any(f"at least {new_end} warmup steps" in line for line in report["advice"])
+    assert report["verdict_reason"]
+    assert report["instability_steps"] == sorted(set(report["instability_steps"]))
+    # The report's lr advice and the controller's own alert give the same number.
+    for a in alerts:
+        if a["kind"] == "warmup_exhausted" and a["details"].get("recommended_lr") is not None:
+            assert report["recommended_peak_lr"] == pytest.approx(
+                a["details"]["recommended_lr"], rel=1e-12
+            )
+            assert f"{a['details']['recommended_lr']:.3g}" in " ".join(report["advice"])

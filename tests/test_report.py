@@ -5,6 +5,7 @@ hand-made series."""
 from __future__ import annotations
 
 import ast
+import html
 import json
 import math
 import os
@@ -19,12 +20,10 @@ import pytorch_lightning as pl
 from conftest import fit, make_loader, read_scalars, tiny_module_class
 
 from warmup_monitor import WarmupMonitor
-from warmup_monitor.alerts import ALERTS_FILENAME
 from warmup_monitor.report import (
     HEALTHY,
     RECOVERED,
     UNSTABLE,
-    AlertRecord,
     NoEventFilesError,
     NoWarmupKeysError,
     RunData,
@@ -33,8 +32,10 @@ from warmup_monitor.report import (
 )
 from warmup_monitor.report.analysis import aligned_from, extensions
 from warmup_monitor.report.events import Series, event_files, read_event_files
-from warmup_monitor.report.render import downsample, render_html, render_png, to_json
+from warmup_monitor.report.figure import downsample, render_png
+from warmup_monitor.report.render import render_html, to_json
 from warmup_monitor.report.runs import read_alerts_jsonl
+from warmup_monitor.schema import ALERTS_FILENAME, Alert, AlertKind
 
 SPIKE_STEPS = (12, 13)
 
@@ -188,9 +189,10 @@ def test_alerts_jsonl_tolerates_bad_lines(tmp_path: Path) -> None:
     assert [(a.step, a.kind) for a in alerts] == [(3, "loss_spike"), (5, "a_future_kind")]
     assert alerts[0].value == math.inf and math.isnan(alerts[1].value)
     assert problems == [
-        f"{ALERTS_FILENAME} line 2: not JSON; skipped",
+        f"{ALERTS_FILENAME} line 2: not JSON: expecting value (column 1); skipped",
         f"{ALERTS_FILENAME} line 3: no 'step' field; skipped",
-        f"{ALERTS_FILENAME} line 5: truncated or not JSON; skipped",
+        f"{ALERTS_FILENAME} line 5: truncated or not JSON: unterminated string starting at "
+        "(column 21); skipped",
     ]
 
 
@@ -227,8 +229,14 @@ def test_real_run_summary_matches_its_jsonl(real_run: str) -> None:
     # The loss ends at 1 / (1 + 0.05 * 59), well below the initial loss: recovered.
     assert summary.verdict == RECOVERED
     assert "loss spiked twice during warmup (steps 12, 13)" in summary.advice
-    # The lr of step 11 under the LambdaLR warmup: 0.05 * 12 / 20.
-    hint = "lower the peak lr to about 0.03 (the lr just before the first alert)"
+    # Half the lowest lr (as TensorBoard read it) at the steps the report counts as unstable.
+    lr = read_scalars(real_run)["warmup/lr"]
+    lowest = min(lr[s] for s in summary.instability_steps)
+    assert SPIKE_STEPS[0] in summary.instability_steps
+    hint = (
+        f"lower the peak lr to about {0.5 * lowest:.3g} (half of {lowest:.3g}, the lowest lr at "
+        "which instability was seen)"
+    )
     assert any(
         a.startswith("lengthen warmup to at least 40 steps") and hint in a for a in summary.advice
     )
@@ -245,7 +253,7 @@ def synthetic_run(
     loss: Callable[[int], float] = lambda s: 2.0 / (1 + 0.01 * s),
     cosine: Callable[[int], float] = lambda s: 0.5,
     peak_lr: float = 1e-3,
-    alerts: Sequence[AlertRecord] = (),
+    alerts: Sequence[Alert] = (),
     source: str = "jsonl",
     extra: dict[str, Series] | None = None,
 ) -> RunData:
@@ -265,8 +273,8 @@ def synthetic_run(
     return RunData("synthetic", "/nowhere", series, list(alerts), source)
 
 
-def _alert(step: int, kind: str, **details: Any) -> AlertRecord:
-    return AlertRecord(step, kind, f"{kind} at {step}", 1.0, 1.0, dict(details))
+def _alert(step: int, kind: str, episode: int | None = None, **details: Any) -> Alert:
+    return Alert(step, AlertKind(kind), f"{kind} at {step}", 1.0, 1.0, dict(details), episode)
 
 
 def test_healthy_aligned_early_suggests_a_shorter_warmup() -> None:
@@ -332,10 +340,11 @@ def test_extended_warmup_advice_uses_the_extension_details() -> None:
     assert [(e.step, e.old, e.new) for e in r.extensions] == [(39, 100, 200), (79, 200, 300)]
     assert (r.planned_warmup, r.effective_warmup) == (100, 300)
     assert r.advice[0] == "loss spiked 3 times during warmup (steps 30, 32, 70)"
-    lr_29 = 1e-3 * 30 / 100
+    lr_30 = 1e-3 * 31 / 100  # the lowest lr at an instability alert (step 30)
     assert r.advice[1] == (
         "warmup was extended twice, from 100 to 300 steps: start with at least 300 warmup steps "
-        f"next time, or lower the peak lr to about {lr_29:.3g} (the lr just before the first alert)"
+        f"next time, or lower the peak lr to about {0.5 * lr_30:.3g} (half of {lr_30:.3g}, the "
+        "lowest lr at which instability was seen)"
     )
 
 
@@ -352,14 +361,12 @@ def test_unstable_to_the_end() -> None:
     assert r.verdict == UNSTABLE
     assert r.advice[0] == "loss spiked 3 times after warmup (steps 150, 390, 395)"
     assert r.advice[1].startswith("instability began after warmup (step 150, lr 0.001)")
-    assert r.advice[-1].startswith("the run had not recovered by its last logged step (399)")
-
-
-def test_exhausted_warmup_is_unstable_even_if_the_loss_recovers() -> None:
-    alerts = [_alert(20, "oscillation"), _alert(60, "warmup_exhausted")]
-    r = summarize(synthetic_run(alerts=alerts))
-    assert r.verdict == UNSTABLE
-    assert any("hit its cap while still unstable" in a for a in r.advice)
+    assert "lower the peak lr to about 0.0005 (half of 0.001," in r.advice[1]
+    # 400 logged steps: the last 40 (from step 360) must be quiet.
+    assert r.verdict_reason == (
+        "an instability alert at step 395, within the last 40 logged steps (from step 360): "
+        "not recovered"
+    )
 
 
 def test_grad_norm_spikes_suggest_clipping() -> None:
@@ -387,6 +394,7 @@ def test_html_and_json_escape_and_serialize(real_run: str) -> None:
     assert "<script>" not in page and "<img src=x" not in page and "<b>bad" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "data:image/png;base64," in page
+    assert html.escape(summary.verdict_reason) in page
     doc = to_json([summary])
     json.dumps(doc, allow_nan=False)
     assert doc["runs"][0]["alerts_by_kind"] == jsonl_by_kind(real_run)
@@ -411,6 +419,11 @@ def test_downsample_keeps_spikes() -> None:
         "report/runs.py",
         "report/analysis.py",
         "report/render.py",
+        "report/figure.py",
+        "report/episodes.py",
+        "report/wording.py",
+        "schema.py",
+        "advice.py",
         "cli.py",
         "tb_plugin/__init__.py",
         "tb_plugin/plugin.py",
@@ -428,3 +441,20 @@ def test_offline_tools_import_neither_lightning_nor_the_callback(module: str) ->
             imported.add(node.module)
     forbidden = {"torch", "pytorch_lightning", "lightning", "warmup_monitor.callback"}
     assert not {m for m in imported if m.split(".")[0] in forbidden or m in forbidden}
+
+
+@pytest.mark.parametrize("tag", ["val_loss", "val/loss", "validation/loss", "val_loss_epoch"])
+def test_validation_loss_is_read_when_logged(tmp_path: Path, tag: str) -> None:
+    write_scalars(
+        tmp_path,
+        {
+            "warmup/lr": [(0, 0.1), (1, 0.2)],
+            "warmup/loss": [(0, 2.0), (1, 1.5)],
+            "warmup/warmup_steps": [(0, 2.0), (1, 2.0)],
+            "train/loss": [(0, 2.0)],
+            tag: [(1, 1.75)],
+        },
+    )
+    run = load_run(str(tmp_path))
+    assert run.extra["val_loss"].steps.tolist() == [1]
+    assert run.extra["val_loss"].values.tolist() == [1.75]

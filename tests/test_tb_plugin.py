@@ -17,21 +17,34 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_report import SPIKE_STEPS, jsonl_by_kind, make_real_run, write_scalars
+import pytorch_lightning as pl
+from conftest import fit, make_loader, tiny_module_class
+from tensorboard.plugins import base_plugin
+from test_report import SPIKE_STEPS, jsonl_by_kind, make_real_run, spiky_loss, write_scalars
 
-from warmup_monitor.alerts import ALERTS_FILENAME
-from warmup_monitor.tb_plugin import PLUGIN_NAME
+from warmup_monitor import WarmupMonitor
+from warmup_monitor.report.events import event_files
+from warmup_monitor.schema import ALERTS_FILENAME
+from warmup_monitor.tb_plugin import PLUGIN_NAME, WarmupPlugin
 from warmup_monitor.tb_plugin.plugin import discover_runs
 
 EVIL = "<script>alert(1)</script>"
 START_TIMEOUT_S = 90
-CHROMIUM = "/usr/bin/chromium"
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def make_prefixed_run(root: Path, prefix: str) -> str:
+    """A real run whose monitor logs under ``log_key_prefix=prefix``."""
+    logger = pl.loggers.TensorBoardLogger(str(root), name="run", version=0)
+    model = tiny_module_class(pl)(scripted=spiky_loss, warmup=20)
+    monitor = WarmupMonitor(warmup_steps=20, log_key_prefix=prefix)
+    fit(pl, root, [monitor], model=model, max_steps=40, loader=make_loader(160, 4), logger=logger)
+    return str(logger.log_dir)
 
 
 class Server:
@@ -110,6 +123,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     outside = base / "outside"
     shutil.copytree(run, outside)
     os.symlink(outside, logdir / "link", target_is_directory=True)
+    # Defect 3: a run whose event file and alerts file are links to files outside the logdir.
+    (logdir / "filelink").mkdir()
+    os.symlink(event_files(str(outside))[0], logdir / "filelink" / "events.out.tfevents.9.x")
+    write_scalars(logdir / "filelink", {"train/loss": [(0, 1.0)]})
+    os.symlink(outside / ALERTS_FILENAME, logdir / "filelink" / ALERTS_FILENAME)
+    # Defect 1: one bad alerts line and an empty event file, each in a run of its own.
+    shutil.copytree(run, logdir / "badline")
+    with open(logdir / "badline" / ALERTS_FILENAME, "a", encoding="utf-8") as f:
+        f.write('{"step": Infinity, "kind": "loss_spike"}\n' + "[" * 100_000 + "\n")
+    (logdir / "empty").mkdir()
+    (logdir / "empty" / "events.out.tfevents.1.x").write_bytes(b"")
+    # Issue 12: a monitor logging under another prefix.
+    make_prefixed_run(logdir / "prefixed", prefix="wm/")
     srv = Server(logdir)
     try:
         srv.wait()
@@ -130,9 +156,18 @@ def test_runs_route(server: Server) -> None:
     status, body = server.get_json(f"/data/plugin/{PLUGIN_NAME}/runs")
     assert status == 200
     rows = {r["run"]: r for r in body["runs"]}
-    assert set(rows) == {EVIL, "demo/run/version_0", "plain"}  # not the symlink outside
+    # Not the directory link that leads outside.
+    assert set(rows) == {
+        EVIL,
+        "demo/run/version_0",
+        "plain",
+        "filelink",
+        "badline",
+        "empty",
+        "prefixed/run/version_0",
+    }  # fmt: skip
     demo = rows["demo/run/version_0"]
-    assert demo["verdict"] == "unstable but recovered"
+    assert demo["verdict"] == "unstable but recovered" and demo["verdict_reason"]
     counts = {k: len(v) for k, v in jsonl_by_kind(server.logdir / EVIL).items()}
     assert counts["loss_spike"] == len(SPIKE_STEPS)
     assert rows[EVIL]["alerts"] == counts  # the copy has one more transient alert
@@ -140,6 +175,49 @@ def test_runs_route(server: Server) -> None:
     assert demo["alerts"] == {k: n for k, n in counts.items() if n}
     assert demo["planned_warmup"] == 20
     assert "none of the monitor's keys" in rows["plain"]["error"]
+
+
+def test_one_bad_run_never_breaks_another(server: Server) -> None:
+    """Issue 16, defect 1: one bad alerts line anywhere made /runs answer HTTP 500."""
+    status, body = server.get_json(f"/data/plugin/{PLUGIN_NAME}/runs")
+    assert status == 200
+    rows = {r["run"]: r for r in body["runs"]}
+    bad = rows["badline"]
+    assert bad["error"] is None and bad["verdict"] == rows["demo/run/version_0"]["verdict"]
+    n = len((server.logdir / "demo/run/version_0" / ALERTS_FILENAME).read_text().splitlines())
+    assert bad["problems"] == [
+        f"{ALERTS_FILENAME} line {n + 1}: 'step' is not finite (inf); skipped",
+        f"{ALERTS_FILENAME} line {n + 2}: nested deeper than 64 levels; skipped",
+    ]
+    assert "empty (0 bytes)" in rows["empty"]["error"]
+    status, one = server.get_json(f"/data/plugin/{PLUGIN_NAME}/run?run=empty")
+    assert status == 422 and "empty (0 bytes)" in one["error"]
+
+
+def test_file_links_outside_the_logdir_are_not_read(server: Server) -> None:
+    """Issue 16, defect 3: an event file reached through a file link was served."""
+    _, body = server.get_json(f"/data/plugin/{PLUGIN_NAME}/runs")
+    row = {r["run"]: r for r in body["runs"]}["filelink"]
+    # Only its own file (train/loss) was read: the linked monitor file and alerts were not.
+    assert "none of the monitor's keys" in row["error"]
+
+
+def test_a_run_logged_under_another_prefix(server: Server) -> None:
+    query = urllib.parse.urlencode({"run": "prefixed/run/version_0"})
+    status, body = server.get_json(f"/data/plugin/{PLUGIN_NAME}/run?{query}")
+    assert status == 200 and body["prefix"] == "wm/"
+    assert [p[0] for p in body["curves"]["lr"]] == list(range(40))
+    assert body["summary"]["alerts_by_kind"]["loss_spike"] == list(SPIKE_STEPS)
+
+
+def test_the_tab_is_inactive_without_a_monitor_run(tmp_path: Path) -> None:
+    """Issue 16, defect 7: the tab was active on any logdir, marking every run not readable."""
+    write_scalars(tmp_path / "a", {"train/loss": [(0, 1.0)], "lr": [(0, 0.1)]})
+    plugin = WarmupPlugin(base_plugin.TBContext(logdir=str(tmp_path)))
+    assert plugin.is_active() is False
+    write_scalars(tmp_path / "b", {"wm/lr": [(0, 0.1)], "wm/warmup_steps": [(0, 5.0)]})
+    plugin._checked_at = -1e9  # the next call may look again
+    assert plugin.is_active() is True
 
 
 def test_run_route(server: Server) -> None:
@@ -195,32 +273,3 @@ def test_discover_runs_skips_symlinks_outside(tmp_path: Path) -> None:
     os.symlink(inside / "a", inside / "c")  # inside, but walk does not follow links
     assert discover_runs(str(inside)) == {"a": str((inside / "a").resolve())}
     assert discover_runs(str(tmp_path / "missing")) == {}
-
-
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed")
-def test_screenshot_in_headless_chromium(server: Server, tmp_path: Path) -> None:
-    """A picture of the tab. Set WARMUP_MONITOR_SCREENSHOT=path to keep a copy."""
-    out = tmp_path / "tab.png"
-    cmd = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--hide-scrollbars",
-        "--window-size=1400,1600",
-        "--virtual-time-budget=20000",
-        f"--screenshot={out}",
-        f"{server.url}/?runFilter=demo#{PLUGIN_NAME}",
-    ]
-    done = subprocess.run(cmd, capture_output=True, timeout=120)
-    assert out.exists(), done.stderr.decode(errors="replace")[-2000:]
-    data = out.read_bytes()
-    assert data.startswith(b"\x89PNG") and len(data) > 20_000
-    keep = os.environ.get("WARMUP_MONITOR_SCREENSHOT")
-    if keep:
-        shutil.copyfile(out, keep)

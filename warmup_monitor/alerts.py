@@ -1,137 +1,47 @@
 """Alerts: what the monitor found, and the sinks that carry it to the user.
 
-An :class:`Alert` is a plain record. Detectors return them; :class:`AlertDispatcher` fans each
-one out to Python logging, a JSONL file, TensorBoard text and a user hook. A sink that fails
-(a full disk, a hook that raises) never hides the alert from the others.
+An :class:`Alert` is a plain record, defined with its kinds, its JSONL writer and its reader in
+:mod:`warmup_monitor.schema` (the on-disk contract) and re-exported here. Detectors return
+them; :class:`AlertDispatcher` fans each one out to Python logging, a JSONL file, TensorBoard
+text and a user hook. A sink that fails (a full disk, a hook that raises) never hides the alert
+from the others.
 
 This module imports no Lightning.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
-from enum import Enum
 from typing import Any, Protocol
 
-log = logging.getLogger("warmup_monitor")
-
-ALERTS_FILENAME = "warmup_alerts.jsonl"
-
-
-class AlertKind(str, Enum):
-    """The enumerated set of alert kinds. The value is what appears in files and logs."""
-
-    #: The loss exceeded ``spike_factor`` x the initial loss (default 10x).
-    LOSS_SPIKE = "loss_spike"
-    #: The loss jumped far above its recent trend (relative spike, from the second step).
-    LOSS_TREND_SPIKE = "loss_trend_spike"
-    #: The global gradient norm jumped far above its recent level.
-    GRAD_NORM_SPIKE = "grad_norm_spike"
-    #: The loss or a gradient is NaN or infinite.
-    NON_FINITE = "non_finite"
-    #: Consecutive gradients point in opposite directions, step after step.
-    OSCILLATION = "oscillation"
-    #: A one-step excursion that recovered at once (a catapult); informational.
-    TRANSIENT = "transient"
-    #: Instability that persisted or repeated.
-    PERSISTENT_INSTABILITY = "persistent_instability"
-    #: The adaptive controller lengthened warmup.
-    WARMUP_EXTENDED = "warmup_extended"
-    #: The adaptive controller hit its caps while training was still unstable.
-    WARMUP_EXHAUSTED = "warmup_exhausted"
-    #: The learning rate is past the curvature stability limit.
-    EDGE_OF_STABILITY = "edge_of_stability"
-    #: The monitor itself could not compute something it was asked for.
-    MONITOR = "monitor"
-
-    @property
-    def is_instability(self) -> bool:
-        """Whether this kind means training is unstable (see :data:`INSTABILITY_KINDS`)."""
-        return self in INSTABILITY_KINDS
-
-
-#: The alert kinds that mean training is unstable: what drives warmup extension and the report's
-#: verdict. The others are informational: ``transient`` (an excursion that recovered at once),
-#: ``warmup_extended`` (an action taken) and ``monitor`` (the monitor's own trouble).
-INSTABILITY_KINDS: frozenset[AlertKind] = frozenset(
-    {
-        AlertKind.LOSS_SPIKE,
-        AlertKind.LOSS_TREND_SPIKE,
-        AlertKind.GRAD_NORM_SPIKE,
-        AlertKind.NON_FINITE,
-        AlertKind.OSCILLATION,
-        AlertKind.PERSISTENT_INSTABILITY,
-        AlertKind.WARMUP_EXHAUSTED,
-        AlertKind.EDGE_OF_STABILITY,
-    }
+from warmup_monitor.schema import (
+    ACTION_KINDS,
+    ALERTS_FILENAME,
+    INSTABILITY_KINDS,
+    Alert,
+    AlertKind,
+    JsonlWriter,
+    is_instability,
+    json_float,
+    read_alerts,
+    read_alerts_file,
 )
 
+__all__ = [
+    "ALERTS_FILENAME",
+    "INSTABILITY_KINDS",
+    "Alert",
+    "AlertDispatcher",
+    "AlertKind",
+    "TextWriter",
+    "is_instability",
+    "read_alerts",
+    "read_alerts_file",
+]
 
-def is_instability(kind: AlertKind | str) -> bool:
-    """Whether an alert kind (member or value, e.g. ``"loss_spike"``) means instability.
-
-    Unknown kinds (from a newer version's file) are not instability.
-    """
-    try:
-        return AlertKind(kind) in INSTABILITY_KINDS
-    except ValueError:
-        return False
-
-
-@dataclass
-class Alert:
-    """One finding of the monitor.
-
-    Attributes:
-        step: Optimizer steps taken before the update the alert is about (0 for the first update).
-        kind: What was found, one of :class:`AlertKind`.
-        message: A sentence for a person.
-        value: The observed value that triggered the alert (may be NaN or inf).
-        threshold: The limit the value was compared with (NaN where there is none).
-        details: Extra JSON-serialisable facts (e.g. the initial loss, the optimizer index).
-    """
-
-    step: int
-    kind: AlertKind
-    message: str
-    value: float = math.nan
-    threshold: float = math.nan
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict; non-finite floats become ``"nan"``, ``"inf"`` or ``"-inf"``."""
-        out = asdict(self)
-        out["kind"] = AlertKind(self.kind).value
-        out["value"] = _json_float(self.value)
-        out["threshold"] = _json_float(self.threshold)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Alert:
-        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
-        return cls(
-            step=int(data["step"]),
-            kind=AlertKind(data["kind"]),
-            message=str(data.get("message", "")),
-            value=float(data.get("value", math.nan)),
-            threshold=float(data.get("threshold", math.nan)),
-            details=dict(data.get("details") or {}),
-        )
-
-    def __str__(self) -> str:
-        return f"[step {self.step}] {AlertKind(self.kind).value}: {self.message}"
-
-
-def _json_float(x: float) -> float | str:
-    x = float(x)
-    if math.isfinite(x):
-        return x
-    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+log = logging.getLogger("warmup_monitor")
 
 
 class TextWriter(Protocol):
@@ -174,7 +84,7 @@ class AlertDispatcher:
         self.text_tag = text_tag
         self.log_level = log_level
         self.log_quiet_steps = log_quiet_steps
-        self._file: Any = None
+        self._writer = None if self.jsonl_path is None else JsonlWriter(self.jsonl_path)
         self._last_logged: dict[str, int] = {}
         self._held: dict[str, int] = {}
 
@@ -194,11 +104,11 @@ class AlertDispatcher:
                 log.exception("warmup_monitor: the on_alert hook raised; training goes on")
 
     def _log(self, alert: Alert) -> None:
-        kind = AlertKind(alert.kind).value
+        kind = alert.kind_name
         last = self._last_logged.get(kind)
-        # Actions the monitor took are always said; findings that repeat step after step are
-        # held back.
-        action = alert.kind in (AlertKind.WARMUP_EXTENDED, AlertKind.WARMUP_EXHAUSTED)
+        # Actions the monitor took (and episode summaries) are always said; findings that repeat
+        # step after step are held back.
+        action = alert.kind in ACTION_KINDS
         if not action and last is not None and 0 <= alert.step - last < self.log_quiet_steps:
             self._held[kind] = self._held.get(kind, 0) + 1
             log.debug("warmup_monitor: %s", alert)
@@ -211,43 +121,23 @@ class AlertDispatcher:
         self._last_logged[kind] = alert.step
 
     def _write_jsonl(self, alert: Alert) -> None:
-        if self.jsonl_path is None:
+        if self._writer is None:
             return
         try:
-            if self._file is None:
-                os.makedirs(os.path.dirname(self.jsonl_path) or ".", exist_ok=True)
-                self._file = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
-            self._file.write(json.dumps(alert.to_dict(), allow_nan=False) + "\n")
-            self._file.flush()
-        except OSError:
+            self._writer.write(alert)
+        except (OSError, ValueError):
             log.exception("warmup_monitor: could not write %s", self.jsonl_path)
 
     def close(self) -> None:
         """Close the JSONL file (it is reopened in append mode if another alert comes)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._writer is not None:
+            self._writer.close()
 
 
 def _markdown(alert: Alert) -> str:
-    value = _json_float(alert.value)
-    threshold = _json_float(alert.threshold)
+    value = json_float(alert.value)
+    threshold = json_float(alert.threshold)
     return (
-        f"**{AlertKind(alert.kind).value}** at step {alert.step}: {alert.message}  \n"
+        f"**{alert.kind_name}** at step {alert.step}: {alert.message}  \n"
         f"value `{value}`, threshold `{threshold}`"
     )
-
-
-def read_alerts(path: str | os.PathLike[str]) -> list[Alert]:
-    """Read a ``warmup_alerts.jsonl`` file. Lines that do not parse are skipped."""
-    alerts = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                alerts.append(Alert.from_dict(json.loads(line)))
-            except (ValueError, KeyError, TypeError):
-                continue
-    return alerts

@@ -1,12 +1,14 @@
 """``warmup-monitor``: the command line.
 
-``warmup-monitor report RUN_DIR [RUN_DIR ...] [--json] [--out DIR] [--prefix warmup/]``
+``warmup-monitor report RUN_DIR [RUN_DIR ...] [--json] [--out DIR] [--prefix PREFIX]``
 
 Exit codes: 0 reported; 1 internal error; 2 usage error; 3 a RUN_DIR does not exist or is not a
-directory; 4 no event file in a RUN_DIR; 5 a run without the monitor's keys; 6 reported, but
-something was skipped (a truncated or corrupted event file, a bad JSONL line); 7 the ``--out``
-files could not be written. With several problems the lowest of 3-7 wins; the runs that could be
-read are reported all the same.
+directory; 4 no event file in a RUN_DIR, or none that could be read (empty, not an event file,
+damaged from its first byte); 5 a run without the monitor's keys; 6 reported, but something was
+skipped (a truncated or corrupted event file, a bad JSONL line: each is named, ``line N: why;
+skipped``); 7 the ``--out`` files could not be written. With several problems the lowest of 3-7
+wins; the runs that could be read are reported all the same. Text from the runs is printed
+without its control characters.
 
 This module imports neither the callback nor Lightning.
 """
@@ -22,7 +24,8 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from warmup_monitor.report.analysis import RunSummary, summarize
-from warmup_monitor.report.render import print_report, render_html, render_png, to_json
+from warmup_monitor.report.figure import render_png
+from warmup_monitor.report.render import clean_text, print_report, render_html, to_json
 from warmup_monitor.report.runs import (
     EXIT_OK,
     EXIT_OUTPUT,
@@ -50,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
             "searched for runs below it (e.g. lightning_logs/ holds version_0/, version_1/)."
         ),
         epilog=(
-            "exit codes: 0 reported; 2 usage; 3 no such directory; 4 no event files; "
-            "5 no warmup keys; 6 reported, something skipped; 7 could not write --out"
+            "exit codes: 0 reported; 2 usage; 3 no such directory; 4 no (readable) event "
+            "files; 5 no warmup keys; 6 reported, something skipped; 7 could not write --out"
         ),
     )
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run's log directory")
@@ -60,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", help="also write DIR/report.png and DIR/report.html"
     )
     report.add_argument(
-        "--prefix", default="warmup/", help="the monitor's log_key_prefix (default: warmup/)"
+        "--prefix",
+        default=None,
+        help="the monitor's log_key_prefix (default: found in each run's tags, else warmup/)",
     )
     return parser
 
@@ -74,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _report(args.run_dirs, as_json=args.json, out=args.out, prefix=args.prefix)
 
 
-def _report(run_dirs: Sequence[str], *, as_json: bool, out: str | None, prefix: str) -> int:
+def _report(run_dirs: Sequence[str], *, as_json: bool, out: str | None, prefix: str | None) -> int:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     codes: list[int] = []
     errors: list[str] = []
@@ -107,11 +112,11 @@ def _report(run_dirs: Sequence[str], *, as_json: bool, out: str | None, prefix: 
         print_report(summaries, Console(highlight=False, width=width))
     for r in summaries:
         for note in r.notes:
-            err.print(f"note: {r.name}: {note}", markup=False)
+            err.print(clean_text(f"note: {r.name}: {note}"), markup=False)
         for problem in r.problems:
-            err.print(f"skipped: {r.name}: {problem}", markup=False, style="yellow")
+            err.print(clean_text(f"skipped: {r.name}: {problem}"), markup=False, style="yellow")
     for message in errors:
-        err.print(f"error: {message}", markup=False, style="red")
+        err.print(clean_text(f"error: {message}"), markup=False, style="red")
 
     if out is not None and summaries:
         try:
@@ -122,7 +127,7 @@ def _report(run_dirs: Sequence[str], *, as_json: bool, out: str | None, prefix: 
             with open(os.path.join(out, "report.html"), "w", encoding="utf-8") as f:
                 f.write(render_html(summaries, png, errors))
         except OSError as e:
-            err.print(f"error: could not write the report to {out}: {e}", markup=False)
+            err.print(clean_text(f"error: could not write the report to {out}: {e}"), markup=False)
             codes.append(EXIT_OUTPUT)
         else:
             if not as_json:

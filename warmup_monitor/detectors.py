@@ -799,7 +799,7 @@ class InstabilityDetector:
             if found is not None:
                 alerts.append(found)
         if self.persistence:
-            kinds = tuple(a.kind.value for a in alerts)
+            kinds = tuple(a.kind_name for a in alerts)
             has_data = loss is not None or grad_norm is not None or grad_cosine is not None
             flagged = bool(kinds) if has_data else None
             found = self.persistence_rule.update(step, flagged, kinds)

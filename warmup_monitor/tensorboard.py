@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any, Protocol
 
+from warmup_monitor.schema import DEFAULT_PREFIX
+
 __all__ = ["DASHBOARD_TITLE", "custom_scalars_layout", "write_layout"]
 
 DASHBOARD_TITLE = "Warmup"
@@ -34,7 +36,7 @@ class LayoutWriter(Protocol):
     def add_custom_scalars(self, layout: dict[str, Any]) -> None: ...
 
 
-def custom_scalars_layout(prefix: str = "warmup/") -> dict[str, dict[str, list[Any]]]:
+def custom_scalars_layout(prefix: str = DEFAULT_PREFIX) -> dict[str, dict[str, list[Any]]]:
     """The "Warmup" dashboard: one multiline chart per metric, all optimizers and groups overlaid.
 
     Args:
@@ -48,6 +50,6 @@ def custom_scalars_layout(prefix: str = "warmup/") -> dict[str, dict[str, list[A
     return {DASHBOARD_TITLE: charts}
 
 
-def write_layout(writer: LayoutWriter, prefix: str = "warmup/") -> None:
+def write_layout(writer: LayoutWriter, prefix: str = DEFAULT_PREFIX) -> None:
     """Write the dashboard layout to one TensorBoard writer (once per run)."""
     writer.add_custom_scalars(custom_scalars_layout(prefix))

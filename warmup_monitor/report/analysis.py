@@ -1,19 +1,28 @@
-"""From a run's series and alerts to a summary, a verdict and advice: pure functions.
+"""From a run's series and alerts to a summary, a verdict with its reason, and advice.
 
-Verdict:
+Verdicts, checked in this order (:func:`verdict` returns the verdict and the sentence that says
+which rule produced it):
 
-* ``healthy``: no instability alert. ``transient``, ``monitor`` and ``warmup_extended`` are not
-  instability (the first says an episode recovered at once, the second is about the monitor, the
-  third is the controller acting on alerts counted elsewhere), and neither are the alerts of an
-  episode that a ``transient`` alert closed (``details.episode_start``/``episode_steps``), except
-  the :data:`SEVERE_KINDS`, which always count.
-* ``unstable but recovered``: instability alerts, and by the last logged step the run recovered:
-  the controller did not give up (no ``warmup_exhausted``), the last
-  :data:`RECOVERY_STEPS` logged steps (or 10 % of them, whichever is more) raised no instability
-  alert, and the median loss over them is finite and at most the initial loss.
-* ``unstable``: instability alerts, and not recovered.
+* ``too short to judge``: the run ended during its warmup (last logged step below the effective
+  warmup length) without an instability alert.
+* ``healthy``: no instability alert. ``transient``, ``monitor``, ``episode_end`` and the
+  controller's actions (``warmup_extended``, ``lr_backoff``, ``rollback``) are not instability,
+  and neither are the alerts of an episode that a ``transient`` alert closed
+  (``details.episode_start``/``episode_steps``), except the :data:`SEVERE_KINDS`, which always
+  count.
+* ``unstable but recovered``: instability alerts, none in the last :data:`RECOVERY_STEPS` logged
+  steps (or the last 10 % of them, whichever is more), and the median loss over those steps is
+  finite and at or below the lower of the initial loss and the loss before the first instability
+  (the median of the :data:`BEFORE_STEPS` losses logged before it: a loss that was already
+  climbing before the first alert does not set the bar). A
+  ``warmup_exhausted`` alert is an instability alert at its step like any other: a run that
+  recovered after it is "recovered".
+* ``unstable``: instability alerts, and one of the two conditions above fails (the reason says
+  which); a run that ended during warmup with instability is unstable.
 
-Advice is built from the same numbers; see :func:`advise`.
+Advice is built from the same numbers (:mod:`warmup_monitor.report.wording`); the lr it
+recommends comes from :func:`warmup_monitor.advice.recommend_peak_lr`, as in the controller's
+``warmup_exhausted`` alert.
 
 This module imports no Lightning and no torch.
 """
@@ -21,24 +30,26 @@ This module imports no Lightning and no torch.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from warmup_monitor.alerts import INSTABILITY_KINDS as _ALERT_INSTABILITY_KINDS
-from warmup_monitor.alerts import AlertKind
+from warmup_monitor.advice import recommend_peak_lr
+from warmup_monitor.report.episodes import Episode, group_episodes
 from warmup_monitor.report.events import Series
-from warmup_monitor.report.runs import AlertRecord, RunData
+from warmup_monitor.report.runs import RunData
+from warmup_monitor.schema import INSTABILITY_KINDS as _ALERT_INSTABILITY_KINDS
+from warmup_monitor.schema import Alert, AlertKind
 
 __all__ = [
     "HEALTHY",
     "INSTABILITY_KINDS",
     "RECOVERED",
+    "TOO_SHORT",
     "UNSTABLE",
     "Extension",
     "RunSummary",
-    "advise",
     "aligned_from",
     "extensions",
     "summarize",
@@ -48,9 +59,10 @@ __all__ = [
 HEALTHY = "healthy"
 RECOVERED = "unstable but recovered"
 UNSTABLE = "unstable"
+TOO_SHORT = "too short to judge"
 
 #: Alert kinds that count as instability for the verdict (values of
-#: :data:`warmup_monitor.alerts.INSTABILITY_KINDS`, the one definition the callback also uses).
+#: :data:`warmup_monitor.schema.INSTABILITY_KINDS`, the one definition the monitor also uses).
 INSTABILITY_KINDS = frozenset(k.value for k in _ALERT_INSTABILITY_KINDS)
 #: Instability kinds that count even inside an episode that recovered at once.
 SEVERE_KINDS = frozenset(
@@ -64,23 +76,13 @@ SEVERE_KINDS = frozenset(
 )
 #: Quiet logged steps needed at the end of a run to call it recovered (or 10 % of the steps).
 RECOVERY_STEPS = 10
+#: Logged losses before the first instability whose median is the level to come back to.
+BEFORE_STEPS = 5
+_NEW_KEYS = ("new_warmup_steps", "new_warmup", "new", "warmup_steps", "new_end")
+_OLD_KEYS = ("old_warmup_steps", "old_warmup", "old", "previous_warmup_steps", "old_end")
 #: Healthy runs whose gradients aligned before this fraction of the planned warmup could warm up
 #: for less.
 SHORTER_WARMUP_FRACTION = 0.5
-
-# How each instability kind reads in a sentence.
-_PHRASES = {
-    "loss_spike": "loss spiked",
-    "loss_trend_spike": "loss jumped far above its recent trend",
-    "grad_norm_spike": "gradient norm spiked",
-    "non_finite": "loss or gradients were NaN/inf",
-    "oscillation": "consecutive gradients oscillated",
-    "persistent_instability": "instability persisted",
-    "warmup_exhausted": "adaptive warmup reached its cap while still unstable",
-    "edge_of_stability": "the lr passed the curvature stability limit",
-}
-_NEW_KEYS = ("new_warmup_steps", "new_warmup", "new", "warmup_steps", "new_end")
-_OLD_KEYS = ("old_warmup_steps", "old_warmup", "old", "previous_warmup_steps", "old_end")
 
 
 @dataclass
@@ -122,7 +124,12 @@ class RunSummary:
     instability_steps: list[int]
     lr_at_first_instability: float | None
     lr_before_first_instability: float | None
+    lowest_unstable_lr: float | None
+    recommended_peak_lr: float | None
     verdict: str
+    verdict_reason: str = ""
+    episodes: list[Episode] = field(default_factory=list)
+    actions: dict[str, list[int]] = field(default_factory=dict)
     advice: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -133,7 +140,9 @@ class RunSummary:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (non-finite floats become ``"nan"``, ``"inf"``, ``"-inf"``)."""
-        out = asdict(self)
+        out = {k: v for k, v in self.__dict__.items() if k != "episodes"}
+        out["extensions"] = [vars(e).copy() for e in self.extensions]
+        out["episodes"] = [e.to_dict() for e in self.episodes]
         out["alert_count"] = self.alert_count
         for key, value in out.items():
             if isinstance(value, float) and not math.isfinite(value):
@@ -167,13 +176,13 @@ def _peak(s: Series | None) -> tuple[float | None, int | None]:
     return float(values[i]), int(steps[i])
 
 
-def extensions(alerts: list[AlertRecord], warmup_steps: Series | None) -> list[Extension]:
+def extensions(alerts: list[Alert], warmup_steps: Series | None) -> list[Extension]:
     """Warmup extensions: from ``warmup_extended`` alerts (their details give old and new
     length, under any of a few likely names), else from increases of the logged
     ``warmup_steps``."""
     found = []
     for a in alerts:
-        if a.kind != AlertKind.WARMUP_EXTENDED.value:
+        if a.kind != AlertKind.WARMUP_EXTENDED:
             continue
         new = next((a.details[k] for k in _NEW_KEYS if _is_int(a.details.get(k))), None)
         old = next((a.details[k] for k in _OLD_KEYS if _is_int(a.details.get(k))), None)
@@ -226,26 +235,68 @@ def aligned_from(cosine: Series | None, until: int | None) -> int | None:
 
 def verdict(
     instability_steps: list[int],
-    kinds: set[str],
     loss: Series | None,
     initial_loss: float | None,
-) -> str:
-    """``healthy``, ``unstable but recovered`` or ``unstable`` (rules in the module docstring)."""
+    *,
+    last_step: int | None,
+    effective_warmup: int | None,
+) -> tuple[str, str]:
+    """The verdict and the sentence that says which rule produced it (module docstring)."""
+    ended_in_warmup = (
+        last_step is not None and effective_warmup is not None and last_step < effective_warmup
+    )
+    where = (
+        f"the run ended at step {last_step}, during its {effective_warmup}-step warmup"
+        if ended_in_warmup
+        else ""
+    )
     if not instability_steps:
-        return HEALTHY
-    if AlertKind.WARMUP_EXHAUSTED.value in kinds or loss is None or not len(loss):
-        return UNSTABLE
+        if ended_in_warmup:
+            return TOO_SHORT, f"{where}, without an instability alert"
+        return HEALTHY, "no instability alert" + (
+            f" up to step {last_step}" if last_step is not None else ""
+        )
+    first, last_alert = instability_steps[0], instability_steps[-1]
+    if ended_in_warmup:
+        return UNSTABLE, f"{where}, with instability alerts (steps {first}-{last_alert})"
+    if loss is None or not len(loss):
+        return UNSTABLE, "instability alerts, and no loss logged to show a recovery"
     quiet = max(RECOVERY_STEPS, len(loss) // 10)
-    last_alert = max(instability_steps)
-    after = loss.steps > last_alert
-    if int(after.sum()) < quiet:
-        return UNSTABLE
-    tail = loss.values[-quiet:]
+    tail_steps, tail = loss.steps[-quiet:], loss.values[-quiet:]
+    if last_alert >= int(tail_steps[0]):
+        return UNSTABLE, (
+            f"an instability alert at step {last_alert}, within the last {quiet} logged steps "
+            f"(from step {int(tail_steps[0])}): not recovered"
+        )
     if not np.all(np.isfinite(tail)):
-        return UNSTABLE
-    if initial_loss is not None and float(np.median(tail)) > initial_loss:
-        return UNSTABLE
-    return RECOVERED
+        return UNSTABLE, f"the last {quiet} logged losses are not all finite"
+    median = float(np.median(tail))
+    before = loss.values[loss.steps < first]
+    before = before[np.isfinite(before)][-BEFORE_STEPS:]
+    levels: list[tuple[float, str]] = []
+    if before.size:
+        level = float(np.median(before))
+        levels.append(
+            (
+                level,
+                f"the loss before the first instability (median {level:.4g} of the {before.size} "
+                f"logged before step {first})",
+            )
+        )
+    if initial_loss is not None and math.isfinite(initial_loss):
+        levels.append((initial_loss, f"the initial loss ({initial_loss:.4g})"))
+    if not levels:
+        return UNSTABLE, "instability alerts, and no loss before them to come back to"
+    level, what = min(levels, key=lambda x: x[0])  # the lower; the loss before on a tie
+    if median > level:
+        return UNSTABLE, (
+            f"no instability alert after step {last_alert}, but the median loss of the last "
+            f"{quiet} logged steps ({median:.4g}) stayed above {what}: not recovered"
+        )
+    return RECOVERED, (
+        f"no instability alert in the last {quiet} logged steps (last one at step {last_alert}), "
+        f"and their median loss ({median:.4g}) came back to at most {what}"
+    )
 
 
 # ---------------------------------------------------------------------------------- summary
@@ -253,6 +304,8 @@ def verdict(
 
 def summarize(run: RunData) -> RunSummary:
     """The report on one run: its numbers, verdict and advice."""
+    from warmup_monitor.report.wording import advise
+
     s = run.series
     lr, loss, ratio = s.get("lr"), s.get("loss"), s.get("loss_ratio")
     grad, cosine, planned_s = s.get("grad_norm"), s.get("grad_cosine"), s.get("warmup_steps")
@@ -274,18 +327,25 @@ def summarize(run: RunData) -> RunSummary:
 
     by_kind: dict[str, list[int]] = {}
     for a in sorted(run.alerts, key=lambda a: a.step):
-        by_kind.setdefault(a.kind, []).append(a.step)
+        by_kind.setdefault(a.kind_name, []).append(a.step)
     passing = transient_steps(run.alerts)
     unstable_steps = sorted(
-        a.step
-        for a in run.alerts
-        if a.kind in SEVERE_KINDS or (a.kind in INSTABILITY_KINDS and a.step not in passing)
+        {
+            a.step
+            for a in run.alerts
+            if a.kind_name in SEVERE_KINDS
+            or (a.kind_name in INSTABILITY_KINDS and a.step not in passing)
+        }
     )
     if run.alerts_source == "none" and (u := s.get("unstable")) is not None:
         # No alert records: the per-step flag still tells where instability was.
         unstable_steps = u.steps[u.values > 0].astype(int).tolist()
         if unstable_steps:
             by_kind["unknown (no alert file)"] = unstable_steps
+    episodes, other = group_episodes(run.alerts)
+    actions: dict[str, list[int]] = {}
+    for i in other:
+        actions.setdefault(run.alerts[i].kind_name, []).append(run.alerts[i].step)
 
     initial = _initial_loss(loss, ratio)
     l_steps, l_values = _finite(loss)
@@ -307,12 +367,23 @@ def summarize(run: RunData) -> RunSummary:
     cos_neg = float((c_values < 0).mean()) if c_values.size else None
 
     first = unstable_steps[0] if unstable_steps else None
+    last_step = int(steps_all[-1]) if steps_all.size else None
+    lowest = _lowest_unstable_lr(run.alerts, lr, unstable_steps)
+    recommended = None
+    if lowest is not None:
+        ok_peak = (
+            peak_lr if peak_lr is not None and math.isfinite(peak_lr) and peak_lr > 0 else None
+        )
+        recommended = recommend_peak_lr(lowest, peak_lr=ok_peak)
+    judged, reason = verdict(
+        unstable_steps, loss, initial, last_step=last_step, effective_warmup=effective
+    )
     summary = RunSummary(
         name=run.name,
         path=run.path,
         logged_steps=int(steps_all.size),
         first_step=int(steps_all[0]) if steps_all.size else None,
-        last_step=int(steps_all[-1]) if steps_all.size else None,
+        last_step=last_step,
         planned_warmup=planned,
         effective_warmup=effective,
         extensions=exts,
@@ -334,7 +405,12 @@ def summarize(run: RunData) -> RunSummary:
         instability_steps=unstable_steps,
         lr_at_first_instability=None if first is None else _value_at(lr, first),
         lr_before_first_instability=None if first is None else _value_at(lr, first, True),
-        verdict=verdict(unstable_steps, set(by_kind), loss, initial),
+        lowest_unstable_lr=lowest,
+        recommended_peak_lr=recommended,
+        verdict=judged,
+        verdict_reason=reason,
+        episodes=episodes,
+        actions=actions,
         problems=list(run.problems),
         notes=list(run.notes),
     )
@@ -342,16 +418,41 @@ def summarize(run: RunData) -> RunSummary:
     return summary
 
 
-def transient_steps(alerts: list[AlertRecord]) -> set[int]:
+def _lowest_unstable_lr(
+    alerts: list[Alert], lr: Series | None, unstable_steps: list[int]
+) -> float | None:
+    """The lowest lr at which instability was seen: the controller's own figure (the
+    ``unstable_lr`` of its ``warmup_exhausted`` alert) when there is one, so that the report
+    and the alert recommend the same lr; else the lowest logged lr at an instability step."""
+    for a in alerts:
+        if a.kind == AlertKind.WARMUP_EXHAUSTED:
+            x = a.details.get("unstable_lr")
+            if (
+                isinstance(x, (int, float))
+                and not isinstance(x, bool)
+                and math.isfinite(x)
+                and x > 0
+            ):
+                return float(x)
+    found = [_value_at(lr, step) for step in unstable_steps]
+    ok = [x for x in found if x is not None and math.isfinite(x) and x > 0]
+    return min(ok) if ok else None
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def transient_steps(alerts: list[Alert]) -> set[int]:
     """Steps of the episodes that ``transient`` alerts say recovered at once (the step before
     the alert when its details do not say)."""
     steps: set[int] = set()
     for a in alerts:
-        if a.kind != AlertKind.TRANSIENT.value:
+        if a.kind != AlertKind.TRANSIENT:
             continue
         start: Any = a.details.get("episode_start")
         length: Any = a.details.get("episode_steps")
-        if _is_int(start) and _is_int(length):
+        if _is_int(start) and _is_int(length) and 0 <= length <= 100_000:
             steps.update(range(int(start), int(start) + int(length)))
         else:
             steps.add(a.step - 1)
@@ -371,169 +472,3 @@ def _initial_loss(loss: Series | None, ratio: Series | None) -> float | None:
                 return float(lv[i] / r[i])
     values = _finite(loss)[1]
     return float(values[0]) if values.size else None
-
-
-# ---------------------------------------------------------------------------------- advice
-
-
-def _steps_text(steps: list[int], limit: int = 6) -> str:
-    shown = ", ".join(str(s) for s in steps[:limit])
-    more = len(steps) - limit
-    return shown + (f", ... (+{more} more)" if more > 0 else "")
-
-
-def _times(n: int) -> str:
-    return "once" if n == 1 else "twice" if n == 2 else f"{n} times"
-
-
-def _g(x: float) -> str:
-    return f"{x:.3g}"
-
-
-def advise(r: RunSummary) -> list[str]:
-    """Concrete advice from the summary's numbers (each sentence states the facts it rests on)."""
-    out: list[str] = []
-    w, eff = r.planned_warmup, r.effective_warmup
-    counted = set(r.instability_steps)
-    unstable = {
-        k: [st for st in v if st in counted]
-        for k, v in r.alerts_by_kind.items()
-        if k in INSTABILITY_KINDS and any(st in counted for st in v)
-    }
-    if r.verdict == HEALTHY:
-        out.extend(_advise_healthy(r))
-        return out
-
-    for kind, steps in unstable.items():
-        where = ""
-        if eff is not None:
-            during = sum(1 for s in steps if s < eff)
-            where = (
-                " during warmup"
-                if during == len(steps)
-                else " after warmup"
-                if during == 0
-                else f" ({during} during warmup)"
-            )
-        plural = "s" if len(steps) > 1 else ""
-        out.append(
-            f"{_PHRASES.get(kind, kind)} {_times(len(steps))}{where} "
-            f"(step{plural} {_steps_text(steps)})"
-        )
-    if "unknown (no alert file)" in r.alerts_by_kind:
-        steps = r.alerts_by_kind["unknown (no alert file)"]
-        out.append(f"steps {_steps_text(steps)} were flagged unstable (no alert file to say why)")
-
-    first = r.first_instability_step
-    safe = r.lr_before_first_instability
-    lr_hint = ""
-    if safe is not None and safe > 0:
-        lr_hint = f"lower the peak lr to about {_g(safe)} (the lr just before the first alert)"
-    elif r.lr_at_first_instability:
-        lr_hint = (
-            f"lower the peak lr below {_g(r.lr_at_first_instability)} (the lr at the first alert)"
-        )
-
-    grown = [e for e in r.extensions if e.new is not None]
-    if r.extensions and eff is not None and w is not None and eff > w:
-        out.append(
-            f"warmup was extended {_times(len(r.extensions))}, from {w} to {eff} steps: start with "
-            f"at least {eff} warmup steps next time" + (f", or {lr_hint}" if lr_hint else "")
-        )
-    elif r.extensions and not grown:
-        out.append(
-            f"warmup was extended {_times(len(r.extensions))} (new length not recorded): "
-            "start with a longer warmup next time" + (f", or {lr_hint}" if lr_hint else "")
-        )
-    elif first is not None and r.first_step is not None and first <= r.first_step:
-        lr0 = r.lr_at_first_instability
-        out.append(
-            "training was unstable from its first logged step"
-            + (f" (lr {_g(lr0)})" if lr0 is not None else "")
-            + ": check the initialization and the loss scale, and start from a lower lr"
-        )
-    elif first is not None and eff is not None and first >= eff:
-        out.append(
-            f"instability began after warmup (step {first}, lr "
-            f"{_g(r.lr_at_first_instability or math.nan)}): the peak lr is too high for this "
-            "model; " + (lr_hint or "lower it") + " rather than lengthening warmup"
-        )
-    elif w is not None:
-        out.append(
-            f"lengthen warmup to at least {2 * w} steps (twice the planned {w})"
-            + (f", or {lr_hint}" if lr_hint else "")
-            + ", or let the monitor extend warmup when it sees instability"
-        )
-    elif lr_hint:
-        out.append(lr_hint)
-
-    if "non_finite" in unstable:
-        out.append(
-            "non-finite values: clip gradients, and check the data and the mixed-precision loss "
-            "scaling at those steps"
-        )
-    if "grad_norm_spike" in unstable and r.median_grad_norm:
-        out.append(
-            f"gradient norm peaked at {_g(r.peak_grad_norm or math.nan)} (step "
-            f"{r.peak_grad_norm_step}) against a median of {_g(r.median_grad_norm)}: gradient "
-            f"clipping at about {_g(2 * r.median_grad_norm)} would cap such spikes"
-        )
-    if "warmup_exhausted" in unstable:
-        out.append(
-            "the adaptive warmup hit its cap while still unstable: a longer warmup alone will "
-            "not do, lower the peak lr"
-        )
-    if r.verdict == UNSTABLE and r.final_loss_ratio is not None:
-        out.append(
-            f"the run had not recovered by its last logged step ({r.last_step}): loss at "
-            f"{_g(r.final_loss_ratio)}x the initial loss"
-        )
-    elif r.verdict == RECOVERED and r.final_loss_ratio is not None:
-        out.append(
-            f"it recovered: the loss ended at {_g(r.final_loss_ratio)}x the initial loss, "
-            "but the spikes cost steps"
-        )
-    return out
-
-
-def _advise_healthy(r: RunSummary) -> list[str]:
-    out = []
-    w = r.planned_warmup
-    transient = r.alerts_by_kind.get(AlertKind.TRANSIENT.value, [])
-    if transient:
-        out.append(
-            f"{len(transient)} excursion(s) recovered at once (transient alerts at step(s) "
-            f"{_steps_text(transient)}): nothing to change for them"
-        )
-    a = r.aligned_from
-    quiet = r.peak_loss_ratio is None or r.peak_loss_ratio <= 1.5
-    if a is not None and w is not None and a <= SHORTER_WARMUP_FRACTION * w and quiet:
-        suggest = max(2 * a, w // 2, 1)
-        out.append(
-            f"no instability and gradients aligned from step {a} (of {w} planned warmup steps): "
-            f"warmup could be shorter; try about {suggest} steps"
-        )
-    elif r.cosine_mean is not None and r.cosine_mean < 0:
-        share = r.cosine_negative_fraction or 0.0
-        out.append(
-            f"no instability, but consecutive gradients disagreed during warmup (mean cosine "
-            f"{r.cosine_mean:.2f}, {share:.0%} negative): the lr is near its stability limit; "
-            + (f"keep at least {w} warmup steps" if w is not None else "keep the warmup")
-        )
-    elif a is not None:
-        out.append(
-            f"no instability; gradients aligned from step {a}"
-            + (f" of {w}" if w is not None else "")
-            + ": the warmup length looks right"
-        )
-    else:
-        out.append(
-            "no instability"
-            + (
-                "; gradients had not aligned by the end of warmup"
-                if r.cosine_mean is not None
-                else ""
-            )
-            + (f": keep at least {w} warmup steps" if w is not None else "")
-        )
-    return out

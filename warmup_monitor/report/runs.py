@@ -9,15 +9,29 @@ This module imports no Lightning and no torch.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
-from warmup_monitor.alerts import ALERTS_FILENAME
-from warmup_monitor.report.events import Series, event_files, read_event_files
+from warmup_monitor.report.events import (
+    Series,
+    event_files,
+    read_event_files,
+    read_regular_file,
+    superseded_note,
+)
+from warmup_monitor.schema import (
+    ALERTS_FILENAME,
+    DEFAULT_PREFIX,
+    GRAD_NORM,
+    LOSS,
+    LR,
+    WARMUP_STEPS,
+    Alert,
+    AlertKind,
+    parse_alerts,
+)
 
 __all__ = [
     "EXIT_INTERNAL",
@@ -28,12 +42,13 @@ __all__ = [
     "EXIT_OUTPUT",
     "EXIT_SKIPPED",
     "EXIT_USAGE",
-    "AlertRecord",
     "NoEventFilesError",
     "NoWarmupKeysError",
     "ReportError",
     "RunData",
     "RunNotFoundError",
+    "UnreadableEventsError",
+    "discover_prefix",
     "find_run_dirs",
     "load_run",
     "read_alerts_jsonl",
@@ -50,7 +65,10 @@ EXIT_SKIPPED = 6
 EXIT_OUTPUT = 7
 
 #: Keys whose presence makes a run a warmup_monitor run (without the prefix).
-CORE_KEYS = ("lr", "loss", "grad_norm")
+CORE_KEYS = (LR, LOSS, GRAD_NORM)
+#: An alert more than this many steps (or ten times the run's length) after the last logged
+#: step is implausible, and skipped.
+PLAUSIBLE_STEPS_AFTER = 100_000
 
 
 class ReportError(Exception):
@@ -77,26 +95,11 @@ class NoWarmupKeysError(ReportError, ValueError):
     exit_code = EXIT_NO_WARMUP_KEYS
 
 
-@dataclass
-class AlertRecord:
-    """One alert as stored; ``kind`` is kept as a string so that new kinds still load."""
+class UnreadableEventsError(ReportError, ValueError):
+    """No event file of the run could be read at all (empty, not a TFRecord file, damaged
+    from its first byte). Its exit code is :data:`EXIT_NO_EVENTS`."""
 
-    step: int
-    kind: str
-    message: str = ""
-    value: float = math.nan
-    threshold: float = math.nan
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "kind": self.kind,
-            "message": self.message,
-            "value": _json_float(self.value),
-            "threshold": _json_float(self.threshold),
-            "details": self.details,
-        }
+    exit_code = EXIT_NO_EVENTS
 
 
 @dataclass
@@ -107,37 +110,27 @@ class RunData:
         name: The name shown for the run (its path as given, or relative to the root searched).
         path: The run directory.
         series: Scalar key without the prefix (``"lr"``, ``"loss"``, ``"opt1/lr"``) -> series.
-        alerts: The alerts, in file order.
+        alerts: The alerts, in file order (kinds this version does not know are strings).
         alerts_source: ``"jsonl"``, ``"tensorboard"`` (text summaries, when there is no JSONL) or
             ``"none"``.
         problems: One sentence per thing that could not be read (the CLI exits with
             :data:`EXIT_SKIPPED`).
         notes: Facts about how the run was read that are not a loss of data.
         records: Event records read.
+        prefix: The metric key prefix the run was read with.
+        extra: Scalars logged outside the prefix that the report shows (``val_loss``).
     """
 
     name: str
     path: str
     series: dict[str, Series]
-    alerts: list[AlertRecord]
+    alerts: list[Alert]
     alerts_source: str
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     records: int = 0
-
-
-def _json_float(x: float) -> float | str:
-    if math.isfinite(x):
-        return x
-    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-
-
-def _to_float(x: Any) -> float:
-    if x is None:
-        return math.nan
-    if isinstance(x, bool):
-        raise TypeError("a boolean is not a number")
-    return float(x)  # also parses "nan", "inf", "-inf"
+    prefix: str = DEFAULT_PREFIX
+    extra: dict[str, Series] = field(default_factory=dict)
 
 
 def find_run_dirs(path: str) -> list[str]:
@@ -166,45 +159,34 @@ def find_run_dirs(path: str) -> list[str]:
     return found
 
 
-def read_alerts_jsonl(path: str) -> tuple[list[AlertRecord], list[str]]:
-    """Read a ``warmup_alerts.jsonl``; lines that do not parse are skipped and named."""
-    alerts: list[AlertRecord] = []
-    problems: list[str] = []
+def read_alerts_jsonl(path: str) -> tuple[list[Alert], list[str]]:
+    """Read a ``warmup_alerts.jsonl`` (never through a symbolic link); bad lines are skipped and
+    named (``"warmup_alerts.jsonl line N: why; skipped"``)."""
     name = os.path.basename(path)
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.read().split("\n")
+        data = read_regular_file(path)
     except OSError as e:
-        return [], [f"{name}: could not be read ({e.strerror or e})"]
-    for number, line in enumerate(lines, start=1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            data = json.loads(line)
-            if not isinstance(data, dict):
-                raise TypeError("not a JSON object")
-            details = data.get("details") or {}
-            if not isinstance(details, dict):
-                raise TypeError("`details` is not an object")
-            alerts.append(
-                AlertRecord(
-                    step=int(data["step"]),
-                    kind=str(data["kind"]),
-                    message=str(data.get("message", "")),
-                    value=_to_float(data.get("value")),
-                    threshold=_to_float(data.get("threshold")),
-                    details=details,
-                )
-            )
-        except json.JSONDecodeError:
-            what = "truncated or not JSON" if number == len(lines) else "not JSON"
-            problems.append(f"{name} line {number}: {what}; skipped")
-        except KeyError as e:
-            problems.append(f"{name} line {number}: no {e.args[0]!r} field; skipped")
-        except (TypeError, ValueError) as e:
-            problems.append(f"{name} line {number}: {e}; skipped")
-    return alerts, problems
+        return [], [f"{name}: could not be read ({e.strerror or e}); skipped"]
+    found = parse_alerts(data)
+    return found.alerts, [f"{name} {p}" for p in found.problems]
+
+
+def discover_prefix(tags: list[str]) -> str | None:
+    """The monitor's key prefix among a run's scalar tags: the shortest ``P`` for which both
+    ``P + "lr"`` and ``P + "warmup_steps"`` are tags (``None`` if there is none)."""
+    names = set(tags)
+    found = [
+        t[: -len(LR)] for t in names if t.endswith(LR) and t[: -len(LR)] + WARMUP_STEPS in names
+    ]
+    if not found:
+        return None
+    return min(found, key=lambda p: (len(p), p))
+
+
+#: Tags of a validation loss the report draws when the run logged one (outside the prefix):
+#: ``val_loss``, ``val/loss``, ``valid_loss``, ``validation/loss``, ``val_loss_epoch``, and the
+#: same under a group (``eval/val_loss``); the shortest such tag wins.
+VAL_LOSS = re.compile(r"(^|/)(val|valid|validation)[_/]?loss(_epoch)?$")
 
 
 _TEXT_ALERT = re.compile(
@@ -214,7 +196,7 @@ _TEXT_ALERT = re.compile(
 )
 
 
-def _alerts_from_text(rows: list[tuple[int, str]]) -> list[AlertRecord]:
+def _alerts_from_text(rows: list[tuple[int, str]]) -> list[Alert]:
     alerts = []
     for _step, text in rows:
         for m in _TEXT_ALERT.finditer(text):
@@ -222,48 +204,76 @@ def _alerts_from_text(rows: list[tuple[int, str]]) -> list[AlertRecord]:
                 value, threshold = float(m["value"]), float(m["threshold"])
             except ValueError:
                 value = threshold = math.nan
-            alerts.append(
-                AlertRecord(int(m["step"]), m["kind"], m["message"].strip(), value, threshold)
-            )
+            step = int(m["step"])
+            if not 0 <= step <= 2**53:
+                continue
+            kind: AlertKind | str
+            try:
+                kind = AlertKind(m["kind"])
+            except ValueError:
+                kind = m["kind"]
+            alerts.append(Alert(step, kind, m["message"].strip(), value, threshold))
     return alerts
 
 
-def load_run(path: str, name: str | None = None, prefix: str = "warmup/") -> RunData:
+def load_run(path: str, name: str | None = None, prefix: str | None = None) -> RunData:
     """Load one run directory (one that holds event files).
 
     Args:
         path: The run directory.
         name: The name shown for it (default: ``path``).
-        prefix: The monitor's ``log_key_prefix``.
+        prefix: The monitor's ``log_key_prefix``; ``None`` finds it in the run's tags
+            (:func:`discover_prefix`), falling back to ``"warmup/"``.
 
     Raises:
         NoEventFilesError: ``path`` holds no event file.
+        UnreadableEventsError: no event file could be read at all.
         NoWarmupKeysError: none of the monitor's keys is in the event files.
     """
     name = name or path
     files = event_files(path)
     if not files:
         raise NoEventFilesError(f"{name}: no TensorBoard event file (events.out.tfevents.*)")
-    events = read_event_files(files, prefix=prefix)
-    series = {tag[len(prefix) :]: s for tag, s in events.scalars.items()}
+    events = read_event_files(files)
+    if events.unreadable:
+        raise UnreadableEventsError(
+            f"{name}: no event file could be read: " + "; ".join(events.problems)
+        )
+    if prefix is None:
+        prefix = discover_prefix(list(events.scalars)) or DEFAULT_PREFIX
+    series = {tag[len(prefix) :]: s for tag, s in events.scalars.items() if tag.startswith(prefix)}
     if not any(key in series for key in CORE_KEYS):
         raise NoWarmupKeysError(
             f"{name}: the event files hold none of the monitor's keys "
             f"({', '.join(prefix + k for k in CORE_KEYS)}); was WarmupMonitor in the Trainer's "
             "callbacks, with a TensorBoardLogger"
-            + (f", and log_key_prefix={prefix!r}?" if prefix != "warmup/" else "?")
+            + (f", and log_key_prefix={prefix!r}?" if prefix != DEFAULT_PREFIX else "?")
+            + (f" (also: {'; '.join(events.problems)})" if events.problems else "")
         )
+    extra = {}
+    val_tags = sorted(
+        (t for t, v in events.scalars.items() if len(v) and not t.startswith(prefix)),
+        key=lambda t: (len(t), t),
+    )
+    for tag in val_tags:
+        if VAL_LOSS.search(tag):
+            extra["val_loss"] = events.scalars[tag]
+            break
     problems = list(events.problems)
     notes: list[str] = []
+    if (note := superseded_note(events, prefix)) is not None:
+        notes.append(note)
     jsonl = os.path.join(path, ALERTS_FILENAME)
-    if os.path.isfile(jsonl):
+    texts = {t: rows for t, rows in events.texts.items() if t.startswith(prefix)}
+    alerts: list[Alert]
+    if os.path.lexists(jsonl):
         alerts, jsonl_problems = read_alerts_jsonl(jsonl)
         problems.extend(jsonl_problems)
         source = "jsonl"
     elif text := [
         row
         for tag in (f"{prefix}alerts", f"{prefix}alerts/text_summary")  # torch's add_text
-        for row in events.texts.get(tag, [])
+        for row in texts.get(tag, [])
     ]:
         alerts = _alerts_from_text(text)
         source = "tensorboard"
@@ -278,6 +288,7 @@ def load_run(path: str, name: str | None = None, prefix: str = "warmup/") -> Run
                 f"no {ALERTS_FILENAME} and no alert text, though {int(counted.values.max())} "
                 "alerts were counted: the alert list below is incomplete"
             )
+    alerts = _plausible(alerts, series, problems)
     return RunData(
         name=name,
         path=path,
@@ -287,4 +298,22 @@ def load_run(path: str, name: str | None = None, prefix: str = "warmup/") -> Run
         problems=problems,
         notes=notes,
         records=events.records,
+        prefix=prefix,
+        extra=extra,
     )
+
+
+def _plausible(alerts: list[Alert], series: dict[str, Series], problems: list[str]) -> list[Alert]:
+    """The alerts at a plausible step: not far beyond the last logged step."""
+    last = max((int(s.steps[-1]) for s in series.values() if len(s)), default=None)
+    if last is None or not alerts:
+        return alerts
+    limit = last + max(PLAUSIBLE_STEPS_AFTER, 10 * last)
+    kept = [a for a in alerts if a.step <= limit]
+    dropped = len(alerts) - len(kept)
+    if dropped:
+        problems.append(
+            f"{ALERTS_FILENAME}: {dropped} alerts at steps beyond {limit} (the last logged step "
+            f"is {last}); skipped as implausible"
+        )
+    return kept

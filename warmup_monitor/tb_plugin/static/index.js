@@ -1,14 +1,32 @@
-// The "Warmup" tab of TensorBoard (warmup_monitor). Plain JavaScript, no build step.
+// The "Warmup" tab of TensorBoard (warmup_monitor). Plain JavaScript, no build step; charts by
+// uPlot (MIT, shipped beside this file with its licence; see README.md there for why).
 // Every text that comes from a run (names, alert kinds and messages, advice) is set with
 // textContent, never parsed as HTML: a run named <script> shows as text.
+//
+// Deep link: the tab reads and writes `run=NAME` (and `overlay=A,B`) in the hash of its own page
+// (/data/plugin_entry.html?name=warmup_monitor#run=NAME) and, inside TensorBoard, the
+// `wm_run` (and `wm_overlay=A,B`) query parameters of the TensorBoard page
+// (/?wm_run=NAME#warmup_monitor).
 
-const SVG = 'http://www.w3.org/2000/svg';
+const BASE = new URL('./', import.meta.url);
 const INSTABILITY = new Set([
-  'loss_spike', 'loss_trend_spike', 'grad_norm_spike', 'non_finite', 'oscillation',
-  'persistent_instability', 'warmup_exhausted', 'edge_of_stability',
+  'loss_spike', 'loss_trend_spike', 'grad_norm_spike', 'loss_divergence', 'grad_norm_rise',
+  'non_finite', 'oscillation', 'persistent_instability', 'warmup_exhausted', 'edge_of_stability',
 ]);
 const VERDICT_COLOR = {
   'healthy': '#1a7f37', 'unstable but recovered': '#9a6700', 'unstable': '#cf222e',
+  'too short to judge': '#57606a',
+};
+const RUN_COLORS = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b',
+  '#e377c2', '#7f7f7f', '#bcbd22', '#17becf'];
+// Marks drawn on the charts: kind -> [label, colour, size, chart].
+const MARKS = {
+  instability: ['instability alert', '#cf222e', 7, 'loss'],
+  transient: ['transient (recovered at once)', '#8c959f', 7, 'loss'],
+  warmup_extended: ['warmup extended', '#8250df', 10, 'lr'],
+  lr_backoff: ['lr back-off', '#bf8700', 10, 'lr'],
+  rollback: ['rollback', '#000000', 10, 'lr'],
+  warmup_exhausted: ['warmup exhausted', '#cf222e', 10, 'lr'],
 };
 const CHARTS = [
   ['lr', 'learning rate', false],
@@ -17,164 +35,309 @@ const CHARTS = [
   ['grad_cosine', 'cosine of consecutive gradients', false],
 ];
 
+const state = {runs: [], focus: null, overlay: new Set(), data: new Map(), plots: []};
+
 export async function render() {
   addStyle();
+  await loadUPlot();
   const root = el('div', {class: 'wm-root'});
   document.body.appendChild(root);
   root.appendChild(el('h2', {}, 'Warmup'));
-  const status = root.appendChild(el('p', {class: 'wm-muted'}, 'Loading runs…'));
-  const list = root.appendChild(el('div'));
-  const detail = root.appendChild(el('div', {class: 'wm-detail'}));
-  let runs;
+  const status = root.appendChild(el('p', {class: 'wm-muted', id: 'wm-status'}, 'Loading runs…'));
+  const list = root.appendChild(el('div', {id: 'wm-runs'}));
+  const detail = root.appendChild(el('div', {class: 'wm-detail', id: 'wm-detail'}));
   try {
-    runs = (await getJson('./runs')).runs;
+    state.runs = (await getJson('runs')).runs;
   } catch (e) {
     status.textContent = 'Could not load the runs: ' + e;
     return;
   }
-  status.textContent = runs.length ?
-    'Runs under the log directory. Choose one to see its alerts and curves.' :
+  status.textContent = state.runs.length ?
+    'Runs under the log directory. Click a run to see it; tick runs to overlay them.' :
     'No run with event files under the log directory.';
-  list.appendChild(runTable(runs, (name) => showRun(name, detail)));
-  const first = runs.find((r) => !r.error);
-  if (first) showRun(first.run, detail);
+  const link = readLink();
+  for (const name of link.overlay) if (state.runs.some((r) => r.run === name)) state.overlay.add(name);
+  list.appendChild(runTable(detail));
+  const wanted = state.runs.find((r) => r.run === link.run && !r.error);
+  const first = wanted || state.runs.find((r) => !r.error);
+  if (first) await showRun(first.run, detail);
 }
 
-function runTable(runs, onPick) {
+// ------------------------------------------------------------------ deep links
+
+function readLink() {
+  const out = {run: null, overlay: []};
+  const params = new URLSearchParams(location.hash.slice(1));
+  try {
+    const parent = new URLSearchParams(window.parent.location.search);
+    if (parent.get('wm_run')) out.run = parent.get('wm_run');
+    if (parent.get('wm_overlay')) out.overlay = parent.get('wm_overlay').split(',').filter(Boolean);
+  } catch (e) { /* not inside TensorBoard, or another origin */ }
+  if (params.get('run')) out.run = params.get('run');
+  if (params.get('overlay')) out.overlay = params.get('overlay').split(',').filter(Boolean);
+  return out;
+}
+
+function writeLink() {
+  const params = new URLSearchParams();
+  if (state.focus) params.set('run', state.focus);
+  if (state.overlay.size) params.set('overlay', [...state.overlay].join(','));
+  history.replaceState(null, '', '#' + params.toString());
+  try {
+    if (window.parent !== window && state.focus) {
+      const url = new URL(window.parent.location.href);
+      url.searchParams.set('wm_run', state.focus);
+      window.parent.history.replaceState(window.parent.history.state, '', url.toString());
+    }
+  } catch (e) { /* another origin: the tab's own hash still links */ }
+}
+
+// ------------------------------------------------------------------ runs table
+
+function runTable(detail) {
   const body = el('tbody');
-  for (const r of runs) {
+  for (const r of state.runs) {
     const alerts = r.alerts ?
       Object.entries(r.alerts).map(([k, n]) => `${k} ×${n}`).join(', ') || 'none' : '';
     const warmup = r.planned_warmup == null ? '-' :
       (r.effective_warmup != null && r.effective_warmup !== r.planned_warmup ?
         `${r.planned_warmup} → ${r.effective_warmup}` : String(r.planned_warmup));
-    const verdict = el('td', {}, r.error ? 'not readable' : r.verdict);
+    const verdict = el('td', {class: 'wm-verdict'}, r.error ? 'not readable' : r.verdict);
     verdict.style.color = VERDICT_COLOR[r.verdict] || '#cf222e';
-    verdict.style.fontWeight = 'bold';
-    const row = el('tr', {class: 'wm-run'}, [
-      el('td', {}, r.run), verdict, el('td', {}, warmup),
-      el('td', {}, r.extensions ? String(r.extensions) : '-'),
+    if (r.verdict_reason) verdict.title = r.verdict_reason;
+    const box = el('input', {type: 'checkbox', 'aria-label': 'overlay ' + r.run});
+    box.checked = state.overlay.has(r.run);
+    box.disabled = Boolean(r.error);
+    box.addEventListener('click', (ev) => {
+      ev.stopPropagation();
+      if (box.checked) state.overlay.add(r.run); else state.overlay.delete(r.run);
+      writeLink();
+      if (state.focus) showRun(state.focus, detail);
+    });
+    const row = el('tr', {class: 'wm-run', 'data-run': r.run}, [
+      el('td', {}, box), el('td', {class: 'wm-name'}, r.run), verdict, el('td', {}, warmup),
+      el('td', {}, r.episodes == null ? '-' : (r.episodes || !r.unstable_steps ? String(r.episodes) :
+        `${r.unstable_steps} flagged step(s), no episode ids`)),
       el('td', {}, r.error ? r.error : alerts),
     ]);
-    if (!r.error) row.addEventListener('click', () => onPick(r.run));
+    if (!r.error) row.addEventListener('click', () => showRun(r.run, detail));
     body.appendChild(row);
   }
   return el('table', {class: 'wm-table'}, [
-    el('thead', {}, el('tr', {}, ['run', 'verdict', 'warmup steps', 'extensions', 'alerts']
+    el('thead', {}, el('tr', {}, ['overlay', 'run', 'verdict', 'warmup steps', 'episodes', 'alerts']
       .map((h) => el('th', {}, h)))),
     body,
   ]);
 }
 
+async function runData(name) {
+  if (!state.data.has(name)) state.data.set(name, await getJson('run?' + new URLSearchParams({run: name})));
+  return state.data.get(name);
+}
+
+// ------------------------------------------------------------------ one run
+
 async function showRun(name, detail) {
+  state.focus = name;
+  writeLink();
+  for (const row of document.querySelectorAll('.wm-run')) {
+    row.classList.toggle('wm-selected', row.dataset.run === name);
+  }
   detail.replaceChildren(el('p', {class: 'wm-muted'}, 'Loading ' + name + '…'));
-  let data;
+  let runs;
   try {
-    data = await getJson('./run?' + new URLSearchParams({run: name}));
+    const names = [name, ...[...state.overlay].filter((n) => n !== name)];
+    runs = await Promise.all(names.map(runData));
   } catch (e) {
     detail.replaceChildren(el('p', {}, 'Could not load ' + name + ': ' + e));
     return;
   }
+  const data = runs[0];
   const s = data.summary;
   const verdict = el('span', {class: 'wm-verdict'}, s.verdict);
   verdict.style.color = VERDICT_COLOR[s.verdict] || '#cf222e';
   const parts = [
-    el('h3', {}, [el('span', {}, data.run + ': '), verdict]),
+    el('h3', {id: 'wm-focus'}, [el('span', {}, data.run + ': '), verdict]),
+    el('p', {class: 'wm-reason'}, 'Why: ' + s.verdict_reason),
     el('ul', {class: 'wm-advice'}, s.advice.map((a) => el('li', {}, a))),
   ];
   if (s.problems.length) {
     parts.push(el('ul', {class: 'wm-problems'}, s.problems.map((p) => el('li', {}, 'skipped: ' + p))));
   }
-  const markers = markersOf(data.alerts, s);
-  const last = s.last_step == null ? 1 : s.last_step;
-  const x0 = s.first_step == null ? 0 : s.first_step;
-  parts.push(el('h4', {}, 'Alerts timeline'));
-  parts.push(timeline(data.alerts, markers, x0, last));
-  const charts = el('div', {class: 'wm-charts'});
-  for (const [key, title, log] of CHARTS) {
-    if (data.curves[key]) charts.appendChild(chart(title, data.curves[key], log, markers, x0, last));
+  if (runs.length > 1) {
+    parts.push(el('p', {class: 'wm-muted'}, 'Overlaid: ' + runs.slice(1).map((r) => r.run).join(', ')));
   }
+  parts.push(el('p', {class: 'wm-muted'},
+    'Drag on a chart to zoom (double-click to reset); the legend under each chart reads the ' +
+    'values under the cursor. Shaded: unstable episodes; dotted: end of warmup.'));
+  const charts = el('div', {class: 'wm-charts'});
   parts.push(charts);
-  parts.push(el('h4', {}, `Alerts (${data.alerts.length})`));
-  parts.push(alertTable(data.alerts));
+  parts.push(el('h4', {}, `Episodes (${s.episodes.length}) and alerts (${data.alerts.length})`));
+  parts.push(episodeList(data));
   detail.replaceChildren(...parts);
+  for (const p of state.plots) p.destroy();
+  state.plots = [];
+  const sync = uPlot.sync('wm');
+  for (const [key, title, log] of CHARTS) {
+    if (!runs.some((r) => r.curves[key])) continue;
+    const box = charts.appendChild(el('div', {class: 'wm-chart', 'data-chart': key}));
+    box.appendChild(el('div', {class: 'wm-chart-title'}, title));
+    state.plots.push(chart(box, key, runs, log, sync));
+  }
 }
 
-function markersOf(alerts, s) {
+function lrIsLog(runs) {
+  const peaks = runs.map((r) => r.summary.peak_lr).filter((p) => typeof p === 'number' && p > 0);
+  return peaks.length > 1 && Math.max(...peaks) >= 10 * Math.min(...peaks);
+}
+
+function valueAt(points, step) {
+  // points: [[step, value], ...] ascending; the value at the last step <= `step`.
+  let lo = 0, hi = points.length - 1, best = null;
+  while (lo <= hi) {
+    const mid = (lo + hi) >> 1;
+    if (points[mid][0] <= step) { best = points[mid][1]; lo = mid + 1; } else hi = mid - 1;
+  }
+  return best;
+}
+
+function chart(box, key, runs, log, sync) {
+  if (key === 'lr' && lrIsLog(runs)) log = true;
+  const columns = [];  // [{label, stroke, points, dash, marker, width}]
+  const several = runs.length > 1;
+  runs.forEach((r, i) => {
+    const color = RUN_COLORS[i % RUN_COLORS.length];
+    const name = several ? r.run + ' ' : '';
+    const points = r.curves[key];
+    if (points) columns.push({label: name + key, stroke: color, points});
+    if (key === 'loss') {
+      if (r.curves.val_loss) {
+        columns.push({label: name + 'validation loss', stroke: color, points: r.curves.val_loss,
+          dash: [6, 4], marker: 4});
+      }
+      if (r.spike_threshold != null && points && points.length) {
+        columns.push({label: name + '10x initial loss', stroke: color, dash: [2, 4], width: 1,
+          points: [[points[0][0], r.spike_threshold]], constant: r.spike_threshold});
+      }
+    }
+    for (const [kind, [label, mcolor, size, where]] of Object.entries(MARKS)) {
+      if (where !== key) continue;
+      const steps = markSteps(r, kind);
+      if (!steps.length || !points) continue;
+      columns.push({label: name + label, stroke: mcolor, marker: size, fill: several ? color : mcolor,
+        points: steps.map((st) => [st, valueAt(points, st)]).filter(([, v]) => v != null && (!log || v > 0))});
+    }
+  });
+  const xs = [...new Set(columns.flatMap((c) => c.points.map((p) => p[0])))].sort((a, b) => a - b);
+  const index = new Map(xs.map((x, i) => [x, i]));
+  const data = [xs];
+  for (const c of columns) {
+    const ys = new Array(xs.length).fill(null);
+    for (const [x, y] of c.points) ys[index.get(x)] = (y == null || (log && y <= 0)) ? null : y;
+    if (c.constant != null) ys.fill(c.constant);
+    data.push(ys);
+  }
+  const series = [{label: 'step'}];
+  for (const c of columns) {
+    series.push(c.marker ? {
+      label: c.label, stroke: c.stroke, fill: c.dash ? undefined : (c.fill || c.stroke),
+      width: c.dash ? 1.2 : 0, dash: c.dash, spanGaps: true,
+      paths: c.dash ? undefined : () => null,
+      points: {show: true, size: c.marker, stroke: '#24292f', fill: c.fill || c.stroke, width: 1},
+    } : {label: c.label, stroke: c.stroke, width: c.width || 1.3, dash: c.dash, spanGaps: true,
+      points: {show: false}});
+  }
+  const opts = {
+    width: Math.min(1100, Math.max(480, (document.body.clientWidth || 1000) - 60)),
+    height: 230,
+    series,
+    scales: {x: {time: false}, y: log ? {distr: 3} : {}},
+    axes: [{label: 'optimizer step', size: 40}, {size: 70}],
+    cursor: {sync: {key: sync.key}, drag: {x: true, y: false}},
+    legend: {live: true},
+    hooks: {drawClear: [(u) => drawBands(u, runs)]},
+  };
+  return new uPlot(opts, data, box);
+}
+
+function markSteps(r, kind) {
+  const alerts = r.alerts;
+  if (kind === 'instability') {
+    return [...new Set(alerts.filter((a) => INSTABILITY.has(a.kind) && a.kind !== 'warmup_exhausted')
+      .map((a) => a.step))];
+  }
+  return [...new Set(alerts.filter((a) => a.kind === kind).map((a) => a.step))];
+}
+
+function spans(episodes) {
+  // [start, end + 1) of each episode, overlapping or touching ones merged.
   const out = [];
-  for (const a of alerts) {
-    if (a.kind === 'warmup_extended') continue;
-    out.push({step: a.step, color: INSTABILITY.has(a.kind) ? '#cf222e' : '#8c959f',
-      dash: INSTABILITY.has(a.kind) ? '' : '2,2', label: `${a.kind} at step ${a.step}: ${a.message}`});
-  }
-  for (const e of s.extensions) {
-    out.push({step: e.step, color: '#8250df', dash: '6,3',
-      label: `warmup extended at step ${e.step}: ${e.old ?? '?'} → ${e.new ?? '?'} steps`});
-  }
-  for (const end of new Set([s.planned_warmup, s.effective_warmup])) {
-    if (end != null) out.push({step: end, color: '#24292f', dash: '8,3,2,3', label: `end of warmup (${end})`});
+  for (const [a, b] of episodes.map((e) => [e.start, e.end + 1]).sort((x, y) => x[0] - y[0])) {
+    if (out.length && a <= out[out.length - 1][1]) out[out.length - 1][1] = Math.max(out[out.length - 1][1], b);
+    else out.push([a, b]);
   }
   return out;
 }
 
-function timeline(alerts, markers, x0, x1) {
-  const w = 900, h = 46, pad = 50;
-  const svg = svgEl('svg', {width: w, height: h, class: 'wm-svg'});
-  const sx = (x) => pad + (w - 2 * pad) * (x - x0) / Math.max(1, x1 - x0);
-  svg.appendChild(svgEl('line', {x1: pad, x2: w - pad, y1: 22, y2: 22, stroke: '#d0d7de'}));
-  for (const m of markers) {
-    if (m.color === '#24292f' || m.color === '#8250df') {
-      const line = svgEl('line', {x1: sx(m.step), x2: sx(m.step), y1: 6, y2: 38, stroke: m.color,
-        'stroke-dasharray': m.dash});
-      line.appendChild(svgText('title', m.label));
-      svg.appendChild(line);
+function drawBands(u, runs) {
+  // Unstable episodes as shaded spans, the end of warmup as a dotted line, per run colour.
+  const ctx = u.ctx;
+  const {top, height} = u.bbox;
+  ctx.save();
+  runs.forEach((r, i) => {
+    const color = runs.length > 1 ? RUN_COLORS[i % RUN_COLORS.length] : '#cf222e';
+    ctx.fillStyle = color;
+    ctx.globalAlpha = 0.12;
+    for (const [a, b] of spans(r.summary.episodes)) {
+      const x0 = u.valToPos(a, 'x', true), x1 = u.valToPos(b, 'x', true);
+      ctx.fillRect(x0, top, Math.max(2, x1 - x0), height);
     }
-  }
-  for (const a of alerts) {
-    if (a.kind === 'warmup_extended') continue;
-    const dot = svgEl('circle', {cx: sx(a.step), cy: 22, r: 5,
-      fill: INSTABILITY.has(a.kind) ? '#cf222e' : '#8c959f', 'fill-opacity': 0.7});
-    dot.appendChild(svgText('title', `${a.kind} at step ${a.step}: ${a.message}`));
-    svg.appendChild(dot);
-  }
-  svg.appendChild(svgText('text', String(x0), {x: pad, y: 44, 'font-size': 10, 'text-anchor': 'middle'}));
-  svg.appendChild(svgText('text', String(x1), {x: w - pad, y: 44, 'font-size': 10, 'text-anchor': 'middle'}));
-  return svg;
+    ctx.globalAlpha = 0.9;
+    ctx.strokeStyle = runs.length > 1 ? color : '#24292f';
+    ctx.setLineDash([2, 3]);
+    for (const end of new Set([r.summary.planned_warmup, r.summary.effective_warmup])) {
+      if (end == null) continue;
+      const x = u.valToPos(end, 'x', true);
+      ctx.beginPath(); ctx.moveTo(x, top); ctx.lineTo(x, top + height); ctx.stroke();
+    }
+  });
+  ctx.restore();
 }
 
-function chart(title, points, log, markers, x0, x1) {
-  const w = 440, h = 220, left = 58, right = 10, top = 22, bottom = 28;
-  const pts = points.filter(([, y]) => y != null && (!log || y > 0));
-  const svg = svgEl('svg', {width: w, height: h, class: 'wm-svg'});
-  svg.appendChild(svgText('text', title, {x: left, y: 14, 'font-size': 12, 'font-weight': 'bold'}));
-  if (!pts.length) return svg;
-  const f = log ? Math.log10 : (v) => v;
-  let lo = Math.min(...pts.map(([, y]) => f(y))), hi = Math.max(...pts.map(([, y]) => f(y)));
-  if (hi === lo) { hi += 1; lo -= log ? 1 : 0; }
-  const sx = (x) => left + (w - left - right) * (x - x0) / Math.max(1, x1 - x0);
-  const sy = (y) => top + (h - top - bottom) * (1 - (f(y) - lo) / (hi - lo));
-  svg.appendChild(svgEl('rect', {x: left, y: top, width: w - left - right, height: h - top - bottom,
-    fill: 'none', stroke: '#d0d7de'}));
-  for (const m of markers) {
-    if (m.step < x0 || m.step > x1) continue;
-    const line = svgEl('line', {x1: sx(m.step), x2: sx(m.step), y1: top, y2: h - bottom,
-      stroke: m.color, 'stroke-dasharray': m.dash, 'stroke-opacity': 0.8});
-    line.appendChild(svgText('title', m.label));
-    svg.appendChild(line);
+// ------------------------------------------------------------------ episodes
+
+function episodeList(data) {
+  const s = data.summary;
+  const box = el('div', {class: 'wm-episodes'});
+  if (!data.alerts.length) {
+    box.appendChild(el('p', {class: 'wm-muted'}, 'No alert.'));
+    return box;
   }
-  const d = pts.map(([x, y], i) => `${i ? 'L' : 'M'}${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join('');
-  svg.appendChild(svgEl('path', {d, fill: 'none', stroke: '#0969da', 'stroke-width': 1.3}));
-  const fmt = (v) => (log ? Math.pow(10, v) : v).toPrecision(3);
-  svg.appendChild(svgText('text', fmt(hi), {x: left - 4, y: top + 4, 'font-size': 10, 'text-anchor': 'end'}));
-  svg.appendChild(svgText('text', fmt(lo), {x: left - 4, y: h - bottom, 'font-size': 10, 'text-anchor': 'end'}));
-  svg.appendChild(svgText('text', String(x0), {x: left, y: h - 10, 'font-size': 10}));
-  svg.appendChild(svgText('text', String(x1) + ' (step)', {x: w - right, y: h - 10, 'font-size': 10,
-    'text-anchor': 'end'}));
-  return svg;
+  for (const e of s.episodes) {
+    const ranges = e.steps.map(([a, b]) => a === b ? String(a) : `${a}-${b}`).join(', ');
+    const what = e.id == null ? `alert at step ${e.start}` : `episode ${e.id}: steps ${e.start}-${e.end}`;
+    const facts = [what, `${e.count} flagged step(s)`, e.kinds.join(', ')];
+    if (e.peak_ratio != null) facts.push(`peak ${e.peak_ratio.toPrecision(3)}x @${e.peak_step}`);
+    if (e.recovered != null) facts.push(e.recovered ? 'recovered' : 'not recovered');
+    else if (e.id != null && !e.closed) facts.push('still open at the end');
+    const details = el('details', {class: 'wm-episode'}, [
+      el('summary', {}, facts.join(' · ')),
+      el('p', {class: 'wm-muted'}, 'flagged steps: ' + ranges),
+      alertTable(e.alerts.map((i) => data.alerts[i])),
+    ]);
+    box.appendChild(details);
+  }
+  const grouped = new Set(s.episodes.flatMap((e) => e.alerts));
+  const others = data.alerts.filter((a, i) => !grouped.has(i));
+  if (others.length) {
+    box.appendChild(el('details', {class: 'wm-episode', open: ''}, [
+      el('summary', {}, `actions and notes (${others.length})`), alertTable(others),
+    ]));
+  }
+  return box;
 }
 
 function alertTable(alerts) {
-  if (!alerts.length) return el('p', {class: 'wm-muted'}, 'No alert.');
   const fmt = (v) => typeof v === 'number' ? v.toPrecision(4) : String(v);
   return el('table', {class: 'wm-table'}, [
     el('thead', {}, el('tr', {}, ['step', 'kind', 'message', 'value', 'threshold']
@@ -186,8 +349,24 @@ function alertTable(alerts) {
   ]);
 }
 
-async function getJson(url) {
-  const response = await fetch(url);
+// ------------------------------------------------------------------ plumbing
+
+function loadUPlot() {
+  const css = document.createElement('link');
+  css.rel = 'stylesheet';
+  css.href = new URL('uPlot.min.css', BASE).href;
+  document.head.appendChild(css);
+  return new Promise((resolve, reject) => {
+    const script = document.createElement('script');
+    script.src = new URL('uPlot.iife.min.js', BASE).href;
+    script.onload = resolve;
+    script.onerror = () => reject(new Error('could not load uPlot'));
+    document.head.appendChild(script);
+  });
+}
+
+async function getJson(path) {
+  const response = await fetch(new URL(path, BASE));
   const body = await response.json();
   if (!response.ok) throw new Error(body.error || response.statusText);
   return body;
@@ -197,18 +376,6 @@ function el(tag, attrs = {}, children = null) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
   append(node, children);
-  return node;
-}
-
-function svgEl(tag, attrs = {}) {
-  const node = document.createElementNS(SVG, tag);
-  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
-  return node;
-}
-
-function svgText(tag, text, attrs = {}) {
-  const node = svgEl(tag, attrs);
-  node.textContent = text;
   return node;
 }
 
@@ -224,16 +391,21 @@ function addStyle() {
   style.textContent = `
     body { font-family: Roboto, system-ui, sans-serif; margin: 16px; color: #1f2328; }
     .wm-muted { color: #57606a; }
+    .wm-reason { margin: 2px 0 6px; }
     .wm-table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
     .wm-table td, .wm-table th { border: 1px solid #d0d7de; padding: 3px 8px; text-align: left;
       vertical-align: top; }
     .wm-table th { background: #f6f8fa; }
     .wm-run { cursor: pointer; }
-    .wm-run:hover { background: #f6f8fa; }
+    .wm-run:hover, .wm-selected { background: #f6f8fa; }
+    .wm-selected .wm-name { font-weight: bold; }
     .wm-verdict { font-weight: bold; }
     .wm-problems { color: #9a6700; }
-    .wm-charts { display: flex; flex-wrap: wrap; gap: 8px; }
-    .wm-svg { font-family: Roboto, system-ui, sans-serif; }
+    .wm-chart { margin: 10px 0 18px; }
+    .wm-chart-title { font-weight: bold; font-size: 13px; margin-bottom: 2px; }
+    .wm-episode { margin: 4px 0; font-size: 13px; }
+    .wm-episode > summary { cursor: pointer; }
+    .u-legend { font-size: 12px; text-align: left; }
   `;
   document.head.appendChild(style);
 }
