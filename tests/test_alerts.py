@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,23 @@ def test_actions_and_episode_summaries_are_always_said(
     ]
     with open(path, encoding="utf-8") as f:
         assert all('"value": "inf"' in line for line in f)
+
+
+def test_held_back_alerts_point_where_they_can_be_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 15 item 14: without an alerts file the console never points at one."""
+    cases = {"file": str(tmp_path / "a.jsonl"), "none": None}
+    for name, path in cases.items():
+        caplog.clear()
+        dispatcher = AlertDispatcher(jsonl_path=path, log_quiet_steps=50)
+        with caplog.at_level(logging.WARNING, logger="warmup_monitor"):
+            for step in (0, 1, 2, 60):
+                dispatcher.dispatch(Alert(step, AlertKind.LOSS_TREND_SPIKE, "spike"))
+        dispatcher.close()
+        last = caplog.records[-1].getMessage()
+        assert "2 more loss_trend_spike alerts since step 0" in last, name
+        if path is None:
+            assert "alerts file" not in last and "logged at DEBUG level" in last
+        else:
+            assert f"see {path}" in last

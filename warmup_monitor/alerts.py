@@ -114,11 +114,17 @@ class AlertDispatcher:
             log.debug("warmup_monitor: %s", alert)
             return
         held = self._held.pop(kind, 0)
-        suffix = (
-            f" ({held} more {kind} alerts since step {last}: see the alerts file)" if held else ""
-        )
+        suffix = f" ({held} more {kind} alerts since step {last}: {self._where()})" if held else ""
         log.log(self.log_level, "warmup_monitor: %s%s", alert, suffix)
         self._last_logged[kind] = alert.step
+
+    def _where(self) -> str:
+        """Where the alerts held back on the console can be read."""
+        if self.jsonl_path is not None:
+            return f"see {self.jsonl_path}"
+        if self.text_writers:
+            return f"see TensorBoard's TEXT tab, tag {self.text_tag}"
+        return "logged at DEBUG level"
 
     def _write_jsonl(self, alert: Alert) -> None:
         if self._writer is None:
