@@ -48,6 +48,16 @@ class AlertKind(str, Enum):
     EDGE_OF_STABILITY = "edge_of_stability"
     #: The monitor itself could not compute something it was asked for.
     MONITOR = "monitor"
+    #: The loss rose above its trend and stayed there (a sustained rise, not a one-step spike).
+    LOSS_DIVERGENCE = "loss_divergence"
+    #: The gradient norm kept rising above its trend.
+    GRAD_NORM_RISE = "grad_norm_rise"
+    #: An episode of instability ended; informational.
+    EPISODE_END = "episode_end"
+    #: The adaptive controller lowered the lr (a back-off); informational, an action taken.
+    LR_BACKOFF = "lr_backoff"
+    #: The model and optimizer were restored to a snapshot; informational, an action taken.
+    ROLLBACK = "rollback"
 
     @property
     def is_instability(self) -> bool:
@@ -68,6 +78,8 @@ INSTABILITY_KINDS: frozenset[AlertKind] = frozenset(
         AlertKind.PERSISTENT_INSTABILITY,
         AlertKind.WARMUP_EXHAUSTED,
         AlertKind.EDGE_OF_STABILITY,
+        AlertKind.LOSS_DIVERGENCE,
+        AlertKind.GRAD_NORM_RISE,
     }
 )
 
