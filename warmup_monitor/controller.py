@@ -502,7 +502,7 @@ class WarmupController:
         wants_drop = target < before
         if self.extensions >= cfg.max_extensions:
             return self._exhaust(step, causes, cause_steps, "caps")
-        if not wants_drop and before >= peak:
+        if not wants_drop and u_a >= self._full:  # at the peak, nothing to slow down
             return self._exhaust(step, causes, cause_steps, "at_one")
 
         extra = cfg.extend_steps or max(1, round(cfg.extend_fraction * self.initial_warmup_steps))
@@ -529,9 +529,12 @@ class WarmupController:
         self._last_extension = step
         self._recent.clear()
         next_factor = self.factor(a + 1)
-        # Levels as fractions of the peak (a recorded ramp's level is an lr).
-        frac_before, frac_after, frac_target = before / peak, after / peak, target / peak
+        # Levels as factors: of the peak, or (a recorded ramp's levels are lrs) of the user's lr.
+        unit = (self._ramp.value(min(a, self._full)) if self._recorded else 1.0) or 1.0
+        frac_before, frac_after, frac_target = before / unit, after / unit, target / unit
         what = "lr factor" if self.shape is not None else "warmup factor (fraction of the peak)"
+        if self._recorded:
+            what = "lr factor (on your scheduler's lr)"
         common = {
             "causes": causes,
             "cause_steps": cause_steps,
