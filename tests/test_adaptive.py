@@ -88,7 +88,7 @@ def _spiky(values: dict[int, float]) -> Any:
 
 #: The plan's mechanics are pinned without a back-off and with + W0 / 2 per extension; the
 #: defaults' policy has its own tests below.
-NO_BACKOFF = AdaptiveWarmup(backoff=1.0, extend_fraction=0.5)
+NO_BACKOFF = AdaptiveWarmup(backoff=1.0, extend_fraction=0.5)  # + half the planned length
 
 
 def test_instability_extends_warmup_without_an_lr_jump(tmp_path: os.PathLike) -> None:

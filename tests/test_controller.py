@@ -43,7 +43,7 @@ def classic(*, warmup_steps: int, **kwargs: Any) -> WarmupController:
     w0 = warmup_steps
     base: dict[str, Any] = {
         "backoff": 1.0,
-        "extend_fraction": 0.5,
+        "extend_steps": None if "extend_fraction" in kwargs else max(1, round(w0 / 2)),
         "max_extensions": 3,
         "max_warmup_steps": 4 * w0,
         "grace_steps": w0 // 4,
@@ -118,13 +118,14 @@ def test_users_warmup_gives_factor_one_until_an_extension(shape: str) -> None:
 
 
 def test_the_docstring_example() -> None:
-    c = classic(warmup_steps=10)
+    c = WarmupController(warmup_steps=10)
     assert c.factor(4) == 0.5
     out = c.observe(4, [Alert(4, AlertKind.LOSS_SPIKE, "spike")])
-    assert [a.kind.value for a in out] == ["warmup_extended"]
-    assert (c.warmup_steps, c.factor(4), c.factor(14)) == (15, 0.5, 1.0)
-    assert c.factor(5) == pytest.approx(0.55)
-
+    assert [a.kind.value for a in out] == ["lr_backoff", "warmup_extended"]
+    # The defaults: back off to 0.25 (half of 0.5) at schedule time 1.5, warmup 10 -> 20, and
+    # re-warm from there to 1 at step 19: 0.25 + 0.75 (t - 4) / 15.
+    assert c.warmup_steps == 20 and c.factor(19) == 1.0
+    assert c.factor(5) == pytest.approx(0.25 + 0.75 / 15)
 
 def test_linear_extension_is_a_straight_line_with_documented_details() -> None:
     c = classic(warmup_steps=10)
@@ -456,8 +457,8 @@ def test_grace_window_extends_with_a_rewarm_and_not_after_it() -> None:
     assert after_grace.observe(25, [alert(25)]) == []
     assert after_grace.observe(100, [alert(100)]) == []
     assert after_grace.extensions == 0 and not after_grace.exhausted
-    assert WarmupController(warmup_steps=100).grace_steps == 100  # max(10, W)
-    assert WarmupController(warmup_steps=4).grace_steps == 10
+    assert WarmupController(warmup_steps=100).grace_steps == 100  # max(20, W)
+    assert WarmupController(warmup_steps=4).grace_steps == 20
 
 
 def test_grace_window_without_back_off_reports_exhaustion() -> None:

@@ -255,8 +255,9 @@ class AdaptiveWarmup(_Validated):
     """
 
     extend_fraction: float = _spec(1.0, _float(above=0.0))
-    """Each extension adds this fraction of ``warmup_steps`` past the planned end (or past the
-    current step, in the grace window) (> 0)."""
+    """Each extension adds this fraction of the current planned warmup past its end (or past
+    the current step, in the grace window) (> 0; 1 doubles it: repeated trouble gets a
+    geometrically longer warmup)."""
     extend_steps: int | None = _spec(None, _optional(_int(1)))
     """Or this many steps (>= 1; overrides ``extend_fraction``)."""
     max_extensions: int = _spec(4, _int(0))
@@ -268,7 +269,8 @@ class AdaptiveWarmup(_Validated):
     ``max(5, warmup_steps // 10)``)."""
     grace_steps: int | None = _spec(None, _optional(_int(0)))
     """Instability this many steps after the planned warmup ends still acts (>= 0; default
-    ``max(10, warmup_steps)``: trouble often starts just after the peak is reached)."""
+    ``max(20, warmup_steps)``: trouble often starts only after the peak is reached, measured
+    at 0.7-1.3 x ``warmup_steps`` after it in ``benchmarks/adaptive_warmup.py``)."""
     min_alerts: int = _spec(2, _int(1))
     """Steps flagged by one-step spike kinds within ``window_steps`` that act (>= 1)."""
     window_steps: int | None = _spec(None, _optional(_int(1)))
@@ -300,6 +302,21 @@ class AdaptiveWarmup(_Validated):
     """Where snapshots live: ``"cpu"`` (host memory) or ``"same"`` (each tensor's device)."""
     rollback_loss_ratio: float = _spec(2.0, _float(above=1.0))
     """A ``loss_trend_spike`` is severe (rolls back) from this ratio to the trend (> 1)."""
+
+    def resolved(self, warmup_steps: int) -> dict[str, int]:
+        """The options whose default depends on ``warmup_steps`` (W0), resolved: ``max_warmup_
+        steps`` 10 W0, ``cooldown_steps`` max(5, W0 // 10), ``grace_steps`` max(20, W0),
+        ``window_steps`` max(20, W0 // 2), ``snapshot_every_n_steps`` max(1, W0 // 10)."""
+        w0 = warmup_steps
+        defaults = {
+            "max_warmup_steps": 10 * w0,
+            "cooldown_steps": max(5, w0 // 10),
+            "grace_steps": max(20, w0),
+            "window_steps": max(20, w0 // 2),
+            "snapshot_every_n_steps": max(1, w0 // 10),
+        }
+        given = {k: getattr(self, k) for k in defaults}
+        return {k: defaults[k] if v is None else v for k, v in given.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,41 +4,17 @@
 step (:meth:`WarmupController.factor`), and, given the alerts of a step, whether warmup should
 be extended (:meth:`WarmupController.observe`). It imports no Lightning and no torch.
 
-**The no-jump rule: an extension stretches the rest of the shape in time.** Let :math:`F(u)`
-be the shape over the planned :math:`W_0` steps at a real "schedule time" :math:`u \\ge -1`
-(:func:`~warmup_monitor.schedules.shape_value`: :math:`F(t)` =
-``warmup_factor(shape, t, W0)`` at integers, non-decreasing, 1 from :math:`u_e = W_0 - 1`;
-:math:`u_e = W_0` for ``exponential`` and ``constant``). The update at step :math:`t` gets the
-plan's factor :math:`P(t) = F(u(t))`, with :math:`u(t) = t` before any extension. An extension
-decided after the update at step :math:`a` (the last one taken), with a new planned length
-:math:`W'` (so that the factor first reaches 1 at :math:`T' = W' - W_0 + u_e`) and a restart
-target :math:`g \\le P(a)` (:math:`g = P(a)` unless a back-off is configured), sets
-
-.. math::
-
-    u' = \\begin{cases}
-        u(a) & g = P(a) \\\\
-        \\max\\big(\\min\\{u : F(u) \\ge g\\},\\; u_e - (T' - a)\\big) & g < P(a)
-    \\end{cases}
-    \\qquad
-    u(t) = u' + \\frac{u_e - u'}{T' - a}\\,(t - a) \\quad (t > a)
-
-With a back-off, :math:`W'` is first lengthened (within the caps) to
-:math:`T' \\ge a + \\lceil u_e - u' \\rceil`, so the rate :math:`r = (u_e - u') / (T' - a)` is
-never above 1; where the caps leave less room, :math:`u'` moves up instead (a smaller back-off,
-said in the alert). Hence, for every shape:
-
-- **no jump up**: :math:`P(t+1) - P(t) \\le \\max_x F(x+1) - F(x)`, the shape's own largest
-  one-step increase (exactly its largest step-to-step increase for ``linear``, ``geometric``,
-  ``exponential``, ``polynomial``, ``step`` and ``constant``; within a factor
-  :math:`1 + O(1/W_0^2)` of it for ``cosine`` and ``smoothstep``);
-- **no drop without a back-off**: :math:`g = P(a)` continues from the factor last applied;
-- **never above the old plan**: :math:`u' \\le u(a)` and :math:`T' > T` give
-  :math:`P_\\text{new}(t) \\le P_\\text{old}(t)` for all :math:`t > a`: an extension only
-  ever slows the ramp (a straight line from :math:`P(a)` would speed up convex shapes).
-
-For ``linear`` this is the straight line from :math:`P(a)` to 1 at step :math:`W' - 1`:
-:math:`P(t) = P(a) + (1 - P(a))\\,(t - a) / (W' - 1 - a)`.
+**The no-jump rule: an action stretches the rest of the shape in time.** With :math:`F(u)` the
+shape at a real schedule time :math:`u` (:func:`~warmup_monitor.schedules.shape_value`, at its
+peak from :math:`u_e`), the update at step :math:`t` gets :math:`P(t) = F(u(t))`, :math:`u(t) = t`
+before any action. An action after the update at step :math:`a`, with a new planned length
+:math:`W'` (the plan reaches the peak at :math:`T'`) and a restart level :math:`g \\le P(a)`,
+continues from :math:`u' = \\min\\{u : F(u) \\ge g\\}` (:math:`u(a)` without a back-off) as
+:math:`u(t) = u' + (u_e - u')(t - a) / (T' - a)`, with :math:`T'` lengthened so that the rate
+is at most 1 (where the caps leave less room, :math:`u'` moves up: a smaller back-off, said in
+the alert). Hence **no jump up** (no one-step rise above the shape's own largest), **no drop
+but an announced back-off**, and **never above the old plan**. The derivation is in
+``docs/adaptive_plan.md``.
 
 **Your own scheduler's ramp (``shape=None``): the rule.** The monitor records the lr your
 scheduler set for each update of the declared warmup, :math:`L(s)` for :math:`s = 0..W_0`
@@ -68,13 +44,27 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Literal
 
 from warmup_monitor._checks import check_choice, check_int
+from warmup_monitor.actions import (
+    RollbackRequest,
+    action_alerts,
+    exhausted_alert,
+    rollback_alert,
+    rollback_worthy,
+)
 from warmup_monitor.alerts import INSTABILITY_KINDS, Alert, AlertKind
 from warmup_monitor.config import AdaptiveWarmup
-from warmup_monitor.schedules import SHAPES, RecordedRamp, full_at, shape_params, shape_value
+from warmup_monitor.schedules import (
+    SHAPES,
+    RecordedRamp,
+    full_at,
+    least_time,
+    shape_params,
+    shape_value,
+)
 
 __all__ = [
     "DEFAULT_TRIGGER_KINDS",
@@ -95,48 +85,17 @@ DEFAULT_TRIGGER_KINDS: frozenset[str] = frozenset(
 #: Kinds that act on their own: they already mean persistence (oscillation is five flips in a
 #: row; a divergence or a rise is sustained), a blow-up or a broken step.
 _SEVERE = frozenset(
-    k.value
-    for k in (
-        K.LOSS_SPIKE,
-        K.NON_FINITE,
-        K.OSCILLATION,
-        K.PERSISTENT_INSTABILITY,
-        K.EDGE_OF_STABILITY,
-        K.LOSS_DIVERGENCE,
-        K.GRAD_NORM_RISE,
-    )
+    {"loss_spike", "non_finite", "oscillation", "persistent_instability", "edge_of_stability"}
+    | {"loss_divergence", "grad_norm_rise"}
 )
 #: One-step findings on the loss and on the gradients: either must repeat (``min_alerts`` steps
 #: in a window), unless both flag the same step (two independent signals agree).
-_LOSS_KINDS = frozenset({K.LOSS_SPIKE.value, K.LOSS_TREND_SPIKE.value, K.LOSS_DIVERGENCE.value})
-_GRAD_KINDS = frozenset(
-    {K.GRAD_NORM_SPIKE.value, K.GRAD_NORM_RISE.value, K.OSCILLATION.value, K.NON_FINITE.value}
-)
-#: Kinds whose episode damaged the model itself: with ``rollback``, restore a snapshot.
-_ROLLBACK = frozenset(
-    k.value for k in (K.NON_FINITE, K.LOSS_SPIKE, K.PERSISTENT_INSTABILITY, K.LOSS_DIVERGENCE)
-)
+_LOSS_KINDS = frozenset({"loss_spike", "loss_trend_spike", "loss_divergence"})
+_GRAD_KINDS = frozenset({"grad_norm_spike", "grad_norm_rise", "oscillation", "non_finite"})
 
 
 class WarmupExhaustedError(RuntimeError):
-    """Raised (by the caller) with ``on_exhausted="raise"`` when the controller can do no more
-    and training is still unstable."""
-
-
-@dataclass(frozen=True)
-class RollbackRequest:
-    """A rollback the controller asks for: restore the last snapshot taken before ``onset``.
-
-    Attributes:
-        step: The step whose alerts decided it.
-        onset: The first step of the episode: a snapshot taken after ``onset`` updates or more
-            holds parameters that already produced the episode.
-        causes: The alert kinds of the episode.
-    """
-
-    step: int
-    onset: int
-    causes: tuple[str, ...]
+    """Raised with ``on_exhausted="raise"`` when the controller can do no more, still unstable."""
 
 
 def _kind(alert: Alert) -> str:
@@ -185,10 +144,9 @@ class WarmupController:
        ``lr_backoff`` alert, and re-warms from there to the peak over an extended warmup: by
        ``extend_steps`` or ``extend_fraction`` x the planned length, past the current step, and
        at least as slowly as the shape itself, announced by ``warmup_extended``.
-    4. With ``rollback``, an episode with ``non_finite``, ``loss_spike``,
-       ``persistent_instability``, ``loss_divergence`` or a ``loss_trend_spike`` at least
-       ``rollback_loss_ratio`` x the trend also sets :attr:`rollback_request`; the adapter
-       restores the last snapshot taken before the onset and calls :meth:`rolled_back`.
+    4. With ``rollback``, a severe episode (:func:`~warmup_monitor.actions.rollback_worthy`)
+       also sets :attr:`rollback_request`: the adapter restores the last snapshot taken before
+       the onset and calls :meth:`rolled_back`.
     5. When no action can help (``max_extensions`` used, ``max_warmup_steps`` reached, or the
        factor already 1 with no back-off configured), one ``warmup_exhausted`` alert
        recommends a peak lr (:func:`_recommend`) and carries ``on_exhausted``; after it the
@@ -201,8 +159,8 @@ class WarmupController:
         0.5
         >>> [a.kind.value for a in c.observe(4, [Alert(4, AlertKind.LOSS_SPIKE, "spike")])]
         ['lr_backoff', 'warmup_extended']
-        >>> c.warmup_steps, c.factor(5), c.factor(24)
-        (25, 0.25, 1.0)
+        >>> c.warmup_steps, round(c.factor(5), 12), c.factor(19)  # 0.5 -> 0.25, re-warm
+        (20, 0.3, 1.0)
 
     Args:
         warmup_steps: Planned warmup length ``W0`` in optimizer steps (>= 1).
@@ -214,9 +172,8 @@ class WarmupController:
         adaptive: The policy (:class:`~warmup_monitor.AdaptiveWarmup`); ``True``: its
             defaults; ``False``: the plan stays fixed.
         **overrides: Fields of :class:`~warmup_monitor.AdaptiveWarmup` to change, e.g.
-            ``WarmupController(warmup_steps=100, backoff=1.0)``. Defaults that depend on
-            ``W0``: ``max_warmup_steps`` 10 W0, ``cooldown_steps`` max(5, W0 // 10),
-            ``grace_steps`` max(10, W0), ``window_steps`` max(20, W0 // 2).
+            ``WarmupController(warmup_steps=100, backoff=1.0)``; the defaults that depend on
+            ``W0`` are :meth:`~warmup_monitor.AdaptiveWarmup.resolved`'s.
 
     Raises:
         TypeError: an argument has the wrong type (named in the message).
@@ -257,21 +214,16 @@ class WarmupController:
         # The shape the plan stretches: the monitor's, or the model of the user's warmup.
         self._shape = shape if shape is not None else self.user_shape
         self._params = shape_params(self._shape, w0, self.shape_kwargs)
-        self.max_warmup_steps = (
-            10 * w0 if config.max_warmup_steps is None else config.max_warmup_steps
-        )
+        r = config.resolved(w0)
+        self.max_warmup_steps, self.grace_steps = r["max_warmup_steps"], r["grace_steps"]
+        self.cooldown_steps, self.window_steps = r["cooldown_steps"], r["window_steps"]
+        self.snapshot_every_n_steps = r["snapshot_every_n_steps"]
         if self.max_warmup_steps < w0:
             raise ValueError(
                 f"`AdaptiveWarmup.max_warmup_steps` must be >= warmup_steps ({w0}), "
                 f"got {self.max_warmup_steps}"
             )
         c = config
-        self.cooldown_steps = max(5, w0 // 10) if c.cooldown_steps is None else c.cooldown_steps
-        self.grace_steps = max(10, w0) if c.grace_steps is None else c.grace_steps
-        self.window_steps = max(20, w0 // 2) if c.window_steps is None else c.window_steps
-        self.snapshot_every_n_steps = (
-            max(1, w0 // 10) if c.snapshot_every_n_steps is None else c.snapshot_every_n_steps
-        )
         self.rollback = c.rollback and self.adaptive
         self.extend_fraction, self.extend_steps = c.extend_fraction, c.extend_steps
         self.max_extensions, self.min_alerts = c.max_extensions, c.min_alerts
@@ -286,21 +238,18 @@ class WarmupController:
 
     def reset(self) -> None:
         """Back to the initial plan (no action, nothing observed or recorded)."""
-        self.warmup_steps = self.initial_warmup_steps
-        self.extensions = 0
-        self.stop_requested = False
-        self.exhausted = False
-        # (a, u', r): for steps t > a, schedule time u(t) = u' + r (t - a). Anchors never
-        # decrease; at most one segment per extension.
+        self.warmup_steps, self.extensions = self.initial_warmup_steps, 0
+        self.stop_requested = self.exhausted = False
+        # (a, u', r): u(t) = u' + r (t - a) for t > a; one segment per extension.
         self._segments: list[tuple[int, float, float]] = []
         self._last_extension: int | None = None
         self._recent: deque[int] = deque(maxlen=self.config.min_alerts)
-        self._onset: int | None = None  # first step of the open episode
+        self._onset: int | None = None  # first and last flagged steps of the open episode
         self._last_flagged: int | None = None
         self._causes: set[str] = set()
         # The lowest plan factor (and the lr, if known) at which instability was acted on.
         self._unstable_factor: float | None = None
-        self._unstable_lr: float | None = None
+        self._unstable_lr: float | None = None  # (None: unknown)
         self._ramp = RecordedRamp(self.initial_warmup_steps)
         self.rollback_request: RollbackRequest | None = None
         #: ``[step, snapshot step or None]`` of every rollback: facts that survive a resume.
@@ -451,7 +400,7 @@ class WarmupController:
             self._onset, self._causes = step, set()
         self._last_flagged = max(step, last or 0)
         self._causes |= kinds
-        if self._rollback_worthy(unstable):
+        if rollback_worthy(unstable, self.config.rollback_loss_ratio):
             self._causes.add("_rollback")
         done = self._last_extension
         if done is not None and (step <= done or step - done < self.cooldown_steps):
@@ -479,17 +428,6 @@ class WarmupController:
             self.rollback_request = RollbackRequest(step, onset, tuple(causes))
         return out
 
-    def _rollback_worthy(self, alerts: Sequence[Alert]) -> bool:
-        for a in alerts:
-            kind = _kind(a)
-            if kind in _ROLLBACK:
-                return True
-            if kind == K.LOSS_TREND_SPIKE.value:
-                ratio = _finite_or(a.details.get("ratio_to_trend"), math.inf)
-                if ratio >= self.config.rollback_loss_ratio:
-                    return True
-        return False
-
     def _extend(
         self, step: int, a: int, causes: list[str], cause_steps: list[int], lr: float | None
     ) -> list[Alert]:
@@ -505,12 +443,12 @@ class WarmupController:
         if not wants_drop and u_a >= self._full:  # at the peak, nothing to slow down
             return self._exhaust(step, causes, cause_steps, "at_one")
 
-        extra = cfg.extend_steps or max(1, round(cfg.extend_fraction * self.initial_warmup_steps))
+        extra = cfg.extend_steps or max(1, round(cfg.extend_fraction * old_end))
         new_end = max(old_end, a + 1) + extra
         u_new = u_a
         offset, full = self._offset, self._full
         if wants_drop:
-            u_new = self._inverse(target, min(u_a, full))
+            u_new = least_time(self._f, target, -1.0, min(u_a, full))
             # Lengthen so that the re-warm is no faster than the shape: T' - a >= u_e - u'.
             new_end = max(new_end, a + math.ceil(full - u_new - 1e-9) + offset)
         new_end = min(new_end, self.max_warmup_steps)
@@ -521,7 +459,6 @@ class WarmupController:
             u_new = max(u_new, full - (t_new - a))  # the caps leave less room: back off less
         rate = min(1.0, max(0.0, (full - u_new) / (t_new - a)))
         after = self._f(u_new)
-        dropped = after < before
 
         self._segments.append((a, u_new, rate))
         self.warmup_steps = new_end
@@ -535,84 +472,21 @@ class WarmupController:
         what = "lr factor" if self.shape is not None else "warmup factor (fraction of the peak)"
         if self._recorded:
             what = "lr factor (on your scheduler's lr)"
-        common = {
-            "causes": causes,
-            "cause_steps": cause_steps,
-            "onset_step": self._onset,
-            "anchor_step": a,
-            "extensions": self.extensions,
-            "max_extensions": cfg.max_extensions,
-        }
-        out = []
-        if dropped:
-            scaled = "" if lr is None else f" (lr {lr:.3g} -> {lr * after / before:.3g})"
-            note = ""
-            if target < after - 1e-12:
-                note = f"; the caps leave no room to go down to {frac_target:.3g}"
-            out.append(
-                Alert(
-                    step=step,
-                    kind=K.LR_BACKOFF,
-                    message=(
-                        f"the {what} is lowered from {frac_before:.3g} to {frac_after:.3g}{scaled} "
-                        f"after {', '.join(causes)} since step {self._onset}, and re-warms to the "
-                        f"peak by step {t_new}{note}"
-                    ),
-                    value=frac_after,
-                    threshold=frac_before,
-                    details={
-                        "factor_before": frac_before,
-                        "factor_after": frac_after,
-                        "next_factor": next_factor,
-                        "lr_before": lr,
-                        "lr_after": None if lr is None else lr * after / before,
-                        **common,
-                    },
-                )
-            )
-            how = f"re-warms from {frac_after:.3g} after a back-off"
-        else:
-            how = f"continues from {frac_before:.3g} without a jump"
-        out.append(
-            Alert(
-                step=step,
-                kind=K.WARMUP_EXTENDED,
-                message=(
-                    f"warmup extended from {old_end} to {new_end} steps after {', '.join(causes)} "
-                    f"(extension {self.extensions} of {cfg.max_extensions}); the {what} {how} "
-                    f"and reaches the peak at step {t_new}"
-                ),
-                value=float(new_end),
-                threshold=float(self.max_warmup_steps),
-                details={
-                    "old_warmup_steps": old_end,
-                    "new_warmup_steps": new_end,
-                    "factor_before": frac_before,
-                    "factor_after": frac_after,
-                    "backoff": dropped,
-                    "next_factor": next_factor,
-                    "full_lr_step": t_new,
-                    **common,
-                },
-            )
+        return action_alerts(
+            step,
+            what=what,
+            levels=(frac_before, frac_after, frac_target),
+            lr=None if lr is None else (lr, lr * after / before),
+            plan=(old_end, new_end, t_new, self.max_warmup_steps),
+            count=(self.extensions, cfg.max_extensions),
+            details={
+                "causes": causes,
+                "cause_steps": cause_steps,
+                "onset_step": self._onset,
+                "anchor_step": a,
+                "next_factor": next_factor,
+            },
         )
-        return out
-
-    def _inverse(self, target: float, hi: float) -> float:
-        """The least schedule time ``u`` in ``[-1, hi]`` with ``F(u) >= target``
-        (``F(hi) >= target``), to float precision."""
-        lo = -1.0
-        if self._f(lo) >= target:
-            return lo
-        for _ in range(200):
-            mid = 0.5 * (lo + hi)
-            if not lo < mid < hi:
-                break
-            if self._f(mid) >= target:
-                hi = mid
-            else:
-                lo = mid
-        return hi
 
     def _exhaust(
         self, step: int, causes: list[str], cause_steps: list[int], reason: str
@@ -621,50 +495,24 @@ class WarmupController:
         if self.config.on_exhausted == "stop":
             self.stop_requested = True
         level = 1.0 if self._unstable_factor is None else self._unstable_factor
-        lr = self._unstable_lr
         if self._recorded:  # the plan's level is an lr: say it as a fraction of the peak
             level = level / max(self._f(self._full), 1e-300)
-        cfg = self.config
-        if reason == "caps":
-            why = (
-                f"after {self.extensions} extension(s) and a warmup of {self.warmup_steps} steps "
-                f"(caps: {cfg.max_extensions} extensions, {self.max_warmup_steps} steps)"
-            )
-        else:
-            why = (
-                "with the lr factor already at the peak and no back-off configured (`backoff` "
-                "and `rewarm_from` are 1: nothing left to slow down)"
-            )
-        recommended, advice = _recommend(lr, level)
-        advice += f", or start with a warmup of at least {self.warmup_steps} steps"
-        if reason == "at_one":
-            advice += ", or let the monitor re-warm (e.g. `backoff=0.5`)"
-        if level < 0.1:
-            advice += (
-                "; instability below a tenth of the peak lr often has another cause "
-                "(initialisation, data, loss scale)"
-            )
+        recommended, advice = _recommend(self._unstable_lr, level)
         return [
-            Alert(
-                step=step,
-                kind=K.WARMUP_EXHAUSTED,
-                message=f"still unstable ({', '.join(causes)}) {why}: {advice}",
-                value=float(self.warmup_steps),
-                threshold=float(self.max_warmup_steps),
-                details={
-                    "reason": reason,
-                    "causes": causes,
-                    "cause_steps": cause_steps,
-                    "extensions": self.extensions,
-                    "max_extensions": cfg.max_extensions,
-                    "warmup_steps": self.warmup_steps,
-                    "max_warmup_steps": self.max_warmup_steps,
-                    "unstable_factor": level,
-                    "unstable_lr": lr,
-                    "recommended_lr_factor": 0.5 * level,
-                    "recommended_lr": recommended if lr is not None else None,
-                    "action": cfg.on_exhausted,
-                },
+            exhausted_alert(
+                step,
+                reason=reason,
+                causes=causes,
+                cause_steps=cause_steps,
+                extensions=self.extensions,
+                max_extensions=self.config.max_extensions,
+                warmup_steps=self.warmup_steps,
+                max_warmup_steps=self.max_warmup_steps,
+                level=level,
+                lr=self._unstable_lr,
+                recommended=recommended,
+                advice=advice,
+                action=self.config.on_exhausted,
             )
         ]
 
@@ -679,34 +527,7 @@ class WarmupController:
         self.rollback_request = None
         self.rollbacks.append([step, snapshot_step])
         self._onset, self._last_flagged, self._causes = None, None, set()
-        causes = ", ".join(request.causes) if request is not None else "instability"
-        onset = request.onset if request is not None else step
-        if snapshot_step is None:
-            message = (
-                f"no snapshot taken before the episode's onset at step {onset} is kept: nothing "
-                "was restored; training goes on from the back-off alone"
-            )
-        else:
-            message = (
-                f"model, optimizer state, RNG states and detectors restored to the snapshot "
-                f"taken before step {snapshot_step} (episode of {causes} since step {onset}); "
-                f"{step + 1 - snapshot_step} step(s) of progress undone, the data stream and "
-                "the lr schedule go on"
-            )
-        return Alert(
-            step=step,
-            kind=K.ROLLBACK,
-            message=message,
-            value=math.nan if snapshot_step is None else float(step + 1 - snapshot_step),
-            threshold=math.nan,
-            details={
-                "snapshot_step": snapshot_step,
-                "onset_step": onset,
-                "causes": list(request.causes) if request is not None else [],
-                "rollbacks": len(self.rollbacks),
-                **details,
-            },
-        )
+        return rollback_alert(step, snapshot_step, request, len(self.rollbacks), details)
 
     # ------------------------------------------------------------------ state
 
@@ -743,42 +564,35 @@ class WarmupController:
             value = as_int(key, -1) if state.get(key) is not None else -1
             return None if value < 0 else value
 
+        def items(key: str) -> list[Any]:
+            value = state.get(key)
+            return list(value) if isinstance(value, (list, tuple)) else []
+
         self.warmup_steps = max(self.initial_warmup_steps, as_int("warmup_steps", 0))
         self.extensions = max(0, as_int("extensions", 0))
-        self.stop_requested = bool(state.get("stop_requested", False))
-        self.exhausted = bool(state.get("exhausted", False))
-        lrs = state.get("user_lrs")
-        for i, lr in enumerate(lrs if isinstance(lrs, (list, tuple)) else []):
+        self.stop_requested, self.exhausted = (
+            bool(state.get(k)) for k in ("stop_requested", "exhausted")
+        )
+        for i, lr in enumerate(items("user_lrs")):
             self._ramp.record(i, _finite_or(lr, -1.0))
-        segments = state.get("segments")
-        for seg in segments if isinstance(segments, (list, tuple)) else []:
+        for seg in items("segments"):
             try:
                 a, u, r = int(seg[0]), float(seg[1]), float(seg[2])
             except (TypeError, ValueError, IndexError):
                 continue
-            if (
-                math.isfinite(u)
-                and math.isfinite(r)
-                and (not self._segments or a >= self._segments[-1][0])
-            ):
+            later = not self._segments or a >= self._segments[-1][0]
+            if math.isfinite(u) and math.isfinite(r) and later:
                 self._segments.append((a, max(-1.0, u), min(1.0, max(0.0, r))))
         self._last_extension = opt_int("last_extension")
         self._onset = opt_int("onset")
         self._last_flagged = opt_int("last_flagged")
-        causes = state.get("causes")
-        self._causes = {str(k) for k in causes} if isinstance(causes, (list, tuple)) else set()
-        recent = state.get("recent")
-        for s in recent if isinstance(recent, (list, tuple)) else []:
-            if isinstance(s, int) and not isinstance(s, bool):
-                self._recent.append(s)
+        self._causes = {str(k) for k in items("causes")}
+        self._recent.extend(s for s in items("recent") if type(s) is int)
         factor = state.get("unstable_factor")
         self._unstable_factor = None if factor is None else _finite_or(factor, 1.0)
-        lr = state.get("unstable_lr")
-        self._unstable_lr = None if lr is None else _finite_or(lr, math.nan)
-        if self._unstable_lr is not None and not math.isfinite(self._unstable_lr):
-            self._unstable_lr = None
-        rollbacks = state.get("rollbacks")
-        for r in rollbacks if isinstance(rollbacks, (list, tuple)) else []:
+        lr = _finite_or(state.get("unstable_lr"), math.nan)
+        self._unstable_lr = lr if math.isfinite(lr) else None
+        for r in items("rollbacks"):
             try:
                 self.rollbacks.append([int(r[0]), None if r[1] is None else int(r[1])])
             except (TypeError, ValueError, IndexError):

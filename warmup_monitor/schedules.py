@@ -23,6 +23,7 @@ __all__ = [
     "SHAPES",
     "RecordedRamp",
     "Shape",
+    "least_time",
     "max_increment",
     "scale_for_batch_size",
     "untuned_warmup_steps",
@@ -174,6 +175,22 @@ class RecordedRamp:
         """The lowest recorded lr above 0 (a back-off never goes below it)."""
         positive = [x for x in self.values if x > 0.0]
         return min(positive) if positive else None
+
+
+def least_time(f: Any, target: float, lo: float, hi: float) -> float:
+    """The least ``u`` in ``[lo, hi]`` with ``f(u) >= target`` for a non-decreasing ``f`` with
+    ``f(hi) >= target``, to float precision (bisection)."""
+    if f(lo) >= target:
+        return lo
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if not lo < mid < hi:
+            break
+        if f(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def warmup_factor(shape: str, step: int, warmup_steps: int, **kw: Any) -> float:
