@@ -127,6 +127,7 @@ def test_the_docstring_example() -> None:
     assert c.warmup_steps == 20 and c.factor(19) == 1.0
     assert c.factor(5) == pytest.approx(0.25 + 0.75 / 15)
 
+
 def test_linear_extension_is_a_straight_line_with_documented_details() -> None:
     c = classic(warmup_steps=10)
     used, out = run(c, {4: [K.LOSS_SPIKE]}, 20)
