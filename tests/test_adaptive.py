@@ -88,7 +88,7 @@ def _spiky(values: dict[int, float]) -> Any:
 
 #: The plan's mechanics are pinned without a back-off and with + W0 / 2 per extension; the
 #: defaults' policy has its own tests below.
-NO_BACKOFF = AdaptiveWarmup(backoff=1.0, extend_fraction=0.5)  # + half the planned length
+NO_BACKOFF = AdaptiveWarmup(backoff=1.0, extend_fraction=0.5, rollback=False)
 
 
 def test_instability_extends_warmup_without_an_lr_jump(tmp_path: os.PathLike) -> None:
@@ -157,6 +157,7 @@ def test_exhausted_caps_stop_or_raise(tmp_path: os.PathLike, action: str) -> Non
             backoff=1.0,
             extend_fraction=0.5,
             grace_steps=1,
+            rollback=False,
         ),
         detection=ten_x_only(),
         on_alert=hooked.append,
@@ -257,7 +258,7 @@ def test_hugging_face_ramps_are_stretched_without_a_jump(tmp_path: os.PathLike, 
     hooked: list[Alert] = []
     monitor = WarmupMonitor(
         warmup_steps=w,
-        adaptive=AdaptiveWarmup(backoff=1.0),
+        adaptive=AdaptiveWarmup(backoff=1.0, rollback=False),
         detection=ten_x_only(),
         on_alert=hooked.append,
     )
@@ -295,7 +296,8 @@ def test_hugging_face_ramp_backoff_drops_once_and_says_the_lr(tmp_path: os.PathL
     model = _hf_model(lambda s: _hf_linear(s, w, total), scripted=_spiky({6: 20.0}))
     fit(pl, tmp_path, [monitor, rec], model=model, max_steps=30)
     kinds = [(a.step, a.kind.value) for a in hooked]
-    assert kinds == [(6, "loss_spike"), (6, "lr_backoff"), (6, "warmup_extended")]
+    # The defaults: a back-off, a longer warmup and (a loss spike is severe) a rollback.
+    assert kinds == [(6, "loss_spike"), (6, "lr_backoff"), (6, "warmup_extended"), (6, "rollback")]
     backoff = hooked[1]
     # The lr that broke: 0.1 x 6 / 8 = 0.075; half of it from the next update on.
     assert backoff.details["lr_before"] == pytest.approx(0.075)

@@ -890,6 +890,6 @@ def test_defaults() -> None:
     assert (c.max_extensions, c.max_warmup_steps, c.min_alerts) == (4, 1000, 2)
     assert (c.backoff, c.rewarm_from, c.on_exhausted) == (0.5, 1.0, "warn")
     assert (c.grace_steps, c.window_steps, c.cooldown_steps) == (100, 50, 10)
-    assert (c.rollback, c.snapshot_every_n_steps) == (False, 10)
+    assert (c.rollback, c.snapshot_every_n_steps) == (True, 10)
     assert WarmupController(warmup_steps=7).window_steps == 20  # max(20, W // 2)
     assert WarmupController(warmup_steps=7).snapshot_every_n_steps == 1  # max(1, W // 10)

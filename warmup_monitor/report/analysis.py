@@ -401,6 +401,12 @@ def advise(r: RunSummary) -> list[str]:
         if k in INSTABILITY_KINDS and any(st in counted for st in v)
     }
     if r.verdict == HEALTHY:
+        if r.extensions and eff is not None and w is not None and eff > w:
+            # The monitor's action is why it stayed healthy: say what to start with.
+            out.append(
+                f"warmup was extended {_times(len(r.extensions))}, from {w} to {eff} steps, and "
+                f"training recovered: start with at least {eff} warmup steps next time"
+            )
         out.extend(_advise_healthy(r))
         return out
 
