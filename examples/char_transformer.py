@@ -208,10 +208,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """A pre-LayerNorm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+    """A transformer block: pre-LayerNorm ``x + attn(ln(x))``, then ``x + mlp(ln(x))``; or, with
+    ``post_ln``, the original Post-LN ``ln(x + attn(x))``, then ``ln(x + mlp(x))`` (Vaswani et
+    al. 2017), the layout that needs warmup most (Xiong et al. 2020)."""
 
-    def __init__(self, d_model: int, n_heads: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, post_ln: bool = False) -> None:
         super().__init__()
+        self.post_ln = post_ln
         self.ln1 = nn.LayerNorm(d_model)
         self.attn = CausalSelfAttention(d_model, n_heads)
         self.ln2 = nn.LayerNorm(d_model)
@@ -219,23 +222,34 @@ class Block(nn.Module):
         self.proj = nn.Linear(4 * d_model, d_model)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.post_ln:
+            x = self.ln1(x + self.attn(x))
+            return self.ln2(x + self.proj(F.gelu(self.fc(x))))
         x = x + self.attn(self.ln1(x))
         return x + self.proj(F.gelu(self.fc(self.ln2(x))))
 
 
 class CharTransformer(nn.Module):
-    """A nanoGPT-like causal decoder: token and position embeddings, pre-LN blocks, tied head."""
+    """A nanoGPT-like causal decoder: token and position embeddings, pre-LN blocks (or Post-LN
+    blocks without the final LayerNorm, with ``post_ln``), tied head."""
 
     def __init__(
-        self, vocab_size: int, seq_len: int, d_model: int, n_layers: int, n_heads: int
+        self,
+        vocab_size: int,
+        seq_len: int,
+        d_model: int,
+        n_layers: int,
+        n_heads: int,
+        post_ln: bool = False,
     ) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.tok = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Embedding(seq_len, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads) for _ in range(n_layers))
-        self.ln_f = nn.LayerNorm(d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, post_ln) for _ in range(n_layers))
+        # Post-LN blocks end with a LayerNorm already.
+        self.ln_f: nn.Module = nn.Identity() if post_ln else nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.head.weight = self.tok.weight  # weight tying
         self.apply(self._init_weights)
@@ -301,10 +315,11 @@ class CharLM(pl.LightningModule):
         min_lr_ratio: float,
         momentum: float,
         weight_decay: float,
+        post_ln: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = CharTransformer(vocab_size, seq_len, d_model, n_layers, n_heads)
+        self.model = CharTransformer(vocab_size, seq_len, d_model, n_layers, n_heads, post_ln)
         # [first loss, min, max, step of max, last]; NaN until the first step.
         self.register_buffer("loss_summary", torch.full((5,), math.nan), persistent=False)
 
@@ -400,6 +415,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     preset_arg("--n-layers", "transformer blocks", type=int)
     preset_arg("--n-heads", "attention heads per block", type=int)
     preset_arg("--accumulate", "micro-batches per optimizer step", type=int)
+    arg("--post-ln", action="store_true",
+        help="Post-LN blocks (LayerNorm after each residual add): warmup matters most")  # fmt: skip
     arg("--precision", default="32-true", help="Trainer precision, e.g. 32-true or bf16-mixed")
     arg("--seed", type=int, default=0, help="seed of the model init and the data order")
     arg("--max-chars", type=int, default=2_000_000, help="characters of stdlib source to read")
@@ -448,6 +465,7 @@ def build(args: argparse.Namespace) -> tuple[CharLM, DataLoader, DataLoader]:
         min_lr_ratio=args.min_lr_ratio,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
+        post_ln=args.post_ln,
     )
     train = DataLoader(
         RandomWindows(corpus.train_ids, args.seq_len, args.batch_size, seed=args.seed),

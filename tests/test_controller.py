@@ -35,6 +35,23 @@ REPEAT = [K.LOSS_TREND_SPIKE, K.GRAD_NORM_SPIKE]
 NEVER = [K.TRANSIENT, K.MONITOR, K.WARMUP_EXTENDED, K.WARMUP_EXHAUSTED]
 
 
+def classic(*, warmup_steps: int, **kwargs: Any) -> WarmupController:
+    """A controller with the first release's policy: no back-off, + W0 / 2 per extension, 3
+    extensions, caps 4 W0, grace W0 // 4, window max(10, W0 // 5). The plan's mechanics are
+    pinned with it; the defaults and the new policy are pinned apart (``test_defaults``,
+    ``tests/test_adaptive.py``)."""
+    w0 = warmup_steps
+    base: dict[str, Any] = {
+        "backoff": 1.0,
+        "extend_steps": None if "extend_fraction" in kwargs else max(1, round(w0 / 2)),
+        "max_extensions": 3,
+        "max_warmup_steps": 4 * w0,
+        "grace_steps": w0 // 4,
+        "window_steps": max(10, w0 // 5),
+    }
+    return WarmupController(warmup_steps=w0, **{**base, **kwargs})
+
+
 def alert(step: int, kind: AlertKind = K.LOSS_SPIKE) -> Alert:
     return Alert(step, kind, kind.value)
 
@@ -61,6 +78,11 @@ def run(
         if s in events:
             out += c.observe(s, [alert(s, k) for k in events[s]], next_step=t + 1, lr=0.1)
     return used, out
+
+
+def ext(alerts: list[Alert]) -> Alert:
+    """The ``warmup_extended`` alert of an action (a back-off announces itself first)."""
+    return next(a for a in alerts if a.kind == K.WARMUP_EXTENDED)
 
 
 def kinds(alerts: list[Alert]) -> list[tuple[int, AlertKind]]:
@@ -99,13 +121,15 @@ def test_the_docstring_example() -> None:
     c = WarmupController(warmup_steps=10)
     assert c.factor(4) == 0.5
     out = c.observe(4, [Alert(4, AlertKind.LOSS_SPIKE, "spike")])
-    assert [a.kind.value for a in out] == ["warmup_extended"]
-    assert (c.warmup_steps, c.factor(4), c.factor(14)) == (15, 0.5, 1.0)
-    assert c.factor(5) == pytest.approx(0.55)
+    assert [a.kind.value for a in out] == ["lr_backoff", "warmup_extended"]
+    # The defaults: back off to 0.25 (half of 0.5) at schedule time 1.5, warmup 10 -> 20, and
+    # re-warm from there to 1 at step 19: 0.25 + 0.75 (t - 4) / 15.
+    assert c.warmup_steps == 20 and c.factor(19) == 1.0
+    assert c.factor(5) == pytest.approx(0.25 + 0.75 / 15)
 
 
 def test_linear_extension_is_a_straight_line_with_documented_details() -> None:
-    c = WarmupController(warmup_steps=10)
+    c = classic(warmup_steps=10)
     used, out = run(c, {4: [K.LOSS_SPIKE]}, 20)
     assert kinds(out) == [(4, K.WARMUP_EXTENDED)]
     # (t+1)/10 to step 4 (0.5), then the line from 0.5 to 1 at step 14 (= 15 - 1).
@@ -120,7 +144,7 @@ def test_linear_extension_is_a_straight_line_with_documented_details() -> None:
     assert d["anchor_step"] == 4 and (d["extensions"], d["max_extensions"]) == (1, 3)
     assert out[0].value == 15.0 and out[0].threshold == 40.0  # the new length, 4 W cap
     assert "from 10 to 15 steps" in out[0].message and "without a jump" in out[0].message
-    assert "reaches 1 at step 14" in out[0].message
+    assert "reaches the peak at step 14" in out[0].message
     assert c.warmup_steps == 15 and c.extensions == 1 and c.full_lr_step == 14
     assert c.in_warmup(14) and not c.in_warmup(15)
     json.dumps(out[0].to_dict(), allow_nan=False)  # what the JSONL sink writes
@@ -133,7 +157,7 @@ def test_the_pytorch_warmup_comparison() -> None:
     period of 200 mid-run, the update at step 51 would get 52 / 200 = 0.26 after 0.51 at step
     50, halving the lr at once. The controller continues from 0.51 to 1 at step 199.
     """
-    c = WarmupController(warmup_steps=100, extend_steps=100)
+    c = classic(warmup_steps=100, extend_steps=100)
     assert c.factor(50) == pytest.approx(0.51)
     out = c.observe(50, [alert(50)], next_step=51)
     assert out[0].details["new_warmup_steps"] == 200 == c.warmup_steps
@@ -151,7 +175,7 @@ def test_the_pytorch_warmup_comparison() -> None:
 )
 def test_an_extension_never_raises_the_lr_of_a_convex_shape(shape: str, kw: dict) -> None:
     # A straight line from the current factor would overtake these shapes' slow start.
-    c = WarmupController(warmup_steps=100, shape=shape, shape_kwargs=kw)
+    c = classic(warmup_steps=100, shape=shape, shape_kwargs=kw)
     old = [c.factor(t) for t in range(300)]
     c.observe(10, [alert(10)])
     new = [c.factor(t) for t in range(300)]
@@ -167,7 +191,7 @@ def test_an_extension_never_raises_the_lr_of_a_convex_shape(shape: str, kw: dict
 
 
 def test_users_warmup_is_slowed_not_dropped() -> None:
-    c = WarmupController(warmup_steps=100, shape=None)
+    c = classic(warmup_steps=100, shape=None)
     used, out = run(c, {49: [K.LOSS_SPIKE]}, 200)
     assert used[:50] == [1.0] * 50
     user = [lin(t, 100) for t in range(200)]  # the user's own linear warmup
@@ -177,14 +201,14 @@ def test_users_warmup_is_slowed_not_dropped() -> None:
     assert effective == pytest.approx(expected, rel=1e-12)
     assert all(0.0 < f <= 1.0 for f in used) and used[149:] == [1.0] * 51
     assert out[0].details["factor_before"] == 0.5 and out[0].details["backoff"] is False
-    assert "fraction of the peak lr" in out[0].message
+    assert "warmup factor (fraction of the peak)" in out[0].message
 
 
 def test_users_warmup_rewarms_from_rewarm_from_and_ramps_linearly_to_the_new_end() -> None:
-    c = WarmupController(warmup_steps=100, shape=None, rewarm_from=0.5)
+    c = classic(warmup_steps=100, shape=None, rewarm_from=0.5)
     used, out = run(c, {79: [K.LOSS_SPIKE]}, 200)
     assert used[:80] == [1.0] * 80
-    d = out[0].details
+    d = ext(out).details
     assert (d["factor_before"], d["factor_after"], d["backoff"]) == (0.8, 0.5, True)
     assert (d["old_warmup_steps"], d["new_warmup_steps"]) == (100, 150)
     user = [lin(t, 100) for t in range(200)]
@@ -197,10 +221,10 @@ def test_users_warmup_rewarms_from_rewarm_from_and_ramps_linearly_to_the_new_end
 
 
 def test_users_warmup_rewarm_in_the_grace_window() -> None:
-    c = WarmupController(warmup_steps=100, shape=None, rewarm_from=0.5)  # grace 25
+    c = classic(warmup_steps=100, shape=None, rewarm_from=0.5)  # grace 25
     used, out = run(c, {110: [K.NON_FINITE]}, 200)
     assert used[:111] == [1.0] * 111
-    assert out[0].details["new_warmup_steps"] == 161  # 110 + 1 + 50
+    assert ext(out).details["new_warmup_steps"] == 161  # 110 + 1 + 50
     # The user's lr is at its peak: the factor itself ramps from 0.5 at the anchor to 1.
     assert used[111:] == pytest.approx([line(t, 110, 0.5, 160) for t in range(111, 200)])
     assert used[159] < 1.0 and used[160:] == [1.0] * 40
@@ -211,7 +235,7 @@ def test_users_warmup_rewarm_in_the_grace_window() -> None:
 
 @pytest.mark.parametrize("kind", SEVERE + ALSO_AT_ONCE)
 def test_severe_kinds_extend_at_once(kind: AlertKind) -> None:
-    c = WarmupController(warmup_steps=20, extend_steps=10)
+    c = classic(warmup_steps=20, extend_steps=10)
     out = c.observe(4, [alert(4, kind)], next_step=5)
     assert kinds(out) == [(4, K.WARMUP_EXTENDED)]
     assert out[0].details["causes"] == [kind.value]
@@ -221,7 +245,7 @@ def test_severe_kinds_extend_at_once(kind: AlertKind) -> None:
 
 @pytest.mark.parametrize("kind", REPEAT)
 def test_one_step_spikes_must_repeat_within_the_window(kind: AlertKind) -> None:
-    c = WarmupController(warmup_steps=100)  # window max(10, 100 // 5) = 20, min_alerts 2
+    c = classic(warmup_steps=100)  # window max(10, 100 // 5) = 20, min_alerts 2
     assert c.window_steps == 20 and c.min_alerts == 2
     assert c.observe(10, [alert(10, kind)]) == []
     assert c.observe(30, [alert(30, kind)]) == []  # 20 steps later: outside the window
@@ -232,18 +256,30 @@ def test_one_step_spikes_must_repeat_within_the_window(kind: AlertKind) -> None:
 
 
 def test_the_window_counts_flagged_steps_not_alerts() -> None:
-    c = WarmupController(warmup_steps=100)
-    # Two non-severe kinds at one step, or the same step fed twice: one flagged step.
-    assert c.observe(5, [alert(5, K.LOSS_TREND_SPIKE), alert(5, K.GRAD_NORM_SPIKE)]) == []
+    c = classic(warmup_steps=100)
+    # The same step fed twice, or two loss kinds at one step: one flagged step.
+    assert c.observe(5, [alert(5, K.GRAD_NORM_SPIKE)]) == []
     assert c.observe(5, [alert(5, K.GRAD_NORM_SPIKE)]) == []
     out = c.observe(6, [alert(6, K.GRAD_NORM_SPIKE)])
     assert kinds(out) == [(6, K.WARMUP_EXTENDED)]
-    assert out[0].details["causes"] == ["grad_norm_spike"]  # the kinds of the acting step
+    assert out[0].details["causes"] == ["grad_norm_spike"]
     assert out[0].details["cause_steps"] == [5, 6]
+    assert out[0].details["onset_step"] == 5
+
+
+def test_a_loss_kind_and_a_gradient_kind_on_one_step_act_at_once() -> None:
+    # Two independent signals agree: no need to wait for a second step.
+    c = classic(warmup_steps=100)
+    out = c.observe(5, [alert(5, K.LOSS_TREND_SPIKE), alert(5, K.GRAD_NORM_SPIKE)])
+    assert kinds(out) == [(5, K.WARMUP_EXTENDED)]
+    assert out[0].details["causes"] == ["grad_norm_spike", "loss_trend_spike"]
+    # Two loss kinds on one step are one signal: they wait.
+    d = classic(warmup_steps=100, trigger_kinds=["loss_trend_spike", "grad_norm_spike"])
+    assert d.observe(5, [alert(5, K.LOSS_TREND_SPIKE), alert(5, K.LOSS_TREND_SPIKE)]) == []
 
 
 def test_min_alerts_and_window_steps_are_honoured() -> None:
-    c = WarmupController(warmup_steps=100, min_alerts=3, window_steps=5)
+    c = classic(warmup_steps=100, min_alerts=3, window_steps=5)
     assert c.observe(0, [alert(0, K.LOSS_TREND_SPIKE)]) == []
     assert c.observe(2, [alert(2, K.LOSS_TREND_SPIKE)]) == []
     assert c.observe(5, [alert(5, K.LOSS_TREND_SPIKE)]) == []  # step 0 left the window
@@ -251,27 +287,30 @@ def test_min_alerts_and_window_steps_are_honoured() -> None:
     assert kinds(out) == [(6, K.WARMUP_EXTENDED)]
     assert out[0].details["cause_steps"] == [2, 5, 6]
 
-    one = WarmupController(warmup_steps=100, min_alerts=1)
+    one = classic(warmup_steps=100, min_alerts=1)
     assert kinds(one.observe(3, [alert(3, K.GRAD_NORM_SPIKE)])) == [(3, K.WARMUP_EXTENDED)]
 
 
 def test_a_severe_alert_acts_at_once_and_carries_the_flagged_steps_before_it() -> None:
-    c = WarmupController(warmup_steps=100)
+    c = classic(warmup_steps=100)
     assert c.observe(5, [alert(5, K.LOSS_TREND_SPIKE)]) == []
     out = c.observe(8, [alert(8, K.LOSS_SPIKE), alert(8, K.TRANSIENT)])
-    assert out[0].details["causes"] == ["loss_spike"] and out[0].details["cause_steps"] == [5, 8]
+    # The causes are the kinds of the whole episode, since its onset at step 5.
+    d = out[0].details
+    assert d["causes"] == ["loss_spike", "loss_trend_spike"] and d["cause_steps"] == [5, 8]
+    assert d["onset_step"] == 5
 
 
 @pytest.mark.parametrize("kind", NEVER)
 def test_informational_kinds_never_extend(kind: AlertKind) -> None:
-    c = WarmupController(warmup_steps=100, min_alerts=1, cooldown_steps=0)
+    c = classic(warmup_steps=100, min_alerts=1, cooldown_steps=0)
     assert all(c.observe(t, [alert(t, kind)]) == [] for t in range(150))
     assert c.extensions == 0 and c.warmup_steps == 100 and not c.exhausted
     assert kind.value not in DEFAULT_TRIGGER_KINDS
 
 
 def test_transient_does_not_count_towards_min_alerts() -> None:
-    c = WarmupController(warmup_steps=100)
+    c = classic(warmup_steps=100)
     assert c.observe(5, [alert(5, K.TRANSIENT)]) == []
     assert c.observe(6, [alert(6, K.LOSS_TREND_SPIKE)]) == []
     assert c.observe(7, [alert(7, K.TRANSIENT)]) == []
@@ -279,19 +318,26 @@ def test_transient_does_not_count_towards_min_alerts() -> None:
 
 
 def test_default_trigger_kinds() -> None:
-    assert {K(k) for k in DEFAULT_TRIGGER_KINDS} == set(SEVERE + ALSO_AT_ONCE + REPEAT)
+    sustained = [K.LOSS_DIVERGENCE, K.GRAD_NORM_RISE]
+    assert {K(k) for k in DEFAULT_TRIGGER_KINDS} == set(SEVERE + ALSO_AT_ONCE + REPEAT + sustained)
+
+
+@pytest.mark.parametrize("kind", [K.LOSS_DIVERGENCE, K.GRAD_NORM_RISE])
+def test_sustained_rises_act_at_once(kind: AlertKind) -> None:
+    c = classic(warmup_steps=20)
+    assert kinds(c.observe(4, [alert(4, kind)])) == [(4, K.WARMUP_EXTENDED)]
 
 
 def test_custom_trigger_kinds() -> None:
-    c = WarmupController(warmup_steps=100, trigger_kinds=[K.PERSISTENT_INSTABILITY])
+    c = classic(warmup_steps=100, trigger_kinds=[K.PERSISTENT_INSTABILITY])
     assert c.observe(3, [alert(3, K.LOSS_SPIKE), alert(3, K.NON_FINITE)]) == []
     assert c.observe(4, [alert(4, K.PERSISTENT_INSTABILITY)])[0].kind == K.WARMUP_EXTENDED
-    with_transient = WarmupController(warmup_steps=100, trigger_kinds=["transient"], min_alerts=1)
+    with_transient = classic(warmup_steps=100, trigger_kinds=["transient"], min_alerts=1)
     assert with_transient.observe(3, [alert(3, K.TRANSIENT)])[0].kind == K.WARMUP_EXTENDED
 
 
 def test_cooldown_one_spike_one_extension() -> None:
-    c = WarmupController(warmup_steps=100, cooldown_steps=10)
+    c = classic(warmup_steps=100, cooldown_steps=10)
     burst = {t: [K.LOSS_SPIKE] for t in range(20, 30)}  # one spike flagged on 10 steps
     _, out = run(c, {**burst, 30: [K.LOSS_SPIKE]}, 60)
     # 21..29 are within 10 steps of the extension at 20; 30 is not.
@@ -304,14 +350,14 @@ def test_cooldown_one_spike_one_extension() -> None:
 
 
 def test_cooldown_zero_still_needs_a_later_step() -> None:
-    c = WarmupController(warmup_steps=100, cooldown_steps=0)
+    c = classic(warmup_steps=100, cooldown_steps=0)
     assert c.observe(10, [alert(10)])[0].kind == K.WARMUP_EXTENDED
     assert c.observe(10, [alert(10)]) == []
     assert c.observe(11, [alert(11)])[0].kind == K.WARMUP_EXTENDED
 
 
 def test_non_severe_alerts_in_the_cooldown_do_not_count_later() -> None:
-    c = WarmupController(warmup_steps=100, cooldown_steps=10)
+    c = classic(warmup_steps=100, cooldown_steps=10)
     c.observe(20, [alert(20)])
     assert c.observe(25, [alert(25, K.LOSS_TREND_SPIKE)]) == []  # in cooldown: not recorded
     assert c.observe(31, [alert(31, K.LOSS_TREND_SPIKE)]) == []  # only one flagged step
@@ -319,7 +365,7 @@ def test_non_severe_alerts_in_the_cooldown_do_not_count_later() -> None:
 
 
 def test_caps_then_exactly_one_exhausted_alert_with_a_recommendation() -> None:
-    c = WarmupController(warmup_steps=20, extend_steps=10, max_extensions=2, cooldown_steps=3)
+    c = classic(warmup_steps=20, extend_steps=10, max_extensions=2, cooldown_steps=3)
     events = {t: [K.LOSS_SPIKE] for t in (4, 9, 14, 18, 25)}
     used = []
     out: list[Alert] = []
@@ -347,14 +393,15 @@ def test_caps_then_exactly_one_exhausted_alert_with_a_recommendation() -> None:
     assert d["recommended_lr_factor"] == pytest.approx(0.125)
     assert d["recommended_lr"] == pytest.approx(0.1)
     message = out[-1].message
-    assert "lower the peak lr to about 0.125 x its current value (about 0.1)" in message
+    # One value per point, and a recommendation that follows from it: half the lr that broke.
+    assert "use a peak lr of at most 0.1 (half the lr 0.2 that broke)" in message
     assert "a warmup of at least 40 steps" in message and "caps: 2 extensions" in message
     assert out[-1].value == 40.0 and out[-1].threshold == 80.0
     json.dumps(out[-1].to_dict(), allow_nan=False)
 
 
 def test_max_extensions_zero_exhausts_at_the_first_instability() -> None:
-    c = WarmupController(warmup_steps=10, max_extensions=0)
+    c = classic(warmup_steps=10, max_extensions=0)
     out = c.observe(2, [alert(2)])
     assert kinds(out) == [(2, K.WARMUP_EXHAUSTED)] and out[0].details["reason"] == "caps"
     assert out[0].details["recommended_lr"] is None  # lr unknown (NaN by default)
@@ -362,7 +409,7 @@ def test_max_extensions_zero_exhausts_at_the_first_instability() -> None:
 
 
 def test_max_warmup_steps_truncates_then_exhausts() -> None:
-    c = WarmupController(warmup_steps=10, max_warmup_steps=12, cooldown_steps=0)
+    c = classic(warmup_steps=10, max_warmup_steps=12, cooldown_steps=0)
     assert c.observe(1, [alert(1)])[0].details["new_warmup_steps"] == 12  # not 15
     assert [c.factor(t) for t in range(2, 14)] == pytest.approx(
         [line(t, 1, 0.2, 11) for t in range(2, 14)], rel=1e-12
@@ -375,7 +422,7 @@ def test_max_warmup_steps_truncates_then_exhausts() -> None:
 
 @pytest.mark.parametrize(("action", "stop"), [("warn", False), ("stop", True), ("raise", False)])
 def test_on_exhausted_is_carried_and_stop_sets_stop_requested(action: Any, stop: bool) -> None:
-    c = WarmupController(warmup_steps=10, max_extensions=1, cooldown_steps=0, on_exhausted=action)
+    c = classic(warmup_steps=10, max_extensions=1, cooldown_steps=0, on_exhausted=action)
     assert c.observe(1, [alert(1)])[0].kind == K.WARMUP_EXTENDED
     assert not c.stop_requested
     out = c.observe(2, [alert(2)])
@@ -389,15 +436,19 @@ def test_on_exhausted_is_carried_and_stop_sets_stop_requested(action: Any, stop:
 
 def test_grace_window_extends_with_a_rewarm_and_not_after_it() -> None:
     def make() -> WarmupController:
-        return WarmupController(warmup_steps=20, grace_steps=5, extend_steps=10, rewarm_from=0.5)
+        return classic(warmup_steps=20, grace_steps=5, extend_steps=10, rewarm_from=0.5)
 
     last_in_grace = make()
     out = last_in_grace.observe(24, [alert(24)], next_step=25)
-    assert kinds(out) == [(24, K.WARMUP_EXTENDED)]
-    d = out[0].details
+    assert kinds(out) == [(24, K.LR_BACKOFF), (24, K.WARMUP_EXTENDED)]
+    d = out[1].details
     assert (d["old_warmup_steps"], d["new_warmup_steps"]) == (20, 35)  # 24 + 1 + 10
     assert (d["factor_before"], d["factor_after"], d["backoff"]) == (1.0, 0.5, True)
-    assert "lowered from 1 to 0.5" in out[0].message
+    assert "lowered from 1 to 0.5" in out[0].message and out[0].details == {
+        **out[0].details,
+        "factor_before": 1.0,
+        "factor_after": 0.5,
+    }
     # Re-warm from 0.5 at the linear shape's pace (1/20 per step): 1 at step 34.
     assert [last_in_grace.factor(t) for t in range(25, 40)] == pytest.approx(
         [line(t, 24, 0.5, 34) for t in range(25, 40)], rel=1e-12
@@ -407,25 +458,26 @@ def test_grace_window_extends_with_a_rewarm_and_not_after_it() -> None:
     assert after_grace.observe(25, [alert(25)]) == []
     assert after_grace.observe(100, [alert(100)]) == []
     assert after_grace.extensions == 0 and not after_grace.exhausted
-    assert WarmupController(warmup_steps=100).grace_steps == 25  # W // 4
+    assert WarmupController(warmup_steps=100).grace_steps == 100  # max(20, W)
+    assert WarmupController(warmup_steps=4).grace_steps == 20
 
 
 def test_grace_window_without_back_off_reports_exhaustion() -> None:
-    c = WarmupController(warmup_steps=20, grace_steps=5)
+    c = classic(warmup_steps=20, grace_steps=5)
     out = c.observe(22, [alert(22)], lr=0.2)
     assert kinds(out) == [(22, K.WARMUP_EXHAUSTED)]
     d = out[0].details
     assert d["reason"] == "at_one" and c.extensions == 0
     assert d["unstable_factor"] == 1.0 and d["recommended_lr"] == pytest.approx(0.1)
-    assert "rewarm_from" in out[0].message and "lower the peak lr" in out[0].message
+    assert "backoff=0.5" in out[0].message and "use a peak lr of at most 0.1" in out[0].message
     assert c.observe(23, [alert(23)]) == []  # once
     assert [c.factor(t) for t in range(20, 30)] == [1.0] * 10
 
 
 def test_grace_rewarm_is_lengthened_to_the_shapes_pace() -> None:
-    c = WarmupController(warmup_steps=100, grace_steps=20, rewarm_from=0.5)
+    c = classic(warmup_steps=100, grace_steps=20, rewarm_from=0.5)
     used, out = run(c, {105: [K.LOSS_SPIKE]}, 300)
-    d = out[0].details
+    d = ext(out).details
     assert d["backoff"] is True and (d["factor_before"], d["factor_after"]) == (1.0, 0.5)
     # 105 + 1 + 50 = 156: ramping 0.5 -> 1 at 1/100 per step takes 50 steps, 106..155.
     assert c.warmup_steps == 156 and d["full_lr_step"] == 155
@@ -434,11 +486,12 @@ def test_grace_rewarm_is_lengthened_to_the_shapes_pace() -> None:
 
 
 def test_backoff_lowers_the_current_factor_and_is_announced() -> None:
-    c = WarmupController(warmup_steps=100, backoff=0.5, extend_steps=1)
+    c = classic(warmup_steps=100, backoff=0.5, extend_steps=1)
     used, out = run(c, {59: [K.LOSS_SPIKE]}, 300)
-    d = out[0].details
+    d = ext(out).details
     assert d["factor_before"] == pytest.approx(0.6) and d["factor_after"] == pytest.approx(0.3)
-    assert d["backoff"] is True and "back-off" in out[0].message
+    assert d["backoff"] is True and "back-off" in ext(out).message
+    assert out[0].kind == K.LR_BACKOFF and "lowered from 0.6 to 0.3" in out[0].message
     # One requested step would make the re-warm 35x steeper than the shape: lengthened to
     # 59 + 70 + 1 = 130 steps, from 0.3 at step 59 to 1 at 129 (1/100 per step).
     assert c.warmup_steps == 130
@@ -449,15 +502,15 @@ def test_backoff_lowers_the_current_factor_and_is_announced() -> None:
 
 
 def test_backoff_never_goes_below_the_first_factor() -> None:
-    c = WarmupController(warmup_steps=10, backoff=0.01)
+    c = classic(warmup_steps=10, backoff=0.01)
     out = c.observe(4, [alert(4)])
-    assert out[0].details["factor_after"] == pytest.approx(0.1)  # the shape's first factor
+    assert ext(out).details["factor_after"] == pytest.approx(0.1)  # the shape's first factor
 
 
 def test_caps_limit_the_back_off_rather_than_the_pace() -> None:
-    c = WarmupController(warmup_steps=100, backoff=0.2, max_warmup_steps=110)
+    c = classic(warmup_steps=100, backoff=0.2, max_warmup_steps=110)
     used, out = run(c, {89: [K.LOSS_SPIKE]}, 200)
-    d = out[0].details
+    d = ext(out).details
     # Room for 20 ramp steps (90..109) at the shape's pace of 1/100: restart from 0.8, not 0.18.
     assert c.warmup_steps == 110 and d["factor_after"] == pytest.approx(0.8)
     assert "no room to go down to 0.18" in out[0].message
@@ -465,14 +518,14 @@ def test_caps_limit_the_back_off_rather_than_the_pace() -> None:
 
 
 def test_extend_steps_overrides_the_fraction() -> None:
-    c = WarmupController(warmup_steps=100, extend_steps=7, extend_fraction=0.9)
+    c = classic(warmup_steps=100, extend_steps=7, extend_fraction=0.9)
     assert c.observe(3, [alert(3)])[0].details["new_warmup_steps"] == 107
-    f = WarmupController(warmup_steps=100, extend_fraction=0.25)
+    f = classic(warmup_steps=100, extend_fraction=0.25)
     assert f.observe(3, [alert(3)])[0].details["new_warmup_steps"] == 125
 
 
 def test_not_adaptive_never_extends() -> None:
-    c = WarmupController(warmup_steps=10, shape="cosine", adaptive=False, min_alerts=1)
+    c = classic(warmup_steps=10, shape="cosine", adaptive=False, min_alerts=1)
     every = {t: [K.LOSS_SPIKE, K.NON_FINITE, K.GRAD_NORM_SPIKE] for t in range(30)}
     used, out = run(c, every, 30)
     assert out == [] and c.warmup_steps == 10 and c.extensions == 0 and not c.exhausted
@@ -481,7 +534,7 @@ def test_not_adaptive_never_extends() -> None:
 
 def test_a_late_decision_continues_from_the_last_factor_applied() -> None:
     # check_every_n_steps: the alerts of step 4 arrive after update 7.
-    c = WarmupController(warmup_steps=10)
+    c = classic(warmup_steps=10)
     used, out = run(c, {4: [K.LOSS_SPIKE]}, 20, lag=3)
     assert out[0].step == 4 and out[0].details["anchor_step"] == 7
     expected = [lin(t, 10) for t in range(8)] + [line(t, 7, 0.8, 14) for t in range(8, 20)]
@@ -495,11 +548,11 @@ def test_a_late_decision_continues_from_the_last_factor_applied() -> None:
 def test_the_factor_is_one_at_the_announced_full_lr_step(
     shape: str, w0: int, new_end: int, end: int
 ) -> None:
-    c = WarmupController(warmup_steps=w0, shape=shape)  # extends by round(W0 / 2) = 16 steps
+    c = classic(warmup_steps=w0, shape=shape)  # extends by round(W0 / 2) = 16 steps
     out = c.observe(0, [alert(0)])
     assert out[0].details["new_warmup_steps"] == new_end
     assert out[0].details["full_lr_step"] == end == c.full_lr_step
-    assert f"reaches 1 at step {end}" in out[0].message
+    assert f"reaches the peak at step {end}" in out[0].message
     assert c.factor(end + 1) == 1.0
     assert c.factor(end) == 1.0
 
@@ -600,7 +653,13 @@ def test_the_factor_never_jumps_up_and_drops_only_at_an_announced_back_off(
         assert all(b >= a for a, b in itertools.pairwise(factors))
     assert factors[c.full_lr_step :] == [1.0] * (len(factors) - c.full_lr_step)
     ks = [a.kind for a in out]
-    assert set(ks) <= {K.WARMUP_EXTENDED, K.WARMUP_EXHAUSTED}
+    assert set(ks) <= {K.LR_BACKOFF, K.WARMUP_EXTENDED, K.WARMUP_EXHAUSTED}
+    # Every drop is announced by an lr_backoff alert, right before its warmup_extended.
+    for i, a in enumerate(out):
+        if a.kind == K.LR_BACKOFF:
+            assert out[i + 1].kind == K.WARMUP_EXTENDED and out[i + 1].details["backoff"]
+        if a.kind == K.WARMUP_EXTENDED and a.details["backoff"]:
+            assert out[i - 1].kind == K.LR_BACKOFF
     assert ks.count(K.WARMUP_EXHAUSTED) <= 1
     if K.WARMUP_EXHAUSTED in ks:
         assert ks[-1] == K.WARMUP_EXHAUSTED and c.exhausted
@@ -692,8 +751,8 @@ def test_state_round_trip_mid_sequence(
 
 
 def test_loading_an_empty_state_gives_the_initial_plan() -> None:
-    c = WarmupController(warmup_steps=10, shape="smoothstep", on_exhausted="stop")
-    fresh = WarmupController(warmup_steps=10, shape="smoothstep", on_exhausted="stop")
+    c = classic(warmup_steps=10, shape="smoothstep", on_exhausted="stop")
+    fresh = classic(warmup_steps=10, shape="smoothstep", on_exhausted="stop")
     c.observe(4, [alert(4)])
     c.observe(9, [alert(9, K.LOSS_TREND_SPIKE)])
     assert c.warmup_steps == 15
@@ -827,7 +886,10 @@ def test_bad_arguments_name_the_argument(kwargs: dict, error: type, match: str) 
 
 def test_defaults() -> None:
     c = WarmupController(warmup_steps=100)
-    assert (c.shape, c.adaptive, c.extend_fraction, c.extend_steps) == ("linear", True, 0.5, None)
-    assert (c.max_extensions, c.max_warmup_steps, c.min_alerts) == (3, 400, 2)
-    assert (c.backoff, c.rewarm_from, c.on_exhausted) == (1.0, 1.0, "warn")
-    assert WarmupController(warmup_steps=7).window_steps == 10  # max(10, W // 5)
+    assert (c.shape, c.adaptive, c.extend_fraction, c.extend_steps) == ("linear", True, 1.0, None)
+    assert (c.max_extensions, c.max_warmup_steps, c.min_alerts) == (4, 1000, 2)
+    assert (c.backoff, c.rewarm_from, c.on_exhausted) == (0.5, 1.0, "warn")
+    assert (c.grace_steps, c.window_steps, c.cooldown_steps) == (100, 50, 10)
+    assert (c.rollback, c.snapshot_every_n_steps) == (True, 10)
+    assert WarmupController(warmup_steps=7).window_steps == 20  # max(20, W // 2)
+    assert WarmupController(warmup_steps=7).snapshot_every_n_steps == 1  # max(1, W // 10)

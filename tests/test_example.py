@@ -54,3 +54,18 @@ def test_example_trains_without_monitor(example: ModuleType, tmp_path: Path) -> 
     assert "train/loss" in tags
     assert not any(tag.startswith("warmup/") for tag in tags)
     assert not (Path(run_dir) / example.ALERTS_FILENAME).exists()
+
+
+def test_post_ln_blocks_normalise_after_each_residual_add(example: ModuleType) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    block = example.Block(16, 2, post_ln=True)
+    x = torch.randn(3, 5, 16)
+    # Vaswani et al.: ln(x + attn(x)), then ln(h + mlp(h)), written out again.
+    h = block.ln1(x + block.attn(x))
+    expected = block.ln2(h + block.proj(torch.nn.functional.gelu(block.fc(h))))
+    assert torch.allclose(block(x), expected)
+    model = example.CharTransformer(20, 8, 16, 2, 2, post_ln=True)
+    assert isinstance(model.ln_f, torch.nn.Identity)  # the last block ends with a LayerNorm
+    assert isinstance(example.CharTransformer(20, 8, 16, 2, 2).ln_f, torch.nn.LayerNorm)

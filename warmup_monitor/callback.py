@@ -23,6 +23,7 @@ from warmup_monitor.config import (
     check_sinks,
 )
 from warmup_monitor.engine import MonitorEngine
+from warmup_monitor.rollback import Snapshots, carry_out
 from warmup_monitor.schedules import Shape
 from warmup_monitor.tensorboard import write_layout
 
@@ -117,6 +118,8 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         self._probe_batch: Any = None
         self._steps_at_batch_start = 0
         self._restored = False  # load_state_dict ran since the last fit started
+        rollback = config.adaptive is not None and config.adaptive.rollback
+        self._snapshots = Snapshots(config.adaptive.snapshot_device) if rollback else None  # type: ignore[union-attr]
 
     @property
     def engine(self) -> MonitorEngine:
@@ -196,6 +199,11 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
             alert_sinks=alert_sinks,
         )
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._snapshots is not None:  # the first snapshot: before the first update
+            self._snapshots.clear()
+            carry_out(self._engine, self._snapshots, pl_module, trainer.optimizers)
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -228,6 +236,8 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         stepped = step >= self._steps_at_batch_start
         if self._probe_batch is not None and stepped and self._engine.probe_due(step):
             self._probe(trainer, pl_module, step)
+        if self._snapshots is not None:  # restore when asked, snapshot when due
+            carry_out(self._engine, self._snapshots, pl_module, trainer.optimizers)
         if self._engine.stop_requested:
             trainer.should_stop = True  # every rank holds the same plan: all stop together
 

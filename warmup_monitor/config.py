@@ -220,6 +220,9 @@ _ALERT_KINDS = (
     "edge_of_stability",
     "transient",
     "monitor",
+    "loss_divergence",
+    "grad_norm_rise",
+    "episode_end",
 )
 
 
@@ -242,34 +245,40 @@ def _kinds(name: str, value: Any) -> tuple[str, ...] | None:
 
 @dataclass(frozen=True, repr=False)
 class AdaptiveWarmup(_Validated):
-    """Lengthen warmup when training turns unstable (:class:`~warmup_monitor.controller.
-    WarmupController`); every change is announced as an alert and the lr never jumps up.
+    """Act on instability during warmup (:class:`~warmup_monitor.controller.WarmupController`):
+    lower the lr to a fraction of the one that broke, re-warm over a longer warmup, and (with
+    ``rollback``) restore the model and optimizer to a snapshot taken before the episode began.
+    Every action is announced as an alert; the lr never jumps up.
 
-    ``WarmupMonitor(adaptive=True)`` means ``AdaptiveWarmup()``.
+    ``WarmupMonitor(adaptive=True)`` means ``AdaptiveWarmup()``. The defaults are the policy
+    that won ``benchmarks/adaptive_warmup.py`` (see ``benchmarks/README_adaptive.md``).
     """
 
-    extend_fraction: float = _spec(0.5, _float(above=0.0))
-    """Each extension adds this fraction of ``warmup_steps`` (> 0)."""
+    extend_fraction: float = _spec(1.0, _float(above=0.0))
+    """Each extension adds this fraction of the current planned warmup past its end (or past
+    the current step, in the grace window) (> 0; 1 doubles it: repeated trouble gets a
+    geometrically longer warmup)."""
     extend_steps: int | None = _spec(None, _optional(_int(1)))
     """Or this many steps (>= 1; overrides ``extend_fraction``)."""
-    max_extensions: int = _spec(3, _int(0))
-    """At most this many extensions (>= 0)."""
+    max_extensions: int = _spec(4, _int(0))
+    """At most this many actions (extensions, each with its back-off and rollback) (>= 0)."""
     max_warmup_steps: int | None = _spec(None, _optional(_int(1)))
-    """The planned warmup never passes this (>= ``warmup_steps``; default 4 x ``warmup_steps``)."""
+    """The planned warmup never passes this (>= ``warmup_steps``; default 10 x ``warmup_steps``)."""
     cooldown_steps: int | None = _spec(None, _optional(_int(0)))
-    """Steps after an extension during which instability does not act again (>= 0; default
+    """Steps after an action during which instability does not act again (>= 0; default
     ``max(5, warmup_steps // 10)``)."""
     grace_steps: int | None = _spec(None, _optional(_int(0)))
-    """Instability this many steps after warmup ends still acts (>= 0; default
-    ``warmup_steps // 4``)."""
+    """Instability this many steps after the planned warmup ends still acts (>= 0; default
+    ``max(20, warmup_steps)``: trouble often starts only after the peak is reached, measured
+    at 0.7-1.3 x ``warmup_steps`` after it in ``benchmarks/adaptive_warmup.py``)."""
     min_alerts: int = _spec(2, _int(1))
-    """Steps flagged by non-severe kinds within ``window_steps`` that act (>= 1)."""
+    """Steps flagged by one-step spike kinds within ``window_steps`` that act (>= 1)."""
     window_steps: int | None = _spec(None, _optional(_int(1)))
-    """The window of ``min_alerts`` (>= 1; default ``max(10, warmup_steps // 5)``)."""
-    backoff: float = _spec(1.0, _float(above=0.0, maximum=1.0))
-    """At an extension, restart from this times the current factor, in (0, 1] (1: no drop)."""
+    """The window of ``min_alerts`` (>= 1; default ``max(20, warmup_steps // 2)``)."""
+    backoff: float = _spec(0.5, _float(above=0.0, maximum=1.0))
+    """At an action, re-warm from this times the factor that broke, in (0, 1] (1: no drop)."""
     rewarm_from: float = _spec(1.0, _float(above=0.0, maximum=1.0))
-    """At an extension, restart from at most this factor, in (0, 1] (1: no cap)."""
+    """At an action, re-warm from at most this fraction of the peak, in (0, 1] (1: no cap)."""
     on_exhausted: Literal["warn", "stop", "raise"] = _spec("warn", _choice("warn", "stop", "raise"))
     """When the caps are hit and training is still unstable, after the ``warmup_exhausted``
     alert: ``"warn"``, ``"stop"`` (training stops) or ``"raise"``
@@ -277,8 +286,41 @@ class AdaptiveWarmup(_Validated):
     trigger_kinds: tuple[str, ...] | None = _spec(None, _kinds)
     """Alert kinds that count as instability (default: every instability kind)."""
     user_schedule: Shape = _spec("linear", _choice(*SHAPES))
-    """With ``schedule=None``, the shape of your own scheduler's warmup over ``warmup_steps``,
-    which an extension stretches."""
+    """With ``schedule=None`` the monitor stretches the lrs your scheduler actually set (it
+    records them); this shape over ``warmup_steps`` is only the model of a
+    :class:`~warmup_monitor.controller.WarmupController` driven by hand without
+    ``record_user_lr``."""
+    rollback: bool = _spec(True, _bool)
+    """On a severe episode (non-finite values, a loss far above its trend, persistent
+    instability, a sustained loss rise), also restore the model, the optimizer state, the RNG
+    states and the detectors to the last snapshot taken before the episode began (the step
+    count, the lr schedule and the data stream go on). On by default: in the benchmark, a
+    back-off alone once turned a spike into a divergence that rollback prevented. Costs two
+    copies of the model and optimizer state in host memory (``snapshot_device="cpu"``) during
+    warmup and its grace window; carried out by the Lightning callback (``LoopMonitor`` does
+    not roll back)."""
+    snapshot_every_n_steps: int | None = _spec(None, _optional(_int(1)))
+    """With ``rollback``: a snapshot every this many optimizer steps during warmup and its grace
+    window; the last two are kept (>= 1; default ``max(1, warmup_steps // 10)``)."""
+    snapshot_device: Literal["cpu", "same"] = _spec("cpu", _choice("cpu", "same"))
+    """Where snapshots live: ``"cpu"`` (host memory) or ``"same"`` (each tensor's device)."""
+    rollback_loss_ratio: float = _spec(2.0, _float(above=1.0))
+    """A ``loss_trend_spike`` is severe (rolls back) from this ratio to the trend (> 1)."""
+
+    def resolved(self, warmup_steps: int) -> dict[str, int]:
+        """The options whose default depends on ``warmup_steps`` (W0), resolved: ``max_warmup_
+        steps`` 10 W0, ``cooldown_steps`` max(5, W0 // 10), ``grace_steps`` max(20, W0),
+        ``window_steps`` max(20, W0 // 2), ``snapshot_every_n_steps`` max(1, W0 // 10)."""
+        w0 = warmup_steps
+        defaults = {
+            "max_warmup_steps": 10 * w0,
+            "cooldown_steps": max(5, w0 // 10),
+            "grace_steps": max(20, w0),
+            "window_steps": max(20, w0 // 2),
+            "snapshot_every_n_steps": max(1, w0 // 10),
+        }
+        given = {k: getattr(self, k) for k in defaults}
+        return {k: defaults[k] if v is None else v for k, v in given.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,47 +4,39 @@
 step (:meth:`WarmupController.factor`), and, given the alerts of a step, whether warmup should
 be extended (:meth:`WarmupController.observe`). It imports no Lightning and no torch.
 
-**The no-jump rule: an extension stretches the rest of the shape in time.** Let :math:`F(u)`
-be the shape over the planned :math:`W_0` steps at a real "schedule time" :math:`u \\ge -1`
-(:func:`~warmup_monitor.schedules.shape_value`: :math:`F(t)` =
-``warmup_factor(shape, t, W0)`` at integers, non-decreasing, 1 from :math:`u_e = W_0 - 1`;
-:math:`u_e = W_0` for ``exponential`` and ``constant``). The update at step :math:`t` gets the
-plan's factor :math:`P(t) = F(u(t))`, with :math:`u(t) = t` before any extension. An extension
-decided after the update at step :math:`a` (the last one taken), with a new planned length
-:math:`W'` (so that the factor first reaches 1 at :math:`T' = W' - W_0 + u_e`) and a restart
-target :math:`g \\le P(a)` (:math:`g = P(a)` unless a back-off is configured), sets
+**The no-jump rule: an action stretches the rest of the shape in time.** With :math:`F(u)` the
+shape at a real schedule time :math:`u` (:func:`~warmup_monitor.schedules.shape_value`, at its
+peak from :math:`u_e`), the update at step :math:`t` gets :math:`P(t) = F(u(t))`, :math:`u(t) = t`
+before any action. An action after the update at step :math:`a`, with a new planned length
+:math:`W'` (the plan reaches the peak at :math:`T'`) and a restart level :math:`g \\le P(a)`,
+continues from :math:`u' = \\min\\{u : F(u) \\ge g\\}` (:math:`u(a)` without a back-off) as
+:math:`u(t) = u' + (u_e - u')(t - a) / (T' - a)`, with :math:`T'` lengthened so that the rate
+is at most 1 (where the caps leave less room, :math:`u'` moves up: a smaller back-off, said in
+the alert). Hence **no jump up** (no one-step rise above the shape's own largest), **no drop
+but an announced back-off**, and **never above the old plan**. The derivation is in
+``docs/adaptive_plan.md``.
+
+**Your own scheduler's ramp (``shape=None``): the rule.** The monitor records the lr your
+scheduler set for each update of the declared warmup, :math:`L(s)` for :math:`s = 0..W_0`
+(param group 0, read before the factor is applied; :class:`~warmup_monitor.schedules.
+RecordedRamp`), and :math:`F` is that recorded ramp, linear between steps, with
+:math:`u_e = W_0` (by step :math:`W_0` every warmup has ended, whether it ramps as
+:math:`s / W_0` like Hugging Face's ``get_linear_schedule_with_warmup`` and
+``get_cosine_schedule_with_warmup`` or as :math:`(s + 1) / W_0`). The update at :math:`t`
+then gets
 
 .. math::
 
-    u' = \\begin{cases}
-        u(a) & g = P(a) \\\\
-        \\max\\big(\\min\\{u : F(u) \\ge g\\},\\; u_e - (T' - a)\\big) & g < P(a)
-    \\end{cases}
-    \\qquad
-    u(t) = u' + \\frac{u_e - u'}{T' - a}\\,(t - a) \\quad (t > a)
+    \\text{factor}(t) = \\min\\Big(1, \\frac{L(u(t))}{L(\\min(t, W_0))}\\Big)
 
-With a back-off, :math:`W'` is first lengthened (within the caps) to
-:math:`T' \\ge a + \\lceil u_e - u' \\rceil`, so the rate :math:`r = (u_e - u') / (T' - a)` is
-never above 1; where the caps leave less room, :math:`u'` moves up instead (a smaller back-off,
-said in the alert). Hence, for every shape:
+so that its lr is :math:`L(u(t))` during your warmup and :math:`L(u(t)) / L(W_0)` times your
+own decay after it. Since the lrs are the ones your scheduler produced, the stretched ramp
+never rises faster than your ramp did (nothing is guessed about its shape), and the factor is
+1 until the first action. A controller driven by hand, without :meth:`WarmupController.
+record_user_lr`, models the ramp with ``user_schedule`` instead.
 
-- **no jump up**: :math:`P(t+1) - P(t) \\le \\max_x F(x+1) - F(x)`, the shape's own largest
-  one-step increase (exactly its largest step-to-step increase for ``linear``, ``geometric``,
-  ``exponential``, ``polynomial``, ``step`` and ``constant``; within a factor
-  :math:`1 + O(1/W_0^2)` of it for ``cosine`` and ``smoothstep``);
-- **no drop without a back-off**: :math:`g = P(a)` continues from the factor last applied;
-- **never above the old plan**: :math:`u' \\le u(a)` and :math:`T' > T` give
-  :math:`P_\\text{new}(t) \\le P_\\text{old}(t)` for all :math:`t > a`: an extension only
-  ever slows the ramp (a straight line from :math:`P(a)` would speed up convex shapes).
-
-For ``linear`` this is the straight line from :math:`P(a)` to 1 at step :math:`W' - 1`:
-:math:`P(t) = P(a) + (1 - P(a))\\,(t - a) / (W' - 1 - a)`.
-
-When the user's scheduler warms up (``shape=None``), :math:`F` is that warmup as modelled by
-``user_shape`` over :math:`W_0` (linear by default) and the monitor's factor is
-:math:`P(t) / F(t) \\le 1`: 1 until the first extension, then the user's lr times the factor
-follows the stretched plan instead of the user's own ramp. No lr drop either, unless a
-back-off is configured.
+**The policy** is in :class:`WarmupController`; the back-off target :math:`g` is ``backoff``
+times the factor at the step that acted (and at most ``rewarm_from``).
 """
 
 from __future__ import annotations
@@ -56,40 +48,54 @@ from dataclasses import replace
 from typing import Any, Literal
 
 from warmup_monitor._checks import check_choice, check_int
+from warmup_monitor.actions import (
+    RollbackRequest,
+    action_alerts,
+    exhausted_alert,
+    rollback_alert,
+    rollback_worthy,
+)
 from warmup_monitor.alerts import INSTABILITY_KINDS, Alert, AlertKind
 from warmup_monitor.config import AdaptiveWarmup
-from warmup_monitor.schedules import SHAPES, full_at, shape_params, shape_value
+from warmup_monitor.schedules import (
+    SHAPES,
+    RecordedRamp,
+    full_at,
+    least_time,
+    shape_params,
+    shape_value,
+)
 
-__all__ = ["DEFAULT_TRIGGER_KINDS", "OnExhausted", "WarmupController", "WarmupExhaustedError"]
+__all__ = [
+    "DEFAULT_TRIGGER_KINDS",
+    "OnExhausted",
+    "RollbackRequest",
+    "WarmupController",
+    "WarmupExhaustedError",
+]
 
 OnExhausted = Literal["warn", "stop", "raise"]
 
-#: Alert kinds that count as instability for the extension policy: the instability kinds of
+K = AlertKind
+#: Alert kinds that count as instability for the policy: the instability kinds of
 #: :mod:`warmup_monitor.alerts` (``transient`` is not one) less the controller's own.
 DEFAULT_TRIGGER_KINDS: frozenset[str] = frozenset(
-    k.value for k in INSTABILITY_KINDS if k is not AlertKind.WARMUP_EXHAUSTED
+    k.value for k in INSTABILITY_KINDS if k is not K.WARMUP_EXHAUSTED
 )
-#: Kinds that extend on their own: they already mean persistence (oscillation is five flips in
-#: a row), divergence or a broken step. The others (one-step trend or gradient-norm spikes,
-#: often a catapult that recovers at once) must repeat: ``min_alerts`` steps in a window.
+#: Kinds that act on their own: they already mean persistence (oscillation is five flips in a
+#: row; a divergence or a rise is sustained), a blow-up or a broken step.
 _SEVERE = frozenset(
-    k.value
-    for k in (
-        AlertKind.LOSS_SPIKE,
-        AlertKind.NON_FINITE,
-        AlertKind.OSCILLATION,
-        AlertKind.PERSISTENT_INSTABILITY,
-        AlertKind.EDGE_OF_STABILITY,
-    )
+    {"loss_spike", "non_finite", "oscillation", "persistent_instability", "edge_of_stability"}
+    | {"loss_divergence", "grad_norm_rise"}
 )
-_OWN = frozenset({AlertKind.WARMUP_EXTENDED.value, AlertKind.WARMUP_EXHAUSTED.value})
-#: The recommended peak lr is this fraction of the lowest lr at which instability was acted on.
-_RECOMMEND = 0.5
+#: One-step findings on the loss and on the gradients: either must repeat (``min_alerts`` steps
+#: in a window), unless both flag the same step (two independent signals agree).
+_LOSS_KINDS = frozenset({"loss_spike", "loss_trend_spike", "loss_divergence"})
+_GRAD_KINDS = frozenset({"grad_norm_spike", "grad_norm_rise", "oscillation", "non_finite"})
 
 
 class WarmupExhaustedError(RuntimeError):
-    """Raised (by the caller) with ``on_exhausted="raise"`` when the controller can do no more
-    and training is still unstable."""
+    """Raised with ``on_exhausted="raise"`` when the controller can do no more, still unstable."""
 
 
 def _kind(alert: Alert) -> str:
@@ -104,26 +110,47 @@ def _finite_or(value: Any, default: float) -> float:
     return out if math.isfinite(out) else default
 
 
+def _recommend(unstable_lr: float | None, unstable_factor: float) -> tuple[float, str]:
+    """The peak lr (or, without an lr, the fraction of the current peak) to recommend after
+    instability at ``unstable_lr`` (the effective lr, factor ``unstable_factor`` of the peak):
+    half of it. One number, said once."""
+    if unstable_lr is not None:
+        lr = 0.5 * unstable_lr
+        return lr, f"use a peak lr of at most {lr:.3g} (half the lr {unstable_lr:.3g} that broke)"
+    frac = 0.5 * unstable_factor
+    return frac, (
+        f"use a peak lr of at most {frac:.3g} x the current one (half the fraction "
+        f"{unstable_factor:.3g} of the peak that broke)"
+    )
+
+
 class WarmupController:
-    """The warmup plan: planned length, extensions, the lr factor of every step.
+    """The warmup plan and the policy that extends it, backs off and asks for rollbacks.
 
     The plan and the no-jump rule are in the module docstring. The policy, per call of
     :meth:`observe` (the alerts of one step):
 
-    1. Only alerts whose kind is in ``trigger_kinds`` count, and only inside warmup or the
-       ``grace_steps`` after it (:meth:`in_grace`), at least ``cooldown_steps`` after the last
-       extension (one spike, flagged over several steps, gives one extension).
-    2. ``loss_spike``, ``non_finite``, ``oscillation``, ``persistent_instability`` and
-       ``edge_of_stability`` act at once; other kinds (one-step trend or gradient-norm spikes)
-       act once they flagged ``min_alerts`` steps within ``window_steps``.
-    3. Acting means an extension by ``extend_steps`` (or ``extend_fraction`` x ``W0``) past
-       the current end (or past the current step, in the grace window), restarting from
-       ``min(backoff x factor, rewarm_from)`` when that is lower than the factor (a back-off),
-       else continuing from the factor without a jump; a ``warmup_extended`` alert says so.
-    4. When no extension can help (``max_extensions`` used, ``max_warmup_steps`` reached, or
-       the factor already 1 with no back-off configured), a single ``warmup_exhausted`` alert
-       recommends a peak lr (half the lowest lr at which instability was acted on) and carries
-       ``on_exhausted``; after it the controller does nothing more.
+    1. Only alerts whose kind is in ``trigger_kinds`` count, and only inside the planned
+       warmup or the ``grace_steps`` after it, at least ``cooldown_steps`` after the last
+       action. Consecutive flagged steps, and flagged steps less than ``window_steps`` apart,
+       form one *episode*; its first step is the onset.
+    2. It **acts** on ``loss_spike``, ``non_finite``, ``oscillation``,
+       ``persistent_instability``, ``edge_of_stability``, ``loss_divergence`` and
+       ``grad_norm_rise`` at once; on one-step spikes (``loss_trend_spike``,
+       ``grad_norm_spike``) once ``min_alerts`` steps were flagged within ``window_steps``, or
+       at once when a loss kind and a gradient kind flag the same step.
+    3. **Acting** lowers the factor to ``backoff`` times the factor that broke (at most
+       ``rewarm_from``; never below the first factor of the ramp), announced by an
+       ``lr_backoff`` alert, and re-warms from there to the peak over an extended warmup: by
+       ``extend_steps`` or ``extend_fraction`` x the planned length, past the current step, and
+       at least as slowly as the shape itself, announced by ``warmup_extended``.
+    4. With ``rollback``, a severe episode (:func:`~warmup_monitor.actions.rollback_worthy`)
+       also sets :attr:`rollback_request`: the adapter restores the last snapshot taken before
+       the onset and calls :meth:`rolled_back`.
+    5. When no action can help (``max_extensions`` used, ``max_warmup_steps`` reached, or the
+       factor already 1 with no back-off configured), one ``warmup_exhausted`` alert
+       recommends a peak lr (:func:`_recommend`) and carries ``on_exhausted``; after it the
+       controller does nothing more.
 
     Example:
         >>> from warmup_monitor.alerts import Alert, AlertKind
@@ -131,24 +158,22 @@ class WarmupController:
         >>> c.factor(4)
         0.5
         >>> [a.kind.value for a in c.observe(4, [Alert(4, AlertKind.LOSS_SPIKE, "spike")])]
-        ['warmup_extended']
-        >>> c.warmup_steps, c.factor(4), c.factor(5), c.factor(14)
-        (15, 0.5, 0.55, 1.0)
+        ['lr_backoff', 'warmup_extended']
+        >>> c.warmup_steps, round(c.factor(5), 12), c.factor(19)  # 0.5 -> 0.25, re-warm
+        (20, 0.3, 1.0)
 
     Args:
         warmup_steps: Planned warmup length ``W0`` in optimizer steps (>= 1).
         shape: A shape of :mod:`warmup_monitor.schedules` when the monitor applies warmup
             itself, or ``None`` when the user's scheduler does (the factor is then 1 until an
-            extension).
+            action).
         shape_kwargs: Keyword arguments of the shape (or of ``user_schedule``), e.g.
             ``{"tau": 50}``.
-        adaptive: The policy (:class:`~warmup_monitor.AdaptiveWarmup`: extension lengths,
-            caps, cool-down, back-off, ``on_exhausted``, trigger kinds, ``user_schedule``);
-            ``True``: its defaults; ``False``: the plan stays fixed.
+        adaptive: The policy (:class:`~warmup_monitor.AdaptiveWarmup`); ``True``: its
+            defaults; ``False``: the plan stays fixed.
         **overrides: Fields of :class:`~warmup_monitor.AdaptiveWarmup` to change, e.g.
-            ``WarmupController(warmup_steps=100, backoff=0.5)``. Defaults that depend on
-            ``W0``: ``max_warmup_steps`` 4 W0, ``cooldown_steps`` max(5, W0 // 10),
-            ``grace_steps`` W0 // 4, ``window_steps`` max(10, W0 // 5).
+            ``WarmupController(warmup_steps=100, backoff=1.0)``; the defaults that depend on
+            ``W0`` are :meth:`~warmup_monitor.AdaptiveWarmup.resolved`'s.
 
     Raises:
         TypeError: an argument has the wrong type (named in the message).
@@ -189,54 +214,75 @@ class WarmupController:
         # The shape the plan stretches: the monitor's, or the model of the user's warmup.
         self._shape = shape if shape is not None else self.user_shape
         self._params = shape_params(self._shape, w0, self.shape_kwargs)
-        self._full = float(full_at(self._shape, w0))  # u_e: schedule time where F reaches 1
-        self._offset = w0 - full_at(self._shape, w0)  # W' = T' + offset
-        self._first = self._f(0.0)  # the shape's first factor: no back-off goes below it
-        self.extend_fraction = config.extend_fraction
-        self.extend_steps = config.extend_steps
-        self.max_extensions = config.max_extensions
-        self.max_warmup_steps = (
-            4 * w0 if config.max_warmup_steps is None else config.max_warmup_steps
-        )
+        r = config.resolved(w0)
+        self.max_warmup_steps, self.grace_steps = r["max_warmup_steps"], r["grace_steps"]
+        self.cooldown_steps, self.window_steps = r["cooldown_steps"], r["window_steps"]
+        self.snapshot_every_n_steps = r["snapshot_every_n_steps"]
         if self.max_warmup_steps < w0:
             raise ValueError(
                 f"`AdaptiveWarmup.max_warmup_steps` must be >= warmup_steps ({w0}), "
                 f"got {self.max_warmup_steps}"
             )
-        self.cooldown_steps = (
-            max(5, w0 // 10) if config.cooldown_steps is None else config.cooldown_steps
-        )
-        self.grace_steps = w0 // 4 if config.grace_steps is None else config.grace_steps
-        self.min_alerts = config.min_alerts
-        self.window_steps = max(10, w0 // 5) if config.window_steps is None else config.window_steps
-        self.backoff = config.backoff
-        self.rewarm_from = config.rewarm_from
-        self.on_exhausted: OnExhausted = config.on_exhausted
-        kinds = config.trigger_kinds
+        c = config
+        self.rollback = c.rollback and self.adaptive
+        self.extend_fraction, self.extend_steps = c.extend_fraction, c.extend_steps
+        self.max_extensions, self.min_alerts = c.max_extensions, c.min_alerts
+        self.backoff, self.rewarm_from = c.backoff, c.rewarm_from
+        self.on_exhausted: OnExhausted = c.on_exhausted
         self.trigger_kinds: frozenset[str] = (
-            DEFAULT_TRIGGER_KINDS if kinds is None else frozenset(kinds)
+            DEFAULT_TRIGGER_KINDS if c.trigger_kinds is None else frozenset(c.trigger_kinds)
         )
         self.reset()
 
     # ------------------------------------------------------------------ the plan
 
     def reset(self) -> None:
-        """Back to the initial plan (no extension, nothing observed)."""
-        self.warmup_steps = self.initial_warmup_steps
-        self.extensions = 0
-        self.stop_requested = False
-        self.exhausted = False
-        # (a, u', r): for steps t > a, schedule time u(t) = u' + r (t - a). Anchors never
-        # decrease; at most one segment per extension.
+        """Back to the initial plan (no action, nothing observed or recorded)."""
+        self.warmup_steps, self.extensions = self.initial_warmup_steps, 0
+        self.stop_requested = self.exhausted = False
+        # (a, u', r): u(t) = u' + r (t - a) for t > a; one segment per extension.
         self._segments: list[tuple[int, float, float]] = []
         self._last_extension: int | None = None
-        self._recent: deque[int] = deque(maxlen=self.min_alerts)
+        self._recent: deque[int] = deque(maxlen=self.config.min_alerts)
+        self._onset: int | None = None  # first and last flagged steps of the open episode
+        self._last_flagged: int | None = None
+        self._causes: set[str] = set()
         # The lowest plan factor (and the lr, if known) at which instability was acted on.
         self._unstable_factor: float | None = None
-        self._unstable_lr: float | None = None
+        self._unstable_lr: float | None = None  # (None: unknown)
+        self._ramp = RecordedRamp(self.initial_warmup_steps)
+        self.rollback_request: RollbackRequest | None = None
+        #: ``[step, snapshot step or None]`` of every rollback: facts that survive a resume.
+        self.rollbacks: list[list[int | None]] = []
+
+    @property
+    def _recorded(self) -> bool:
+        return self.shape is None and len(self._ramp) > 0
+
+    @property
+    def _full(self) -> float:
+        """u_e: the schedule time at which the shape (or the recorded ramp) is at its peak."""
+        return float(self.initial_warmup_steps if self._recorded else self._full_model)
+
+    @property
+    def _full_model(self) -> int:
+        return full_at(self._shape, self.initial_warmup_steps)
+
+    @property
+    def _offset(self) -> int:
+        """W' - T': the planned length minus the step at which the plan reaches its peak."""
+        return 0 if self._recorded else self.initial_warmup_steps - self._full_model
 
     def _f(self, u: float) -> float:
+        if self._recorded:
+            return self._ramp.value(u)
         return shape_value(self._shape, u, self.initial_warmup_steps, self._params)
+
+    def _first(self) -> float:
+        """The lowest level a back-off may go to: the ramp's first (positive) value."""
+        if self._recorded:
+            return self._ramp.first_positive() or self._f(self._full)
+        return self._f(0.0)
 
     def _u(self, step: int) -> float:
         for a, u, r in reversed(self._segments):
@@ -244,27 +290,35 @@ class WarmupController:
                 return u + r * (step - a)
         return float(step)
 
+    def record_user_lr(self, step: int, lr: float) -> None:
+        """Record the lr the user's scheduler set for the update at ``step`` (param group 0,
+        without the monitor's factor). Call it for every step from 0, before :meth:`factor`
+        of that step; the monitor does. Only used with ``shape=None``; steps past
+        ``warmup_steps`` are not kept."""
+        if self.shape is None:
+            self._ramp.record(step, lr)
+
     @property
     def owns_warmup(self) -> bool:
         """Whether the monitor applies the warmup shape (``shape`` is not ``None``)."""
         return self.shape is not None
 
     def base_factor(self, step: int) -> float:
-        """The factor without extensions: the shape's, or 1 when the user owns warmup."""
+        """The factor without actions: the shape's, or 1 when the user owns warmup."""
         if self.shape is None:
             return 1.0
         return self._f(float(step))
 
     def plan(self, step: int) -> float:
-        """The plan's warmup factor at ``step``: the fraction of the peak lr the update gets.
+        """The plan at ``step``: the fraction of the peak lr the update gets (with a recorded
+        user ramp: the lr itself, before the user's decay).
 
-        Equal to :meth:`factor` when the monitor owns warmup; with ``shape=None`` it is the
-        user's modelled warmup times :meth:`factor`.
+        Equal to :meth:`factor` when the monitor owns warmup.
         """
         if not self._segments:
             return self._f(float(step))
-        if step >= self.full_lr_step:  # exactly 1 where announced, whatever the rounding of u
-            return 1.0
+        if step >= self.full_lr_step:  # exactly the peak where announced, whatever u's rounding
+            return self._f(self._full)
         return self._f(self._u(step))
 
     def factor(self, step: int) -> float:
@@ -277,8 +331,8 @@ class WarmupController:
         planned = self.plan(step)
         if self.shape is not None:
             return planned
-        base = self._f(float(step))
-        return 1.0 if base <= 0.0 else min(1.0, planned / base)
+        base = self._f(float(min(step, self._full)) if self._recorded else float(step))
+        return 1.0 if base <= 0.0 else max(min(1.0, planned / base), 1e-12)
 
     def in_warmup(self, step: int) -> bool:
         """Whether the update at ``step`` is inside the (current) planned warmup."""
@@ -290,9 +344,23 @@ class WarmupController:
 
     @property
     def full_lr_step(self) -> int:
-        """The first step at which the plan's factor is 1 (``warmup_steps - 1`` for most
-        shapes, ``warmup_steps`` for ``exponential`` and ``constant``)."""
+        """The first step at which the plan is at its peak (``warmup_steps - 1`` for most
+        shapes, ``warmup_steps`` for ``exponential``, ``constant`` and a recorded ramp)."""
         return self.warmup_steps - self._offset
+
+    def snapshot_due(self, steps_taken: int) -> bool:
+        """Whether a snapshot is due before the update at ``steps_taken`` (with ``rollback``:
+        every ``snapshot_every_n_steps`` steps while instability can still act, and not
+        within ``window_steps`` of a flagged step: the kept snapshots precede the episode)."""
+        last = self._last_flagged  # no snapshot while an episode is open: it would hold it
+        open_episode = last is not None and steps_taken - 1 - last < self.window_steps
+        return (
+            self.rollback
+            and not self.exhausted
+            and not open_episode
+            and steps_taken % self.snapshot_every_n_steps == 0
+            and self.in_grace(steps_taken)
+        )
 
     # ------------------------------------------------------------------ the policy
 
@@ -315,179 +383,151 @@ class WarmupController:
             alerts: That step's alerts (any kinds; only ``trigger_kinds`` count).
             next_step: The next update not yet taken (default ``step + 1``).
             lr: The effective lr of the update at ``step`` (scheduler lr x factor), for the
-                recommendation of ``warmup_exhausted``; NaN or ``None`` if unknown.
+                messages and the recommendation; NaN or ``None`` if unknown.
 
         Returns:
-            A ``warmup_extended`` or ``warmup_exhausted`` alert, or nothing (the usual case).
+            ``lr_backoff`` and ``warmup_extended``, or ``warmup_exhausted``, or nothing (the
+            usual case).
         """
         if not self.adaptive or self.exhausted:
             return []
         unstable = [a for a in alerts if _kind(a) in self.trigger_kinds]
         if not unstable or not self.in_grace(step):
             return []
-        last = self._last_extension
-        if last is not None and (step <= last or step - last < self.cooldown_steps):
+        kinds = {_kind(a) for a in unstable}
+        last = self._last_flagged
+        if self._onset is None or last is None or step - last >= self.window_steps:
+            self._onset, self._causes = step, set()
+        self._last_flagged = max(step, last or 0)
+        self._causes |= kinds
+        if rollback_worthy(unstable, self.config.rollback_loss_ratio):
+            self._causes.add("_rollback")
+        done = self._last_extension
+        if done is not None and (step <= done or step - done < self.cooldown_steps):
             return []
         if not self._recent or self._recent[-1] != step:
             self._recent.append(step)
         while self._recent and self._recent[0] <= step - self.window_steps:
             self._recent.popleft()
-        severe = any(_kind(a) in _SEVERE for a in unstable)
-        if not severe and len(self._recent) < self.min_alerts:
+        acts = bool(kinds & _SEVERE) or (bool(kinds & _LOSS_KINDS) and bool(kinds & _GRAD_KINDS))
+        if not acts and len(self._recent) < self.config.min_alerts:
             return []
 
         level = self.plan(step)
+        good_lr = lr is not None and math.isfinite(lr) and lr > 0.0
         if self._unstable_factor is None or level < self._unstable_factor:
             self._unstable_factor = level
-            good_lr = lr is not None and math.isfinite(lr) and lr > 0.0
             self._unstable_lr = float(lr) if good_lr else None  # type: ignore[arg-type]
-        causes = sorted({_kind(a) for a in unstable})
+        causes = sorted(k for k in self._causes if not k.startswith("_"))
         cause_steps = list(self._recent)
         nxt = step + 1 if next_step is None else next_step
         anchor = max(step, nxt - 1, self._segments[-1][0] if self._segments else 0)
-        return self._extend(step, anchor, causes, cause_steps)
+        out = self._extend(step, anchor, causes, cause_steps, lr if good_lr else None)
+        if self.rollback and "_rollback" in self._causes and not self.exhausted:
+            onset = self._onset if self._onset is not None else step
+            self.rollback_request = RollbackRequest(step, onset, tuple(causes))
+        return out
 
-    def _extend(self, step: int, a: int, causes: list[str], cause_steps: list[int]) -> list[Alert]:
+    def _extend(
+        self, step: int, a: int, causes: list[str], cause_steps: list[int], lr: float | None
+    ) -> list[Alert]:
+        cfg = self.config
         old_end = self.warmup_steps
         before = self.plan(a)
         u_a = self._u(a)
-        target = min(before, max(self._first, min(self.backoff * before, self.rewarm_from)))
+        peak = self._f(self._full)
+        target = min(before, max(self._first(), min(cfg.backoff * before, cfg.rewarm_from * peak)))
         wants_drop = target < before
-        if self.extensions >= self.max_extensions:
+        if self.extensions >= cfg.max_extensions:
             return self._exhaust(step, causes, cause_steps, "caps")
-        if not wants_drop and before >= 1.0:
+        if not wants_drop and u_a >= self._full:  # at the peak, nothing to slow down
             return self._exhaust(step, causes, cause_steps, "at_one")
 
-        extra = self.extend_steps or max(1, round(self.extend_fraction * self.initial_warmup_steps))
+        extra = cfg.extend_steps or max(1, round(cfg.extend_fraction * old_end))
         new_end = max(old_end, a + 1) + extra
         u_new = u_a
+        offset, full = self._offset, self._full
         if wants_drop:
-            u_new = self._inverse(target, min(u_a, self._full))
+            u_new = least_time(self._f, target, -1.0, min(u_a, full))
             # Lengthen so that the re-warm is no faster than the shape: T' - a >= u_e - u'.
-            new_end = max(new_end, a + math.ceil(self._full - u_new - 1e-9) + self._offset)
+            new_end = max(new_end, a + math.ceil(full - u_new - 1e-9) + offset)
         new_end = min(new_end, self.max_warmup_steps)
-        t_new = new_end - self._offset
+        t_new = new_end - offset
         if new_end <= old_end or t_new <= a:
             return self._exhaust(step, causes, cause_steps, "caps")
         if wants_drop:
-            u_new = max(u_new, self._full - (t_new - a))  # the caps leave less room: back off less
-        rate = min(1.0, max(0.0, (self._full - u_new) / (t_new - a)))
+            u_new = max(u_new, full - (t_new - a))  # the caps leave less room: back off less
+        rate = min(1.0, max(0.0, (full - u_new) / (t_new - a)))
         after = self._f(u_new)
-        dropped = after < before
 
         self._segments.append((a, u_new, rate))
         self.warmup_steps = new_end
         self.extensions += 1
         self._last_extension = step
         self._recent.clear()
-        what = "lr factor" if self.shape is not None else "warmup factor (fraction of the peak lr)"
-        if dropped:
-            how = f"the {what} is lowered from {before:.3g} to {after:.3g} (back-off)"
-            if target < after - 1e-12:
-                how += f"; the caps leave no room to go down to {target:.3g}"
-        else:
-            how = f"the {what} continues from {before:.3g} without a jump"
-        message = (
-            f"warmup extended from {old_end} to {new_end} steps after {', '.join(causes)} "
-            f"(extension {self.extensions} of {self.max_extensions}); {how} and reaches 1 at "
-            f"step {t_new}"
+        next_factor = self.factor(a + 1)
+        # Levels as factors: of the peak, or (a recorded ramp's levels are lrs) of the user's lr.
+        unit = (self._ramp.value(min(a, self._full)) if self._recorded else 1.0) or 1.0
+        frac_before, frac_after, frac_target = before / unit, after / unit, target / unit
+        what = "lr factor" if self.shape is not None else "warmup factor (fraction of the peak)"
+        if self._recorded:
+            what = "lr factor (on your scheduler's lr)"
+        return action_alerts(
+            step,
+            what=what,
+            levels=(frac_before, frac_after, frac_target),
+            lr=None if lr is None else (lr, lr * after / before),
+            plan=(old_end, new_end, t_new, self.max_warmup_steps),
+            count=(self.extensions, cfg.max_extensions),
+            details={
+                "causes": causes,
+                "cause_steps": cause_steps,
+                "onset_step": self._onset,
+                "anchor_step": a,
+                "next_factor": next_factor,
+            },
         )
-        return [
-            Alert(
-                step=step,
-                kind=AlertKind.WARMUP_EXTENDED,
-                message=message,
-                value=float(new_end),
-                threshold=float(self.max_warmup_steps),
-                details={
-                    "old_warmup_steps": old_end,
-                    "new_warmup_steps": new_end,
-                    "causes": causes,
-                    "cause_steps": cause_steps,
-                    "factor_before": before,
-                    "factor_after": after,
-                    "backoff": dropped,
-                    "next_factor": self.factor(a + 1),
-                    "anchor_step": a,
-                    "full_lr_step": t_new,
-                    "extensions": self.extensions,
-                    "max_extensions": self.max_extensions,
-                },
-            )
-        ]
-
-    def _inverse(self, target: float, hi: float) -> float:
-        """The least schedule time ``u`` in ``[-1, hi]`` with ``F(u) >= target``
-        (``F(hi) >= target``), to float precision."""
-        lo = -1.0
-        if self._f(lo) >= target:
-            return lo
-        for _ in range(200):
-            mid = 0.5 * (lo + hi)
-            if not lo < mid < hi:
-                break
-            if self._f(mid) >= target:
-                hi = mid
-            else:
-                lo = mid
-        return hi
 
     def _exhaust(
         self, step: int, causes: list[str], cause_steps: list[int], reason: str
     ) -> list[Alert]:
         self.exhausted = True
-        if self.on_exhausted == "stop":
+        if self.config.on_exhausted == "stop":
             self.stop_requested = True
         level = 1.0 if self._unstable_factor is None else self._unstable_factor
-        lr = self._unstable_lr
-        if reason == "caps":
-            why = (
-                f"after {self.extensions} extension(s) and a warmup of {self.warmup_steps} steps "
-                f"(caps: {self.max_extensions} extensions, {self.max_warmup_steps} steps)"
-            )
-        else:
-            why = (
-                "with the lr factor already at 1 and no back-off configured (`backoff` and "
-                "`rewarm_from` are 1: nothing left to slow down)"
-            )
-        where = f"{level:.3g} x the peak" + (f", lr {lr:.3g}" if lr is not None else "")
-        advice = (
-            f"instability was acted on at {where}: lower the peak lr to about "
-            f"{_RECOMMEND * level:.3g} x its current value"
-        )
-        if lr is not None:
-            advice += f" (about {_RECOMMEND * lr:.3g})"
-        advice += f", or start with a warmup of at least {self.warmup_steps} steps"
-        if reason == "at_one":
-            advice += ", or let the monitor re-warm (e.g. `rewarm_from=0.5`)"
-        if level < 0.1:
-            advice += (
-                "; instability below a tenth of the peak lr often has another cause "
-                "(initialisation, data, loss scale)"
-            )
+        if self._recorded:  # the plan's level is an lr: say it as a fraction of the peak
+            level = level / max(self._f(self._full), 1e-300)
+        recommended, advice = _recommend(self._unstable_lr, level)
         return [
-            Alert(
-                step=step,
-                kind=AlertKind.WARMUP_EXHAUSTED,
-                message=f"still unstable ({', '.join(causes)}) {why}: {advice}",
-                value=float(self.warmup_steps),
-                threshold=float(self.max_warmup_steps),
-                details={
-                    "reason": reason,
-                    "causes": causes,
-                    "cause_steps": cause_steps,
-                    "extensions": self.extensions,
-                    "max_extensions": self.max_extensions,
-                    "warmup_steps": self.warmup_steps,
-                    "max_warmup_steps": self.max_warmup_steps,
-                    "unstable_factor": level,
-                    "unstable_lr": lr,
-                    "recommended_lr_factor": _RECOMMEND * level,
-                    "recommended_lr": None if lr is None else _RECOMMEND * lr,
-                    "action": self.on_exhausted,
-                },
+            exhausted_alert(
+                step,
+                reason=reason,
+                causes=causes,
+                cause_steps=cause_steps,
+                extensions=self.extensions,
+                max_extensions=self.config.max_extensions,
+                warmup_steps=self.warmup_steps,
+                max_warmup_steps=self.max_warmup_steps,
+                level=level,
+                lr=self._unstable_lr,
+                recommended=recommended,
+                advice=advice,
+                action=self.config.on_exhausted,
             )
         ]
+
+    # ------------------------------------------------------------------ rollback
+
+    def rolled_back(self, step: int, snapshot_step: int | None, **details: Any) -> Alert:
+        """Record that :attr:`rollback_request` was carried out at ``step`` (after that
+        update) by restoring the snapshot taken before update ``snapshot_step`` (``None``: no
+        snapshot before the onset was kept, nothing was restored); return the ``rollback``
+        alert. The fact is kept in :meth:`state_dict`."""
+        request = self.rollback_request
+        self.rollback_request = None
+        self.rollbacks.append([step, snapshot_step])
+        self._onset, self._last_flagged, self._causes = None, None, set()
+        return rollback_alert(step, snapshot_step, request, len(self.rollbacks), details)
 
     # ------------------------------------------------------------------ state
 
@@ -501,8 +541,13 @@ class WarmupController:
             "segments": [[a, u, r] for a, u, r in self._segments],
             "last_extension": self._last_extension,
             "recent": list(self._recent),
+            "onset": self._onset,
+            "last_flagged": self._last_flagged,
+            "causes": sorted(self._causes),
             "unstable_factor": self._unstable_factor,
             "unstable_lr": self._unstable_lr,
+            "user_lrs": list(self._ramp.values),
+            "rollbacks": [list(r) for r in self.rollbacks],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -515,31 +560,40 @@ class WarmupController:
             except (TypeError, ValueError):
                 return default
 
+        def opt_int(key: str) -> int | None:
+            value = as_int(key, -1) if state.get(key) is not None else -1
+            return None if value < 0 else value
+
+        def items(key: str) -> list[Any]:
+            value = state.get(key)
+            return list(value) if isinstance(value, (list, tuple)) else []
+
         self.warmup_steps = max(self.initial_warmup_steps, as_int("warmup_steps", 0))
         self.extensions = max(0, as_int("extensions", 0))
-        self.stop_requested = bool(state.get("stop_requested", False))
-        self.exhausted = bool(state.get("exhausted", False))
-        segments = state.get("segments")
-        for seg in segments if isinstance(segments, (list, tuple)) else []:
+        self.stop_requested, self.exhausted = (
+            bool(state.get(k)) for k in ("stop_requested", "exhausted")
+        )
+        for i, lr in enumerate(items("user_lrs")):
+            self._ramp.record(i, _finite_or(lr, -1.0))
+        for seg in items("segments"):
             try:
                 a, u, r = int(seg[0]), float(seg[1]), float(seg[2])
             except (TypeError, ValueError, IndexError):
                 continue
-            if (
-                math.isfinite(u)
-                and math.isfinite(r)
-                and (not self._segments or a >= self._segments[-1][0])
-            ):
+            later = not self._segments or a >= self._segments[-1][0]
+            if math.isfinite(u) and math.isfinite(r) and later:
                 self._segments.append((a, max(-1.0, u), min(1.0, max(0.0, r))))
-        last = as_int("last_extension", -1) if state.get("last_extension") is not None else -1
-        self._last_extension = None if last < 0 else last
-        recent = state.get("recent")
-        for s in recent if isinstance(recent, (list, tuple)) else []:
-            if isinstance(s, int) and not isinstance(s, bool):
-                self._recent.append(s)
+        self._last_extension = opt_int("last_extension")
+        self._onset = opt_int("onset")
+        self._last_flagged = opt_int("last_flagged")
+        self._causes = {str(k) for k in items("causes")}
+        self._recent.extend(s for s in items("recent") if type(s) is int)
         factor = state.get("unstable_factor")
         self._unstable_factor = None if factor is None else _finite_or(factor, 1.0)
-        lr = state.get("unstable_lr")
-        self._unstable_lr = None if lr is None else _finite_or(lr, math.nan)
-        if self._unstable_lr is not None and not math.isfinite(self._unstable_lr):
-            self._unstable_lr = None
+        lr = _finite_or(state.get("unstable_lr"), math.nan)
+        self._unstable_lr = lr if math.isfinite(lr) else None
+        for r in items("rollbacks"):
+            try:
+                self.rollbacks.append([int(r[0]), None if r[1] is None else int(r[1])])
+            except (TypeError, ValueError, IndexError):
+                continue

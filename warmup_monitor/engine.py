@@ -33,7 +33,7 @@ from torch import Tensor
 
 from warmup_monitor.alerts import Alert, AlertKind
 from warmup_monitor.config import MonitorConfig
-from warmup_monitor.controller import WarmupController, WarmupExhaustedError
+from warmup_monitor.controller import RollbackRequest, WarmupController, WarmupExhaustedError
 from warmup_monitor.detectors import InstabilityDetector
 from warmup_monitor.lr_factor import LrFactor
 from warmup_monitor.probe import CurvatureProber
@@ -169,8 +169,17 @@ class _Watch:
         return None if self.controller is None else self.controller.warmup_steps
 
     def factor(self) -> float:
-        """The factor of the next update."""
-        return 1.0 if self.controller is None else self.controller.factor(self.progress)
+        """The factor of the next update (recording the user's lr first: the controller
+        stretches the ramp the user's scheduler really set)."""
+        if self.controller is None:
+            return 1.0
+        if self.controller.shape is None and self.controller.adaptive:
+            if self.lr_factor is not None:
+                lr = self.lr_factor.scheduler_lrs()[0]
+            else:
+                lr = float(self.optimizer.param_groups[0]["lr"])
+            self.controller.record_user_lr(self.progress, lr)
+        return self.controller.factor(self.progress)
 
 
 class MonitorEngine:
@@ -288,6 +297,42 @@ class MonitorEngine:
 
     def _should_read(self, step: int, opt_idx: int) -> bool:
         return self.should_log(step, opt_idx) or step % self.check_every_n_steps == 0
+
+    # ------------------------------------------------------------------ rollback
+
+    @property
+    def rollback_request(self) -> RollbackRequest | None:
+        """A rollback the controller of optimizer 0 asks for (the adapter carries it out with
+        :class:`~warmup_monitor.rollback.Snapshots`, then calls :meth:`rolled_back`)."""
+        w = self._watches[0] if self._watches else None
+        return None if w is None or w.controller is None else w.controller.rollback_request
+
+    def snapshot_due(self) -> bool:
+        """Whether a snapshot is due now, before the next update of optimizer 0."""
+        w = self._watches[0] if self._watches else None
+        return w is not None and w.controller is not None and w.controller.snapshot_due(w.progress)
+
+    def snapshot_state(self) -> tuple[int, dict[int, Any]]:
+        """``(updates taken by optimizer 0, the detectors' states)`` for a snapshot; steps
+        still kept on the device are processed first."""
+        self.flush()
+        return self._watches[0].progress, {w.index: w.detector.state_dict() for w in self._watches}
+
+    def rolled_back(
+        self, snapshot_step: int | None, detectors: dict[int, Any] | None, **details: Any
+    ) -> None:
+        """The adapter restored the snapshot taken before update ``snapshot_step`` (``None``:
+        none was kept): restore the detectors, forget the previous gradients, and record the
+        fact with a ``rollback`` alert."""
+        w = self._watches[0]
+        assert w.controller is not None
+        for watch in self._watches:
+            if detectors is not None and watch.index in detectors:
+                watch.detector.load_state_dict(detectors[watch.index])
+            watch.stats.forget()
+        alert = w.controller.rolled_back(w.progress - 1, snapshot_step, **details)
+        self.alert_count += 1
+        self._dispatch([alert], 0)
 
     @property
     def stop_requested(self) -> bool:

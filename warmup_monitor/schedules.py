@@ -21,7 +21,9 @@ from warmup_monitor._checks import check_choice, check_float, check_int
 
 __all__ = [
     "SHAPES",
+    "RecordedRamp",
     "Shape",
+    "least_time",
     "max_increment",
     "scale_for_batch_size",
     "untuned_warmup_steps",
@@ -116,6 +118,79 @@ def shape_value(shape: str, u: float, warmup_steps: int, params: Mapping[str, fl
         k = params["stairs"]
         return min(1.0, math.ceil(k * x - _STAIR_EPS) / k)
     return params["factor"]  # constant
+
+
+class RecordedRamp:
+    """The lrs a user's own scheduler set for the first updates, as a function of real step.
+
+    The adaptive controller stretches this recorded ramp instead of a guessed shape, so that a
+    scheduler that ramps as ``step / W`` (Hugging Face's ``get_linear_schedule_with_warmup``,
+    ``get_cosine_schedule_with_warmup``) is modelled as exactly as one that ramps as
+    ``(step + 1) / W``. :meth:`record` keeps the lr of each update ``0..length`` (``length + 1``
+    floats at most); :meth:`value` interpolates linearly between recorded steps and holds the
+    end values outside them.
+
+    Example:
+        >>> ramp = RecordedRamp(4)
+        >>> for step in range(5):
+        ...     ramp.record(step, 0.1 * step / 4)  # step / W: the first update gets lr 0
+        >>> round(ramp.value(1.5), 6), ramp.first_positive()
+        (0.0375, 0.025)
+
+    Args:
+        length: The declared warmup length ``W``; steps ``0..W`` are kept.
+    """
+
+    def __init__(self, length: int) -> None:
+        self.length = check_int("length", length, minimum=1)
+        self.values: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def record(self, step: int, lr: float) -> None:
+        """Keep the lr of the update at ``step``. Steps past ``length``, and values that are
+        not finite and >= 0, are ignored; a step skipped is filled with the value before it."""
+        if step < 0 or step > self.length or not (math.isfinite(lr) and lr >= 0.0):
+            return
+        if step < len(self.values):
+            self.values[step] = float(lr)
+            return
+        fill = self.values[-1] if self.values else float(lr)
+        self.values.extend([fill] * (step - len(self.values)))
+        self.values.append(float(lr))
+
+    def value(self, u: float) -> float:
+        """The recorded lr at real step ``u`` (linear between steps; needs one record)."""
+        v = self.values
+        if u <= 0.0:
+            return v[0]
+        if u >= len(v) - 1:
+            return v[-1]
+        lo = math.floor(u)
+        w = u - lo
+        return v[lo] if w == 0.0 else v[lo] + (v[lo + 1] - v[lo]) * w
+
+    def first_positive(self) -> float | None:
+        """The lowest recorded lr above 0 (a back-off never goes below it)."""
+        positive = [x for x in self.values if x > 0.0]
+        return min(positive) if positive else None
+
+
+def least_time(f: Any, target: float, lo: float, hi: float) -> float:
+    """The least ``u`` in ``[lo, hi]`` with ``f(u) >= target`` for a non-decreasing ``f`` with
+    ``f(hi) >= target``, to float precision (bisection)."""
+    if f(lo) >= target:
+        return lo
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if not lo < mid < hi:
+            break
+        if f(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def warmup_factor(shape: str, step: int, warmup_steps: int, **kw: Any) -> float:

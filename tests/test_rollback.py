@@ -1,0 +1,262 @@
+"""Rollback: snapshots and their restore, a scripted instability in real Lightning training, a
+resume through a checkpoint file after a rollback, and 2-process DDP."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import fit, ten_x_only, tiny_module_class
+
+from warmup_monitor import AdaptiveWarmup, Alert, WarmupMonitor
+from warmup_monitor.rollback import Snapshots
+
+# ------------------------------------------------------------------------- snapshots
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+    )
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 4, generator=g)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_restore_brings_back_parameters_buffers_optimizer_state_and_rngs() -> None:
+    model = _net()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    _train(model, opt, 3, seed=1)
+    snaps = Snapshots("cpu")
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    expected_model = copy.deepcopy(model.state_dict())
+    expected_opt = copy.deepcopy(opt.state_dict()["state"])
+    snap = snaps.take(3, model, [opt], {0: {"detector": 1}})
+    draws = (torch.rand(3), random.random(), np.random.rand())  # what comes next
+    # The episode: training goes on, the RNGs move, the scheduler changes the lr.
+    _train(model, opt, 3, seed=2)
+    for group in opt.param_groups:
+        group["lr"] = 0.004
+    assert not torch.equal(model[0].weight, expected_model["0.weight"])
+
+    got = snaps.restore(model, [opt], before=4)
+    assert got is snap and got.step == 3 and got.monitor == {0: {"detector": 1}}
+    for key, value in expected_model.items():  # parameters and BatchNorm buffers
+        assert torch.equal(model.state_dict()[key], value), key
+    state = opt.state_dict()["state"]
+    assert state.keys() == expected_opt.keys()
+    for idx, entry in expected_opt.items():
+        for name, value in entry.items():
+            assert torch.equal(torch.as_tensor(state[idx][name]), torch.as_tensor(value))
+    assert [g["lr"] for g in opt.param_groups] == [0.004]  # the schedule goes on
+    assert torch.equal(torch.rand(3), draws[0])
+    assert random.random() == draws[1] and np.random.rand() == draws[2]
+    # The optimizer still updates the model's own parameters.
+    before = model[0].weight.detach().clone()
+    _train(model, opt, 1, seed=3)
+    assert not torch.equal(model[0].weight, before)
+
+
+def test_memory_is_counted_and_buffers_are_reused() -> None:
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(model, opt, 1, seed=1)
+    snaps = Snapshots("cpu", keep=2)
+    first = snaps.take(1, model, [opt], {})
+    # Independently: parameters and buffers, and one momentum buffer per parameter.
+    tensors = list(model.state_dict().values())
+    tensors += [s["momentum_buffer"] for s in opt.state.values()]
+    assert first.nbytes == sum(t.numel() * t.element_size() for t in tensors)
+    ptr = first.model["0.weight"].data_ptr()
+    snaps.take(2, model, [opt], {})
+    third = snaps.take(3, model, [opt], {})  # reuses the oldest one's buffers
+    assert third.model["0.weight"].data_ptr() == ptr
+    assert snaps.steps == [2, 3] and snaps.nbytes == 2 * first.nbytes
+
+
+def test_restore_takes_the_last_snapshot_before_the_onset_or_none() -> None:
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snaps = Snapshots("same")
+    assert snaps.restore(model, [opt], before=10) is None
+    snaps.take(4, model, [opt], {})
+    snaps.take(6, model, [opt], {})
+    assert snaps.restore(model, [opt], before=4) is None and snaps.steps == [4, 6]
+    got = snaps.restore(model, [opt], before=6)
+    assert got is not None and got.step == 4 and snaps.steps == [4]  # 6 held the episode
+    with pytest.raises(ValueError, match="`device` must be 'cpu' or 'same'"):
+        Snapshots("cuda")
+
+
+# ------------------------------------------------------------------------- in Lightning
+
+
+class Trace(pl.Callback):
+    """Parameters and momentum buffers before each update, the lr it used, the batch index."""
+
+    def __init__(self) -> None:
+        self.before: list[list[torch.Tensor]] = []
+        self.momentum: list[list[torch.Tensor]] = []
+        self.lrs: list[float] = []
+        self.batches: list[int] = []
+
+    def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, idx: int) -> None:
+        self.batches.append(idx)
+
+    def on_fit_start(self, trainer: Any, module: Any) -> None:
+        opt = trainer.optimizers[0]
+        # Registered after the monitor's lr factor: sees the lr the update uses.
+        opt.register_step_pre_hook(lambda o, a, k: self.lrs.append(float(o.param_groups[0]["lr"])))
+
+    def on_before_optimizer_step(self, trainer: Any, module: Any, optimizer: Any) -> None:
+        self.before.append([p.detach().clone() for p in module.parameters()])
+        state = optimizer.state
+        self.momentum.append(
+            [
+                state[p]["momentum_buffer"].clone() if p in state else torch.zeros_like(p)
+                for p in module.parameters()
+            ]
+        )
+
+
+def _rollback_monitor(hooked: list[Alert] | None = None) -> WarmupMonitor:
+    return WarmupMonitor(
+        warmup_steps=10,
+        schedule="linear",
+        adaptive=AdaptiveWarmup(rollback=True, snapshot_every_n_steps=1),
+        detection=ten_x_only(),
+        on_alert=None if hooked is None else hooked.append,
+    )
+
+
+def test_a_scripted_instability_backs_off_and_rolls_back_to_the_snapshot(
+    tmp_path: Path,
+) -> None:
+    hooked: list[Alert] = []
+    trace = Trace()
+    model = tiny_module_class(pl)(lr=0.05, scripted=lambda s: 20.0 if s == 6 else 1.0)
+    fit(pl, tmp_path, [_rollback_monitor(hooked), trace], model=model, max_steps=12)
+    kinds = [(a.step, a.kind.value) for a in hooked]
+    assert kinds == [(6, "loss_spike"), (6, "lr_backoff"), (6, "warmup_extended"), (6, "rollback")]
+    rollback = hooked[-1]
+    # The loss of step 6 came from the parameters before update 6: the last snapshot before
+    # the onset is the one before update 5 (one is taken before every update).
+    assert rollback.details["snapshot_step"] == 5 and rollback.value == 2.0  # updates 5, 6
+    # After the rollback the parameters and the momentum are exactly the snapshot's.
+    for p, q in zip(trace.before[7], trace.before[5], strict=True):
+        assert torch.equal(p, q)
+    for m, n in zip(trace.momentum[7], trace.momentum[5], strict=True):
+        assert torch.equal(m, n)
+    assert not all(torch.equal(p, q) for p, q in zip(trace.before[7], trace.before[6], strict=True))
+    # The back-off: from factor 0.7 (step 6) to 0.35, then the line to 1 at step 19 (the
+    # 20-step plan: + W past the planned end).
+    expected = [0.05 * (t + 1) / 10 for t in range(7)]
+    expected += [0.05 * (0.35 + 0.65 * (t - 6) / 13) for t in range(7, 12)]
+    assert trace.lrs == pytest.approx(expected, rel=1e-9)
+    # The data stream goes on: no batch is replayed (8 batches an epoch).
+    assert trace.batches == [t % 8 for t in range(12)]
+
+
+def test_a_resume_after_a_rollback_follows_the_uninterrupted_run(tmp_path: Path) -> None:
+    ckpt_dir = tmp_path / "ckpt"
+
+    def model() -> Any:
+        return tiny_module_class(pl)(
+            lr=0.05, scripted=lambda s: 20.0 if s == 5 else 1.0, batch_from_step=True
+        )
+
+    whole_monitor, whole_trace = _rollback_monitor(), Trace()
+    whole = model()
+    saver = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=9, save_top_k=-1)
+    fit(
+        pl,
+        tmp_path / "a",
+        [whole_monitor, whole_trace, saver],
+        model=whole,
+        max_steps=16,
+        enable_checkpointing=True,
+    )
+    assert whole_monitor.engine.controller is not None
+    assert whole_monitor.engine.controller.rollbacks == [[5, 4]]
+    (ckpt,) = [p for p in ckpt_dir.iterdir() if "step=9" in p.name]
+
+    resumed_monitor, resumed_trace = _rollback_monitor(), Trace()
+    resumed = model()
+    fit(
+        pl,
+        tmp_path / "b",
+        [resumed_monitor, resumed_trace],
+        model=resumed,
+        max_steps=16,
+        ckpt_path=str(ckpt),
+    )
+    controller = resumed_monitor.engine.controller
+    assert controller is not None and controller.rollbacks == [[5, 4]]  # the fact survived
+    assert resumed_trace.lrs == pytest.approx(whole_trace.lrs[9:], rel=1e-12)
+    for p, q in zip(resumed.parameters(), whole.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=1e-7)
+    assert resumed_monitor.state_dict()["controllers"] == whole_monitor.state_dict()["controllers"]
+
+
+# ------------------------------------------------------------------------- 2-process DDP
+
+SCRIPT = Path(__file__).parent / "scripts" / "rollback_run.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.distributed
+def test_rollback_under_ddp_keeps_the_ranks_identical(tmp_path: Path) -> None:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    # Both ranks decided the same rollback at the same step, from the all-reduced values ...
+    assert ranks[0]["rollbacks"] == ranks[1]["rollbacks"] == [[4, 3]]
+    assert ranks[0]["state"] == ranks[1]["state"]
+    # ... restored the snapshot before update 3 (the next update starts from it) ...
+    for r in ranks:
+        assert r["before"][5] == r["before"][3]
+    # ... and stayed identical to the end.
+    assert ranks[0]["params"] == ranks[1]["params"]
+    assert ranks[0]["before"] == ranks[1]["before"]
+    assert [a["kind"] for a in ranks[0]["alerts"]] == [
+        "loss_spike",
+        "lr_backoff",
+        "warmup_extended",
+        "rollback",
+    ]
+    assert ranks[1]["alerts"] == []  # files and hooks on rank zero only

@@ -1,0 +1,253 @@
+"""The alerts that announce the adaptive controller's actions, built from plain values.
+
+:class:`~warmup_monitor.controller.WarmupController` decides; this module says it: the
+``warmup_exhausted`` recommendation and the ``rollback`` record (and the request a rollback
+starts from). This module imports neither torch nor Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from warmup_monitor.alerts import Alert, AlertKind
+
+__all__ = [
+    "RollbackRequest",
+    "action_alerts",
+    "exhausted_alert",
+    "rollback_alert",
+    "rollback_worthy",
+]
+
+#: Kinds whose episode damaged the model itself: with ``rollback``, restore a snapshot.
+ROLLBACK_KINDS = frozenset(
+    {"non_finite", "loss_spike", "persistent_instability", "loss_divergence"}
+)
+
+
+def rollback_worthy(alerts: Sequence[Alert], loss_ratio: float) -> bool:
+    """Whether ``alerts`` make an episode severe enough to roll back: a kind of
+    :data:`ROLLBACK_KINDS`, or a ``loss_trend_spike`` at least ``loss_ratio`` x the trend."""
+    for a in alerts:
+        kind = str(getattr(a.kind, "value", a.kind))
+        if kind in ROLLBACK_KINDS:
+            return True
+        if kind == AlertKind.LOSS_TREND_SPIKE.value:
+            try:
+                ratio = float(a.details.get("ratio_to_trend", math.inf))
+            except (TypeError, ValueError):
+                ratio = math.inf
+            if ratio >= loss_ratio:  # NaN never is
+                return True
+    return False
+
+
+@dataclass(frozen=True)
+class RollbackRequest:
+    """A rollback the controller asks for: restore the last snapshot taken before ``onset``.
+
+    Attributes:
+        step: The step whose alerts decided it.
+        onset: The first step of the episode: a snapshot taken after ``onset`` updates or more
+            holds parameters that already produced the episode.
+        causes: The alert kinds of the episode.
+    """
+
+    step: int
+    onset: int
+    causes: tuple[str, ...]
+
+
+def action_alerts(
+    step: int,
+    *,
+    what: str,
+    levels: tuple[float, float, float],
+    lr: tuple[float, float] | None,
+    plan: tuple[int, int, int, int],
+    count: tuple[int, int],
+    details: dict[str, Any],
+) -> list[Alert]:
+    """``lr_backoff`` (when the level drops) and ``warmup_extended`` for one action.
+
+    Args:
+        what: What the levels are (``"lr factor"``, ...).
+        levels: The factor before, after, and the back-off target (the caps may keep
+            ``after`` above it).
+        lr: The effective lr before and after, if known.
+        plan: The planned warmup length before and after, the step at which the plan reaches
+            the peak, and the length cap.
+        count: This extension's number and the cap on them.
+        details: Shared details (causes, onset, anchor, the next factor).
+    """
+    before, after, target = levels
+    old_end, new_end, full_step, cap = plan
+    causes = ", ".join(details["causes"])
+    dropped = after < before
+    out = []
+    if dropped:
+        scaled = "" if lr is None else f" (lr {lr[0]:.3g} -> {lr[1]:.3g})"
+        note = (
+            f"; the caps leave no room to go down to {target:.3g}" if target < after - 1e-12 else ""
+        )
+        out.append(
+            Alert(
+                step=step,
+                kind=AlertKind.LR_BACKOFF,
+                message=(
+                    f"the {what} is lowered from {before:.3g} to {after:.3g}{scaled} after "
+                    f"{causes} since step {details['onset_step']}, and re-warms to the peak by "
+                    f"step {full_step}{note}"
+                ),
+                value=after,
+                threshold=before,
+                details={
+                    "factor_before": before,
+                    "factor_after": after,
+                    "lr_before": None if lr is None else lr[0],
+                    "lr_after": None if lr is None else lr[1],
+                    "extensions": count[0],
+                    "max_extensions": count[1],
+                    **details,
+                },
+            )
+        )
+        how = f"re-warms from {after:.3g} after a back-off"
+    else:
+        how = f"continues from {before:.3g} without a jump"
+    out.append(
+        Alert(
+            step=step,
+            kind=AlertKind.WARMUP_EXTENDED,
+            message=(
+                f"warmup extended from {old_end} to {new_end} steps after {causes} (extension "
+                f"{count[0]} of {count[1]}); the {what} {how} and reaches the peak at step "
+                f"{full_step}"
+            ),
+            value=float(new_end),
+            threshold=float(cap),
+            details={
+                "old_warmup_steps": old_end,
+                "new_warmup_steps": new_end,
+                "factor_before": before,
+                "factor_after": after,
+                "backoff": dropped,
+                "full_lr_step": full_step,
+                "extensions": count[0],
+                "max_extensions": count[1],
+                **details,
+            },
+        )
+    )
+    return out
+
+
+def exhausted_alert(
+    step: int,
+    *,
+    reason: str,
+    causes: list[str],
+    cause_steps: list[int],
+    extensions: int,
+    max_extensions: int,
+    warmup_steps: int,
+    max_warmup_steps: int,
+    level: float,
+    lr: float | None,
+    recommended: float,
+    advice: str,
+    action: str,
+) -> Alert:
+    """The one ``warmup_exhausted`` alert: why nothing more can be done, and the advice.
+
+    Args:
+        reason: ``"caps"`` (extensions or length used up) or ``"at_one"`` (at the peak, with
+            no back-off configured).
+        level: The lowest fraction of the peak at which instability was acted on.
+        lr: The effective lr there, if known.
+        recommended: The recommended peak lr (or fraction of the peak, without ``lr``).
+        advice: The recommendation's sentence.
+        action: ``on_exhausted``.
+    """
+    if reason == "caps":
+        why = (
+            f"after {extensions} extension(s) and a warmup of {warmup_steps} steps "
+            f"(caps: {max_extensions} extensions, {max_warmup_steps} steps)"
+        )
+    else:
+        why = (
+            "with the lr factor already at the peak and no back-off configured (`backoff` "
+            "and `rewarm_from` are 1: nothing left to slow down)"
+        )
+    advice += f", or start with a warmup of at least {warmup_steps} steps"
+    if reason == "at_one":
+        advice += ", or let the monitor re-warm (e.g. `backoff=0.5`)"
+    if level < 0.1:
+        advice += (
+            "; instability below a tenth of the peak lr often has another cause "
+            "(initialisation, data, loss scale)"
+        )
+    return Alert(
+        step=step,
+        kind=AlertKind.WARMUP_EXHAUSTED,
+        message=f"still unstable ({', '.join(causes)}) {why}: {advice}",
+        value=float(warmup_steps),
+        threshold=float(max_warmup_steps),
+        details={
+            "reason": reason,
+            "causes": causes,
+            "cause_steps": cause_steps,
+            "extensions": extensions,
+            "max_extensions": max_extensions,
+            "warmup_steps": warmup_steps,
+            "max_warmup_steps": max_warmup_steps,
+            "unstable_factor": level,
+            "unstable_lr": lr,
+            "recommended_lr_factor": 0.5 * level,
+            "recommended_lr": recommended if lr is not None else None,
+            "action": action,
+        },
+    )
+
+
+def rollback_alert(
+    step: int,
+    snapshot_step: int | None,
+    request: RollbackRequest | None,
+    rollbacks: int,
+    details: dict[str, Any],
+) -> Alert:
+    """The ``rollback`` alert: the snapshot restored after the update at ``step`` (``None``:
+    none older than the onset was kept), the progress undone (its value), and ``details``
+    (e.g. the snapshot's bytes and copy time)."""
+    causes = ", ".join(request.causes) if request is not None else "instability"
+    onset = request.onset if request is not None else step
+    if snapshot_step is None:
+        message = (
+            f"no snapshot taken before the episode's onset at step {onset} is kept: nothing "
+            "was restored; training goes on from the back-off alone"
+        )
+    else:
+        message = (
+            f"model, optimizer state, RNG states and detectors restored to the snapshot taken "
+            f"before step {snapshot_step} (episode of {causes} since step {onset}); "
+            f"{step + 1 - snapshot_step} step(s) of progress undone, the data stream and the "
+            "lr schedule go on"
+        )
+    return Alert(
+        step=step,
+        kind=AlertKind.ROLLBACK,
+        message=message,
+        value=math.nan if snapshot_step is None else float(step + 1 - snapshot_step),
+        threshold=math.nan,
+        details={
+            "snapshot_step": snapshot_step,
+            "onset_step": onset,
+            "causes": list(request.causes) if request is not None else [],
+            "rollbacks": rollbacks,
+            **details,
+        },
+    )
