@@ -269,7 +269,8 @@ def run_one(
     finite = all(math.isfinite(x) for x in losses)
     controller = monitor.engine.controller
     rollbacks = [a for a in alerts if a.kind.value == "rollback"]
-    snap_seconds = [a.details.get("snapshot_seconds") for a in rollbacks]
+    snapshots = getattr(monitor, "_snapshots", None)  # the wall time of each copy
+    snap_seconds = [] if snapshots is None else [snap.seconds for snap in snapshots._ring]
     return {
         "log_dir": None if log_dir is None else trainer.log_dir,
         "family": family,

@@ -68,6 +68,10 @@ BAD: dict[type, dict[str, list[Any]]] = {
         "on_exhausted": ["halt", None],
         "trigger_kinds": [["spike"], "loss_spike", ["warmup_extended"], 3],
         "user_schedule": ["linar", None],
+        "rollback": ["yes", 1],
+        "snapshot_every_n_steps": [0, 2.5],
+        "snapshot_device": ["gpu", None],
+        "rollback_loss_ratio": [1.0, NAN, "2"],
     },
     CurvatureProbe: {
         "every_n_steps": [0, 2.5],
@@ -179,18 +183,18 @@ def test_true_and_false_mean_the_defaults_and_off() -> None:
 
 
 def test_repr_shows_the_configuration() -> None:
-    assert repr(AdaptiveWarmup(backoff=0.5)) == "AdaptiveWarmup(backoff=0.5)"
+    assert repr(AdaptiveWarmup(backoff=0.25)) == "AdaptiveWarmup(backoff=0.25)"
     assert repr(Detection()) == "Detection()"
-    m = WarmupMonitor(warmup_steps=5, schedule="linear", adaptive=AdaptiveWarmup(backoff=0.5))
+    m = WarmupMonitor(warmup_steps=5, schedule="linear", adaptive=AdaptiveWarmup(backoff=0.25))
     assert repr(m) == (
-        "WarmupMonitor(warmup_steps=5, schedule='linear', adaptive=AdaptiveWarmup(backoff=0.5))"
+        "WarmupMonitor(warmup_steps=5, schedule='linear', adaptive=AdaptiveWarmup(backoff=0.25))"
     )
     w = WarmupMonitor(warmup_steps=5, window=Window(log_every_n_steps=10))
     assert repr(w) == "WarmupMonitor(warmup_steps=5, window=Window(log_every_n_steps=10))"
 
 
 def test_config_objects_are_frozen_and_pickle() -> None:
-    a = AdaptiveWarmup(backoff=0.5, trigger_kinds=["loss_spike", "non_finite"])
+    a = AdaptiveWarmup(backoff=0.25, trigger_kinds=["loss_spike", "non_finite"])
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.backoff = 0.1  # type: ignore[misc]
     for obj in (a, Detection(trend_sigmas=6.0), Window(post_warmup_steps=-1), Statistics()):
@@ -214,7 +218,9 @@ class _Pickler:
 def test_warmup_monitor_pickles_before_inside_and_after_a_fit(tmp_path: os.PathLike) -> None:
     import pytorch_lightning as pl
 
-    monitor = WarmupMonitor(warmup_steps=5, schedule="linear", adaptive=AdaptiveWarmup(backoff=0.5))
+    monitor = WarmupMonitor(
+        warmup_steps=5, schedule="linear", adaptive=AdaptiveWarmup(backoff=0.25)
+    )
     before = pickle.loads(pickle.dumps(monitor))
     assert repr(before) == repr(monitor) and before.config == monitor.config
     pickler = _Pickler(monitor)

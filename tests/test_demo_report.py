@@ -17,10 +17,11 @@ def test_report_of_a_demo_run_matches_its_alerts_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     example = load_example("char_transformer.py")
-    # The demo's optimisation (AdamW, peak lr 1.0, 20-step warmup, adaptive) on a tiny model.
+    # The demo's optimisation (AdamW, peak lr 1.0, 20-step warmup, adaptive) on a tiny model,
+    # long enough to pass the extended warmup (a shorter run is "too short to judge").
     run_dir = example.main(
         [
-            *("--log-dir", str(tmp_path), "--max-steps", "40", "--d-model", "32"),
+            *("--log-dir", str(tmp_path), "--max-steps", "70", "--d-model", "32"),
             *("--n-layers", "1", "--n-heads", "2", "--seq-len", "32", "--batch-size", "8"),
             *("--max-chars", "200000", "--val-every", "1000", "--quiet", "--no-report"),
             *("--monitor-kwargs", '{"adaptive": true}'),

@@ -238,12 +238,8 @@ def carry_out(
         if snap is None:
             engine.rolled_back(None, None, snapshot_bytes=snapshots.nbytes)
         else:
-            engine.rolled_back(
-                snap.step,
-                snap.monitor,
-                snapshot_bytes=snap.nbytes,
-                snapshot_seconds=snap.seconds,
-            )
+            # No wall time in the alert: the alerts of a run are reproducible, bit for bit.
+            engine.rolled_back(snap.step, snap.monitor, snapshot_bytes=snap.nbytes)
     if engine.snapshot_due():
         step, monitor = engine.snapshot_state()
         if engine.rollback_request is None and step not in snapshots.steps:

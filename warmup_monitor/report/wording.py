@@ -71,6 +71,12 @@ def advise(r: RunSummary) -> list[str]:
             "did: train past the end of warmup before judging its length or the peak lr"
         ]
     if r.verdict == HEALTHY:
+        if r.extensions and eff is not None and w is not None and eff > w:
+            # The monitor's own action is why the run stayed healthy: say what to start with.
+            out.append(
+                f"warmup was extended {_times(len(r.extensions))}, from {w} to {eff} steps, and "
+                f"training stayed healthy: start with at least {eff} warmup steps next time"
+            )
         out.extend(_advise_healthy(r))
         return out
 
@@ -162,7 +168,8 @@ def advise(r: RunSummary) -> list[str]:
 
 def _advise_healthy(r: RunSummary) -> list[str]:
     out = []
-    w = r.planned_warmup
+    extended = r.effective_warmup is not None and r.effective_warmup > (r.planned_warmup or 0)
+    w = r.effective_warmup if extended else r.planned_warmup  # never contradict an extension
     transient = r.alerts_by_kind.get(AlertKind.TRANSIENT.value, [])
     if transient:
         out.append(
@@ -173,7 +180,14 @@ def _advise_healthy(r: RunSummary) -> list[str]:
     quiet = r.peak_loss_ratio is None or r.peak_loss_ratio <= 1.5
     suggest = max(2 * (a or 0), (w or 0) // 2, 1)
     shorter = w is not None and suggest <= 0.9 * w  # never a change under 10 %
-    if a is not None and w is not None and a <= SHORTER_WARMUP_FRACTION * w and quiet and shorter:
+    if (
+        not extended
+        and a is not None
+        and w is not None
+        and a <= SHORTER_WARMUP_FRACTION * w
+        and quiet
+        and shorter
+    ):
         out.append(
             f"no instability and gradients aligned from step {a} (of {w} planned warmup steps): "
             f"warmup could be shorter; try about {suggest} steps"
