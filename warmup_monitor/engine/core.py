@@ -25,16 +25,27 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from warmup_monitor.alerts import Alert, AlertKind
+from warmup_monitor import schema
+from warmup_monitor.alerts import Alert
 from warmup_monitor.config import MonitorConfig
-from warmup_monitor.controller import RollbackRequest, WarmupController, WarmupExhaustedError
+from warmup_monitor.controller import RollbackRequest, WarmupController
 from warmup_monitor.detectors import InstabilityDetector
+from warmup_monitor.engine import host, state
+from warmup_monitor.engine.watch import (
+    Losses,
+    Pending,
+    Record,
+    Reducer,
+    Watch,
+    WorldReducer,
+    dtensor_shard_groups,
+    restore_record,
+)
 from warmup_monitor.lr_factor import LrFactor
 from warmup_monitor.probe import CurvatureProber
 from warmup_monitor.stats import GradientStats, UpdateRatio
@@ -45,141 +56,6 @@ __all__ = ["AlertSink", "MetricsSink", "MonitorEngine"]
 MetricsSink = Callable[[dict[str, float], int], None]
 #: ``sink(alert)``: where the engine sends each alert.
 AlertSink = Callable[[Alert], None]
-#: ``reduce(tensor, sharded)``: sums a small float32 tensor over the ranks (all of them, or only
-#: those holding shards when ``sharded``); returns it (in place is fine).
-Reducer = Callable[[Tensor, bool], Tensor]
-
-
-class _WorldReducer:
-    """A :data:`Reducer` over ``torch.distributed``'s default group (identity when not running).
-
-    A class, not a closure, so that the monitor pickles (``strategy="ddp_spawn"``).
-
-    Args:
-        shard_groups: Process groups over which shard sums are reduced (default: the world).
-    """
-
-    def __init__(self, shard_groups: Sequence[Any] | None = None) -> None:
-        self.shard_groups = list(shard_groups or [])
-
-    def __call__(self, t: Tensor, sharded: bool) -> Tensor:
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()):
-            return t
-        if sharded and self.shard_groups:
-            for group in self.shard_groups:
-                dist.all_reduce(t, group=group)
-        else:
-            dist.all_reduce(t)
-        return t
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"shard_groups": []}  # process groups do not travel; attach() finds them again
-
-
-def dtensor_shard_groups(params: Sequence[Tensor]) -> list[Any] | None:
-    """Process groups of the mesh dimensions along which ``DTensor`` parameters are sharded.
-
-    ``None`` if no parameter is a ``DTensor`` (gradients are whole on every rank).
-    """
-    for p in params:
-        mesh = getattr(p, "device_mesh", None)
-        placements = getattr(p, "placements", None)
-        if mesh is None or placements is None:
-            continue
-        dims = [d for d, pl in enumerate(placements) if pl.is_shard()]
-        return [mesh.get_group(d) for d in dims]
-    return None
-
-
-@dataclass
-class _Pending:
-    """Measured in ``before_step``; completed when the batch's loss is known."""
-
-    step: int
-    progress: int
-    sums: Tensor  # local [sum_sq, dot] (and [delta_sq, old_sq] appended later)
-    lrs: list[float]
-    factor: float
-    grad_count: int
-    log: bool
-
-
-@dataclass
-class _Record:
-    """One completed step, its values still on the device."""
-
-    step: int
-    progress: int
-    values: Tensor  # [loss, grad_norm, cosine, update_ratio] (NaN = absent)
-    lrs: list[float]
-    factor: float
-    grad_count: int
-    has_loss: bool
-    log: bool
-    amp_skipped: bool = False
-
-
-def _record_state(rec: _Record, values: list[float]) -> dict[str, Any]:
-    """A kept step as primitives, its values read back (for a checkpoint)."""
-    return {"step": rec.step, "progress": rec.progress, "values": values, "lrs": rec.lrs,
-            "factor": rec.factor, "grad_count": rec.grad_count, "has_loss": rec.has_loss,
-            "log": rec.log, "amp_skipped": rec.amp_skipped}  # fmt: skip
-
-
-def _restore_record(state: dict[str, Any], device: torch.device) -> _Record:
-    """The inverse of :func:`_record_state`, its values back on ``device``."""
-    values = torch.tensor([float(v) for v in state["values"]], device=device)
-    return _Record(
-        step=int(state["step"]),
-        progress=int(state["progress"]),
-        values=values,
-        lrs=[float(x) for x in state["lrs"]],
-        factor=float(state["factor"]),
-        grad_count=int(state["grad_count"]),
-        has_loss=bool(state["has_loss"]),
-        log=bool(state["log"]),
-        amp_skipped=bool(state.get("amp_skipped", False)),
-    )
-
-
-@dataclass
-class _Watch:
-    """Everything kept for one optimizer."""
-
-    index: int
-    optimizer: torch.optim.Optimizer
-    stats: GradientStats
-    update: UpdateRatio | None
-    detector: InstabilityDetector
-    controller: WarmupController | None = None
-    step: int = 0
-    progress: int = 0  # updates actually applied (steps skipped by a GradScaler excluded)
-    pending: _Pending | None = None
-    stepped: bool = False
-    records: list[_Record] = field(default_factory=list)
-    hook: Any = None
-    lr_factor: LrFactor | None = None
-    released: bool = False  # buffers freed once past the window
-    completed_unstepped: bool = False  # the last step was completed before its optimizer stepped
-
-    @property
-    def plan_end(self) -> int | None:
-        """The current planned end of warmup, if a controller keeps a plan."""
-        return None if self.controller is None else self.controller.warmup_steps
-
-    def factor(self) -> float:
-        """The factor of the next update (recording the user's lr first: the controller
-        stretches the ramp the user's scheduler really set)."""
-        if self.controller is None:
-            return 1.0
-        if self.controller.shape is None and self.controller.adaptive:
-            if self.lr_factor is not None:
-                lr = self.lr_factor.scheduler_lrs()[0]
-            else:
-                lr = float(self.optimizer.param_groups[0]["lr"])
-            self.controller.record_user_lr(self.progress, lr)
-        return self.controller.factor(self.progress)
 
 
 class MonitorEngine:
@@ -229,7 +105,7 @@ class MonitorEngine:
                 adaptive=config.adaptive if config.adaptive is not None else False,
             )
         self.prober = None if config.curvature is None else CurvatureProber(config.curvature)
-        self._watches: list[_Watch] = []
+        self._watches: list[Watch] = []
         self._released = True
         self._steps: dict[int, int] = {}
         self._progress: dict[int, int] = {}
@@ -247,7 +123,7 @@ class MonitorEngine:
             self.prober.reset()
         self.metrics_sinks: list[MetricsSink] = []
         self.alert_sinks: list[AlertSink] = []
-        self.reducer: Reducer = _WorldReducer()
+        self.reducer: Reducer = WorldReducer()
         self.world_size = 1
         self.sharded = False
         self.shards_span_world = True
@@ -261,10 +137,7 @@ class MonitorEngine:
         self._steps = {}
         self._progress = {}
         self._kept: dict[int, list[dict[str, Any]]] = {}  # loaded records, not yet attached
-        self._loss_sum: Tensor | None = None
-        self._loss_count = 0
-        self._last_loss: tuple[Tensor | None, int] | None = None  # (loss, batch) of the last step
-        self._batch = 0
+        self.losses = Losses()
         self._warned: set[str] = set()
         self._released = True
 
@@ -340,10 +213,8 @@ class MonitorEngine:
         return any(w.controller is not None and w.controller.stop_requested for w in self._watches)
 
     def key(self, name: str, opt_idx: int = 0) -> str:
-        """The metric key of ``name`` for optimizer ``opt_idx``."""
-        if opt_idx == 0:
-            return f"{self.key_prefix}{name}"
-        return f"{self.key_prefix}opt{opt_idx}/{name}"
+        """The metric key of ``name`` for optimizer ``opt_idx`` (:func:`.schema.key`)."""
+        return schema.key(name, self.key_prefix, opt_idx)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -379,7 +250,7 @@ class MonitorEngine:
         self.world_size = world_size
         self.sharded = sharded
         self.shards_span_world = True
-        self.reducer = _WorldReducer()
+        self.reducer = WorldReducer()
         self.complete_on_step = complete_on_step
         self.metrics_sinks = list(metrics_sinks)
         self.alert_sinks = list(alert_sinks)
@@ -404,7 +275,7 @@ class MonitorEngine:
                     controller.load_state_dict(self._controller_states[idx])
                 elif idx > 0:
                     controller.reset()
-            watch = _Watch(
+            watch = Watch(
                 index=idx,
                 optimizer=opt,
                 stats=GradientStats(
@@ -419,9 +290,7 @@ class MonitorEngine:
                 step=self._steps.get(idx, first_step or 0),
                 progress=self._progress.get(idx, first_step or 0),
             )
-            watch.records = [
-                _restore_record(r, watch.stats.device) for r in self._kept.pop(idx, [])
-            ]
+            watch.records = [restore_record(r, watch.stats.device) for r in self._kept.pop(idx, [])]
             watch.hook = opt.register_step_post_hook(self._post_hook(watch))
             if controller is not None and (controller.shape is not None or controller.adaptive):
                 watch.lr_factor = LrFactor(opt, watch.factor)
@@ -429,13 +298,13 @@ class MonitorEngine:
         groups = dtensor_shard_groups(all_params)
         if groups is not None:
             self.sharded = True
-            self.reducer = _WorldReducer(groups)
+            self.reducer = WorldReducer(groups)
             dist = torch.distributed
             if dist.is_available() and dist.is_initialized():
                 self.shards_span_world = (
                     len(groups) == 1 and dist.get_world_size(groups[0]) == dist.get_world_size()
                 )
-        self._reset_loss()
+        self.losses.clear()
         self._released = False
 
     def detach(self) -> None:
@@ -455,12 +324,12 @@ class MonitorEngine:
                 self._controller_states[w.index] = w.controller.state_dict()
         self._release()
 
-    def _post_hook(self, watch: _Watch) -> Callable[..., None]:
+    def _post_hook(self, watch: Watch) -> Callable[..., None]:
         def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
             watch.stepped = True
             if watch.pending is None:
                 if self.complete_on_step:
-                    self._take_loss()  # this step's losses are its own, monitored or not
+                    self.losses.take()  # this step's losses are its own, monitored or not
                 if watch.completed_unstepped:  # completed before this step: after_step first
                     watch.completed_unstepped = False
                     self._warn_once(
@@ -495,7 +364,7 @@ class MonitorEngine:
 
     # ------------------------------------------------------------------ per step
 
-    def watch_of(self, optimizer: Any) -> _Watch | None:
+    def watch_of(self, optimizer: Any) -> Watch | None:
         """The watch of ``optimizer`` (a torch optimizer or a wrapper with ``_optimizer``)."""
         raw = getattr(optimizer, "_optimizer", optimizer)
         for w in self._watches:
@@ -546,7 +415,7 @@ class MonitorEngine:
             base = watch.lr_factor.scheduler_lrs()
         else:
             base = [float(g["lr"]) for g in watch.optimizer.param_groups]
-        watch.pending = _Pending(
+        watch.pending = Pending(
             step=watch.step,
             progress=watch.progress,
             sums=sums,
@@ -563,27 +432,8 @@ class MonitorEngine:
             ValueError: ``loss`` has more than one element (reduce it first).
             TypeError: ``loss`` is neither a number nor a tensor.
         """
-        if loss is None:
-            return
-        if isinstance(loss, bool) or not isinstance(loss, (Tensor, int, float)):
-            raise TypeError(f"`loss` must be a float or a 0-dim tensor, got {type(loss).__name__}")
-        if isinstance(loss, Tensor):
-            if loss.numel() != 1:
-                raise ValueError(
-                    f"`loss` must be a single value (a float or a 0-dim tensor), got a tensor "
-                    f"of shape {tuple(loss.shape)}: reduce it (e.g. loss.mean()) first"
-                )
-            value = loss.detach().float().reshape(())
-        else:
-            value = torch.tensor(float(loss))
-        if self._loss_count and self._gradients_dropped():
-            # The earlier losses' gradients were dropped (zero_grad without a step, e.g. a
-            # batch skipped on a NaN loss): they belong to no update.
-            self._reset_loss()
-        self._loss_sum = (
-            value if self._loss_sum is None else self._loss_sum + value.to(self._loss_sum.device)
-        )
-        self._loss_count += 1
+        dropped = self.losses.count > 0 and self._gradients_dropped()
+        self.losses.add(loss, restart=dropped)
 
     def after_step(self, optimizer: Any = None) -> None:
         """Complete the measured step of ``optimizer`` (default: every pending one) with the
@@ -595,24 +445,13 @@ class MonitorEngine:
     def end_batch(self) -> None:
         """End of a batch: complete what is still pending (a step a GradScaler skipped)."""
         self.after_step()
-        self._batch += 1
+        self.losses.batch += 1
 
-    def _take_loss(self) -> Tensor | None:
-        if self._loss_sum is not None:
-            count = self._loss_count
-            loss: Tensor | None = self._loss_sum / count if count > 1 else self._loss_sum
-            self._last_loss = (loss, self._batch)
-            self._reset_loss()
-            return loss
-        if self._last_loss is not None and self._last_loss[1] == self._batch:
-            return self._last_loss[0]  # several optimizers stepped on one backward
-        return None
-
-    def _complete(self, w: _Watch) -> None:
+    def _complete(self, w: Watch) -> None:
         p = w.pending
         assert p is not None
         device = p.sums.device
-        loss = self._take_loss()
+        loss = self.losses.take()
         has_loss = loss is not None
         # One small all-reduce: the loss's share of the mean, and the shard sums.
         loss_t = loss.to(device) if loss is not None else torch.zeros((), device=device)
@@ -633,7 +472,7 @@ class MonitorEngine:
         grad = w.stats.finish(flat[1:3])
         ratio = UpdateRatio.finish(flat[3:5])
         w.records.append(
-            _Record(
+            Record(
                 step=p.step,
                 progress=p.progress,
                 values=torch.stack([loss_mean, grad[0], grad[1], ratio]),
@@ -718,82 +557,11 @@ class MonitorEngine:
 
     # ------------------------------------------------------------------ host side
 
-    def _read(self, w: _Watch) -> None:
-        records, w.records = w.records, []
-        # The one device-to-host read for all steps kept since the last read.
-        host = torch.stack([r.values for r in records]).tolist()
-        for rec, (loss, grad_norm, cosine, ratio) in zip(records, host, strict=True):
-            self._process(w, rec, loss, grad_norm, cosine, ratio)
-
-    def _process(
-        self, w: _Watch, rec: _Record, loss: float, grad_norm: float, cosine: float, ratio: float
-    ) -> None:
-        idx, step = w.index, rec.step
-        if rec.amp_skipped:
-            # The gradient scaler skipped the update (inf/NaN in fp16 gradients): not an
-            # instability; the step is counted apart and taught the detectors nothing.
-            self.amp_skipped_steps += 1
-            w.stats.forget()
-            return
-        if rec.grad_count == 0 and not rec.has_loss:
-            # training_step returned None: Lightning counts the step, nothing was learned.
-            self.skipped_steps += 1
-            return
-        loss_f = loss if rec.has_loss else None
-        cosine_f = cosine if math.isfinite(cosine) else None
-        alerts: list[Alert] = []
-        if rec.grad_count == 0:
-            alerts.append(
-                Alert(
-                    step=step,
-                    kind=AlertKind.MONITOR,
-                    message="no parameter of the optimizer has a gradient at this step",
-                    details={"optimizer": idx},
-                )
-            )
-        alerts.extend(w.detector.update(step, loss_f, grad_norm, cosine_f))
-        if w.controller is not None:
-            alerts.extend(
-                w.controller.observe(rec.progress, alerts, next_step=w.progress, lr=rec.lrs[0])
-            )
-        self.alert_count += len(alerts)
-
-        if rec.log:
-            metrics: dict[str, float] = {self.key("lr", idx): rec.lrs[0]}
-            if len(rec.lrs) > 1:
-                for j, lr in enumerate(rec.lrs):
-                    metrics[self.key(f"lr/pg{j}", idx)] = lr
-            if loss_f is not None:
-                metrics[self.key("loss", idx)] = loss_f
-                loss_ratio = w.detector.loss_ratio(loss_f)
-                if loss_ratio is not None:
-                    metrics[self.key("loss_ratio", idx)] = loss_ratio
-            if rec.grad_count:
-                metrics[self.key("grad_norm", idx)] = grad_norm
-            if cosine_f is not None:
-                metrics[self.key("grad_cosine", idx)] = cosine_f
-            if math.isfinite(ratio):
-                metrics[self.key("update_ratio", idx)] = ratio
-            metrics[self.key("warmup_steps", idx)] = float(self.planned_warmup_steps(idx))
-            if w.controller is not None:
-                metrics[self.key("lr_factor", idx)] = rec.factor
-            metrics[self.key("alerts", idx)] = float(self.alert_count)
-            unstable = any(AlertKind(a.kind).is_instability for a in alerts)
-            metrics[self.key("unstable", idx)] = 1.0 if unstable else 0.0
-            if self.amp_skipped_steps:
-                metrics[self.key("amp_skipped_steps", idx)] = float(self.amp_skipped_steps)
-            for sink in self.metrics_sinks:
-                sink(metrics, step)
-        self._dispatch(alerts, idx)
+    def _read(self, w: Watch) -> None:
+        host.read(self, w)
 
     def _dispatch(self, alerts: Sequence[Alert], opt_idx: int) -> None:
-        for alert in alerts:
-            alert.details.setdefault("optimizer", opt_idx)
-            for alert_sink in self.alert_sinks:
-                alert_sink(alert)
-        for alert in alerts:
-            if alert.kind == AlertKind.WARMUP_EXHAUSTED and alert.details.get("action") == "raise":
-                raise WarmupExhaustedError(alert.message)
+        host.dispatch(self, alerts, opt_idx)
 
     # ------------------------------------------------------------------ state
 
@@ -802,67 +570,14 @@ class MonitorEngine:
 
         Steps still kept on the device are saved as they are, unprocessed (one host read): a
         run resumed from the state processes them at its next read, exactly where the run
-        without the checkpoint does. Processing them here would take their decisions earlier
-        than a run that never saved (with ``check_every_n_steps > 1``, an extension anchored
-        at another step): writing a checkpoint changes nothing in the run that writes it.
+        without the checkpoint does, so writing a checkpoint changes nothing in the run.
         """
-        kept = {k: list(v) for k, v in self._kept.items()}
-        for w in self._watches:
-            if w.records:  # a checkpoint between two host reads: one read, no processing
-                host = torch.stack([r.values for r in w.records]).tolist()
-                kept[w.index] = [_record_state(r, v) for r, v in zip(w.records, host, strict=True)]
-        steps = dict(self._steps)
-        progress = dict(self._progress)
-        detectors = dict(self._detector_states)
-        controllers = dict(self._controller_states)
-        for w in self._watches:
-            steps[w.index] = w.step
-            progress[w.index] = w.progress
-            detectors[w.index] = w.detector.state_dict()
-            if w.controller is not None:
-                controllers[w.index] = w.controller.state_dict()
-        if not detectors:
-            detectors[0] = self.detector.state_dict()
-        state = {
-            "steps": steps,
-            "progress": progress,
-            "controllers": controllers,
-            "alert_count": self.alert_count,
-            "skipped_steps": self.skipped_steps,
-            "amp_skipped_steps": self.amp_skipped_steps,
-            "detectors": detectors,
-            "kept": kept,
-        }
-        if self.prober is not None:
-            state["probe"] = self.prober.state_dict()
-        return state
+        return state.save(self)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the previous gradients are not restored (no cosine on
         the first step after)."""
-        self._steps = {int(k): int(v) for k, v in state.get("steps", {}).items()}
-        self._progress = {int(k): int(v) for k, v in state.get("progress", self._steps).items()}
-        self._controller_states = {int(k): v for k, v in state.get("controllers", {}).items()}
-        if self.controller is not None and 0 in self._controller_states:
-            self.controller.load_state_dict(self._controller_states[0])
-        self.alert_count = int(state.get("alert_count", 0))
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.amp_skipped_steps = int(state.get("amp_skipped_steps", 0))
-        self._detector_states = {int(k): v for k, v in state.get("detectors", {}).items()}
-        if 0 in self._detector_states:
-            self.detector.load_state_dict(self._detector_states[0])
-        if self.prober is not None:
-            self.prober.load_state_dict(state.get("probe", {}))
-        self._kept = {int(k): list(v) for k, v in state.get("kept", {}).items()}
-        for w in self._watches:
-            w.records = [_restore_record(r, w.stats.device) for r in self._kept.pop(w.index, [])]
-            w.step = self._steps.get(w.index, w.step)
-            w.progress = self._progress.get(w.index, w.progress)
-            if w.controller is not None and w.index in self._controller_states:
-                w.controller.load_state_dict(self._controller_states[w.index])
-            if w.index in self._detector_states:
-                w.detector.load_state_dict(self._detector_states[w.index])
-            w.stats.forget()
+        state.load(self, state_dict)
 
     # ------------------------------------------------------------------ internals
 
@@ -874,10 +589,6 @@ class MonitorEngine:
     def _gradients_dropped(self) -> bool:
         """Whether no watched parameter holds a gradient (host-side; no device work)."""
         return all(p.grad is None for w in self._watches for p in w.stats.params)
-
-    def _reset_loss(self) -> None:
-        self._loss_sum = None
-        self._loss_count = 0
 
     def _release(self) -> None:
         if self._released:

@@ -1,0 +1,107 @@
+"""The host side of the engine: the one batched read, the detectors, the plan, the sinks.
+
+Each kept step is processed in order: the detectors see it, the warmup controller sees every
+alert it raised, its scalars go to the metrics sinks on a logging step, and its alerts to the
+alert sinks. Functions of the engine, kept apart from its device side.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from warmup_monitor.alerts import Alert, AlertKind
+from warmup_monitor.controller import WarmupExhaustedError
+from warmup_monitor.engine.watch import Record, Watch
+
+if TYPE_CHECKING:
+    from warmup_monitor.engine.core import MonitorEngine
+
+
+def read(self: MonitorEngine, w: Watch) -> None:
+    records, w.records = w.records, []
+    # The one device-to-host read for all steps kept since the last read.
+    host = torch.stack([r.values for r in records]).tolist()
+    for rec, (loss, grad_norm, cosine, ratio) in zip(records, host, strict=True):
+        process(self, w, rec, loss, grad_norm, cosine, ratio)
+
+
+def process(
+    self: MonitorEngine,
+    w: Watch,
+    rec: Record,
+    loss: float,
+    grad_norm: float,
+    cosine: float,
+    ratio: float,
+) -> None:
+    idx, step = w.index, rec.step
+    if rec.amp_skipped:
+        # The gradient scaler skipped the update (inf/NaN in fp16 gradients): not an
+        # instability; the step is counted apart and taught the detectors nothing.
+        self.amp_skipped_steps += 1
+        w.stats.forget()
+        return
+    if rec.grad_count == 0 and not rec.has_loss:
+        # training_step returned None: Lightning counts the step, nothing was learned.
+        self.skipped_steps += 1
+        return
+    loss_f = loss if rec.has_loss else None
+    cosine_f = cosine if math.isfinite(cosine) else None
+    alerts: list[Alert] = []
+    if rec.grad_count == 0:
+        alerts.append(
+            Alert(
+                step=step,
+                kind=AlertKind.MONITOR,
+                message="no parameter of the optimizer has a gradient at this step",
+                details={"optimizer": idx},
+            )
+        )
+    alerts.extend(w.detector.update(step, loss_f, grad_norm, cosine_f))
+    if w.controller is not None:
+        alerts.extend(
+            w.controller.observe(rec.progress, alerts, next_step=w.progress, lr=rec.lrs[0])
+        )
+    self.alert_count += len(alerts)
+
+    if rec.log:
+        metrics: dict[str, float] = {self.key("lr", idx): rec.lrs[0]}
+        if len(rec.lrs) > 1:
+            for j, lr in enumerate(rec.lrs):
+                metrics[self.key(f"lr/pg{j}", idx)] = lr
+        if loss_f is not None:
+            metrics[self.key("loss", idx)] = loss_f
+            loss_ratio = w.detector.loss_ratio(loss_f)
+            if loss_ratio is not None:
+                metrics[self.key("loss_ratio", idx)] = loss_ratio
+        if rec.grad_count:
+            metrics[self.key("grad_norm", idx)] = grad_norm
+        if cosine_f is not None:
+            metrics[self.key("grad_cosine", idx)] = cosine_f
+        if math.isfinite(ratio):
+            metrics[self.key("update_ratio", idx)] = ratio
+        metrics[self.key("warmup_steps", idx)] = float(self.planned_warmup_steps(idx))
+        if w.controller is not None:
+            metrics[self.key("lr_factor", idx)] = rec.factor
+        metrics[self.key("alerts", idx)] = float(self.alert_count)
+        unstable = any(AlertKind(a.kind).is_instability for a in alerts)
+        metrics[self.key("unstable", idx)] = 1.0 if unstable else 0.0
+        if self.amp_skipped_steps:
+            metrics[self.key("amp_skipped_steps", idx)] = float(self.amp_skipped_steps)
+        for sink in self.metrics_sinks:
+            sink(metrics, step)
+    dispatch(self, alerts, idx)
+
+
+def dispatch(self: MonitorEngine, alerts: Sequence[Alert], opt_idx: int) -> None:
+    for alert in alerts:
+        alert.details.setdefault("optimizer", opt_idx)
+        for alert_sink in self.alert_sinks:
+            alert_sink(alert)
+    for alert in alerts:
+        if alert.kind == AlertKind.WARMUP_EXHAUSTED and alert.details.get("action") == "raise":
+            raise WarmupExhaustedError(alert.message)

@@ -1,0 +1,201 @@
+"""What the engine keeps per optimizer and per step, and how it sums over ranks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from warmup_monitor.controller import WarmupController
+from warmup_monitor.detectors import InstabilityDetector
+from warmup_monitor.lr_factor import LrFactor
+from warmup_monitor.stats import GradientStats, UpdateRatio
+
+#: ``reduce(tensor, sharded)``: sums a small tensor over the ranks (all of them, or only those
+#: holding shards when ``sharded``); returns it (in place is fine).
+Reducer = Callable[[Tensor, bool], Tensor]
+
+
+class WorldReducer:
+    """A :data:`Reducer` over ``torch.distributed``'s default group (identity when not running).
+
+    A class, not a closure, so that the monitor pickles (``strategy="ddp_spawn"``).
+
+    Args:
+        shard_groups: Process groups over which shard sums are reduced (default: the world).
+    """
+
+    def __init__(self, shard_groups: Sequence[Any] | None = None) -> None:
+        self.shard_groups = list(shard_groups or [])
+
+    def __call__(self, t: Tensor, sharded: bool) -> Tensor:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return t
+        if sharded and self.shard_groups:
+            for group in self.shard_groups:
+                dist.all_reduce(t, group=group)
+        else:
+            dist.all_reduce(t)
+        return t
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"shard_groups": []}  # process groups do not travel; attach() finds them again
+
+
+def dtensor_shard_groups(params: Sequence[Tensor]) -> list[Any] | None:
+    """Process groups of the mesh dimensions along which ``DTensor`` parameters are sharded.
+
+    ``None`` if no parameter is a ``DTensor`` (gradients are whole on every rank).
+    """
+    for p in params:
+        mesh = getattr(p, "device_mesh", None)
+        placements = getattr(p, "placements", None)
+        if mesh is None or placements is None:
+            continue
+        dims = [d for d, pl in enumerate(placements) if pl.is_shard()]
+        return [mesh.get_group(d) for d in dims]
+    return None
+
+
+@dataclass
+class Pending:
+    """Measured in ``before_step``; completed when the batch's loss is known."""
+
+    step: int
+    progress: int
+    sums: Tensor  # local [sum_sq, dot] (and [delta_sq, old_sq] appended later)
+    lrs: list[float]
+    factor: float
+    grad_count: int
+    log: bool
+
+
+@dataclass
+class Record:
+    """One completed step, its values still on the device."""
+
+    step: int
+    progress: int
+    values: Tensor  # [loss, grad_norm, cosine, update_ratio] (NaN = absent)
+    lrs: list[float]
+    factor: float
+    grad_count: int
+    has_loss: bool
+    log: bool
+    amp_skipped: bool = False
+
+
+def record_state(rec: Record, values: list[float]) -> dict[str, Any]:
+    """A kept step as primitives, its values read back (for a checkpoint)."""
+    return {"step": rec.step, "progress": rec.progress, "values": values, "lrs": rec.lrs,
+            "factor": rec.factor, "grad_count": rec.grad_count, "has_loss": rec.has_loss,
+            "log": rec.log, "amp_skipped": rec.amp_skipped}  # fmt: skip
+
+
+def restore_record(state: dict[str, Any], device: torch.device) -> Record:
+    """The inverse of :func:`record_state`, its values back on ``device``."""
+    values = torch.tensor([float(v) for v in state["values"]], device=device)
+    return Record(
+        step=int(state["step"]),
+        progress=int(state["progress"]),
+        values=values,
+        lrs=[float(x) for x in state["lrs"]],
+        factor=float(state["factor"]),
+        grad_count=int(state["grad_count"]),
+        has_loss=bool(state["has_loss"]),
+        log=bool(state["log"]),
+        amp_skipped=bool(state.get("amp_skipped", False)),
+    )
+
+
+@dataclass
+class Watch:
+    """Everything kept for one optimizer."""
+
+    index: int
+    optimizer: torch.optim.Optimizer
+    stats: GradientStats
+    update: UpdateRatio | None
+    detector: InstabilityDetector
+    controller: WarmupController | None = None
+    step: int = 0
+    progress: int = 0  # updates actually applied (steps skipped by a GradScaler excluded)
+    pending: Pending | None = None
+    stepped: bool = False
+    records: list[Record] = field(default_factory=list)
+    hook: Any = None
+    lr_factor: LrFactor | None = None
+    released: bool = False  # buffers freed once past the window
+    completed_unstepped: bool = False  # the last step was completed before its optimizer stepped
+
+    @property
+    def plan_end(self) -> int | None:
+        """The current planned end of warmup, if a controller keeps a plan."""
+        return None if self.controller is None else self.controller.warmup_steps
+
+    def factor(self) -> float:
+        """The factor of the next update (recording the user's lr first: the controller
+        stretches the ramp the user's scheduler really set)."""
+        if self.controller is None:
+            return 1.0
+        if self.controller.shape is None and self.controller.adaptive:
+            if self.lr_factor is not None:
+                lr = self.lr_factor.scheduler_lrs()[0]
+            else:
+                lr = float(self.optimizer.param_groups[0]["lr"])
+            self.controller.record_user_lr(self.progress, lr)
+        return self.controller.factor(self.progress)
+
+
+class Losses:
+    """The losses back-propagated since the previous optimizer step of any optimizer.
+
+    A step's loss is their mean. When several optimizers step on one backward (same batch, no
+    new loss in between), each gets that batch's loss.
+    """
+
+    def __init__(self) -> None:
+        self.batch = 0  # counts the adapter's end_batch calls
+        self.clear()
+        self._last: tuple[Tensor, int] | None = None  # (loss, batch) of the last step
+
+    def clear(self) -> None:
+        """Forget the losses not yet taken."""
+        self._sum: Tensor | None = None
+        self.count = 0
+
+    def add(self, loss: Tensor | float | None, *, restart: bool = False) -> None:
+        """Add one loss (a float or a one-element tensor); ``restart`` forgets the earlier ones
+        first (their gradients were dropped: they belong to no update)."""
+        if loss is None:
+            return
+        if isinstance(loss, bool) or not isinstance(loss, (Tensor, int, float)):
+            raise TypeError(f"`loss` must be a float or a 0-dim tensor, got {type(loss).__name__}")
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"`loss` must be a single value (a float or a 0-dim tensor), got a tensor "
+                    f"of shape {tuple(loss.shape)}: reduce it (e.g. loss.mean()) first"
+                )
+            value = loss.detach().float().reshape(())
+        else:
+            value = torch.tensor(float(loss))
+        if restart:
+            self.clear()
+        self._sum = value if self._sum is None else self._sum + value.to(self._sum.device)
+        self.count += 1
+
+    def take(self) -> Tensor | None:
+        """The mean of the losses since the last take (and forget them), or ``None``."""
+        if self._sum is not None:
+            loss = self._sum / self.count if self.count > 1 else self._sum
+            self._last = (loss, self.batch)
+            self.clear()
+            return loss
+        if self._last is not None and self._last[1] == self.batch:
+            return self._last[0]  # several optimizers stepped on one backward
+        return None
