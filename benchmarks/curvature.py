@@ -329,13 +329,6 @@ def run_cost(args: argparse.Namespace) -> dict[str, Any]:
         overhead[n] = ratio_cpu / n
         warm = f"{100 * ratio_warm / n:.1f}%" if ratio_warm is not None else "-"
         print(f"| {n} | {100 * overhead[n]:.1f}% | {warm} |")
-    for budget in (0.05,):
-        cold_n = math.ceil(ratio_cpu / budget)
-        warm_n = math.ceil(ratio_warm / budget) if ratio_warm is not None else None
-        print(
-            f"\nProbeBudget({budget}) would probe every {cold_n} steps cold"
-            + (f", {warm_n} warm-started" if warm_n is not None else "")
-        )
     return {
         "model": desc,
         "optimizer": args.optimizer,

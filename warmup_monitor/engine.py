@@ -34,9 +34,9 @@ from torch import Tensor
 from warmup_monitor.alerts import Alert, AlertKind
 from warmup_monitor.config import MonitorConfig
 from warmup_monitor.controller import WarmupController, WarmupExhaustedError
+from warmup_monitor.curvature.probe import CurvatureProber
 from warmup_monitor.detectors import InstabilityDetector
 from warmup_monitor.lr_factor import LrFactor
-from warmup_monitor.probe import CurvatureProber
 from warmup_monitor.stats import GradientStats, UpdateRatio
 
 __all__ = ["AlertSink", "MetricsSink", "MonitorEngine"]
