@@ -115,3 +115,34 @@ def test_unsupported_optimizer_turns_the_probe_off_with_an_alert(tmp_path: os.Pa
         fit(pl, tmp_path, [monitor], model=Adagrad(), max_steps=4)
     assert [a.kind.value for a in hooked if a.kind.value == "monitor"] == ["monitor"]
     assert stability_threshold(torch.optim.SGD([torch.zeros(1)], lr=0.5)) == pytest.approx(4.0)
+
+
+def test_manual_optimization_without_a_probe_loss_is_refused_before_any_step(
+    tmp_path: os.PathLike,
+) -> None:
+    """Issue 15 item 5: the probe used to call ``training_step``, which steps the optimizer."""
+    base = tiny_module_class(pl)
+    steps: list[int] = []
+
+    class Manual(base):  # type: ignore[misc,valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            opt = self.optimizers()
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            steps.append(batch_idx)
+            return loss
+
+    model = Manual()
+    before = [p.detach().clone() for p in model.parameters()]
+    monitor = WarmupMonitor(warmup_steps=4, curvature=True)
+    with pytest.raises(ValueError, match=r"manual optimization.*loss_fn"):
+        fit(pl, tmp_path, [monitor], model=model, max_steps=4)
+    assert steps == []
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
