@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import math
 import os
+import random
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -319,6 +321,8 @@ def _snapshot(model: nn.Module) -> dict:
         "buffer_ids": {n: id(b) for n, b in model.named_buffers()},
         "params": [p.detach().clone() for p in model.parameters()],
         "rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state()[1].copy(),
     }
 
 
@@ -337,9 +341,11 @@ def _assert_same(model: nn.Module, before: dict) -> None:
     for p_after, p_before in zip(after["params"], before["params"], strict=True):
         assert torch.equal(p_after, p_before)
     assert torch.equal(after["rng"], before["rng"])
+    assert after["python_rng"] == before["python_rng"]
+    assert np.array_equal(after["numpy_rng"], before["numpy_rng"])
 
 
-@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("mode", ["keep", "eval", "train"])
 def test_guard_leaves_training_bit_identical(mode: str) -> None:
     torch.manual_seed(0)
     model = _BNDropNet()
@@ -355,13 +361,17 @@ def test_guard_leaves_training_bit_identical(mode: str) -> None:
 
     def loss() -> Tensor:
         seen["training"] = model.training
+        seen["frozen"] = model.frozen_bn.training
         seen["grads"] = [p.grad for p in model.parameters()]
+        random.random()  # a probe may draw from every global RNG
+        np.random.rand()
         return F.mse_loss(model(x), y)
 
     with probe_guard(model, mode=mode):  # type: ignore[arg-type]
         est = estimate_stability(loss, opt, max_iters=10)
     assert math.isfinite(est.sharpness) and est.sharpness > 0
-    assert seen["training"] is (mode == "train")
+    assert seen["training"] is (mode != "eval")
+    assert seen["frozen"] is (mode == "train")  # "keep": the modes training uses
     assert all(g is None for g in seen["grads"])  # the probe saw no gradient
     _assert_same(model, before)
     # The next training step draws the dropout mask it would have drawn without the probe.
@@ -383,7 +393,9 @@ def test_guard_restores_after_a_misbehaving_probe_and_an_error() -> None:
         F.mse_loss(model(x), y).backward()  # writes .grad
         model.bn.running_mean.add_(1.0)  # type: ignore[union-attr]  # in place
         model.bn.running_var = torch.zeros(16)  # re-assigned
-        torch.randn(100)  # consumes the RNG
+        torch.randn(100)  # consumes the RNGs
+        random.seed(5)
+        np.random.seed(5)
         model.fc1.eval()
         raise RuntimeError("boom")
     _assert_same(model, before)
@@ -397,6 +409,21 @@ def test_guard_enables_autograd_under_no_grad_and_inference_mode() -> None:
     with torch.no_grad(), probe_guard(model):
         again = top_hessian_eigenvalue(lambda: F.mse_loss(model(x), y), params).value
     assert value == again > 0
+
+
+def test_guard_seeds_torch_for_one_dropout_mask() -> None:
+    model = _BNDropNet()
+    masks = []
+    for _ in range(2):
+        torch.randn(3)  # training moves the global RNG between probes
+        with probe_guard(model):
+            masks.append(model.drop(torch.ones(8, 16)))
+    torch.manual_seed(0)
+    assert torch.equal(masks[0], masks[1])
+    assert torch.equal(masks[0], model.drop(torch.ones(8, 16)))  # seed 0 by default
+    with probe_guard(model, seed=None):
+        unseeded = model.drop(torch.ones(8, 16))
+    assert not torch.equal(unseeded, masks[0])
 
 
 def test_probe_does_not_touch_global_rng_or_grads_without_guard() -> None:
@@ -461,6 +488,8 @@ def test_bad_arguments_name_the_argument() -> None:
         ),
         (TypeError, "module", lambda: probe_guard(3).__enter__()),  # type: ignore[arg-type]
         (ValueError, "mode", lambda: probe_guard(model, mode="test").__enter__()),  # type: ignore[arg-type]
+        (ValueError, "seed", lambda: probe_guard(model, seed=-1).__enter__()),
+        (TypeError, "seed", lambda: probe_guard(model, seed=1.0).__enter__()),  # type: ignore[arg-type]
     ]
     for exc, match, call in cases:
         with pytest.raises(exc, match=match):

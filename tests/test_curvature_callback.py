@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -146,3 +148,114 @@ def test_manual_optimization_without_a_probe_loss_is_refused_before_any_step(
         fit(pl, tmp_path, [monitor], model=model, max_steps=4)
     assert steps == []
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def _bn_dropout_module(ns: Any, dropout: float, optimizer: str = "adamw", lr: float = 1e-3) -> Any:
+    """``Linear(bias=True)`` -> batch norm -> tanh -> dropout -> linear, as a LightningModule:
+    in train mode the batch norm cancels the first bias (its gradient is 0, Adam's ``v`` ~ 0)."""
+
+    class BNDrop(ns.LightningModule):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(4, 16),
+                torch.nn.BatchNorm1d(16),
+                torch.nn.Tanh(),
+                torch.nn.Dropout(dropout),
+                torch.nn.Linear(16, 1),
+            )
+            self.draws: list[tuple[float, float, float]] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            # Training's own draws from every global RNG a probe could touch, after the
+            # monitor's hook (Lightning runs the callbacks' hooks before the module's).
+            self.draws.append((random.random(), float(np.random.rand()), float(torch.rand(()))))
+
+        def configure_optimizers(self) -> Any:
+            if optimizer == "adamw":
+                return torch.optim.AdamW(self.parameters(), lr=lr)
+            return torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9)
+
+    return BNDrop()
+
+
+def test_batch_norm_adamw_margin_is_read_in_train_mode(tmp_path: os.PathLike) -> None:
+    """Issue 15 item 4: in eval mode the bias before the batch norm has curvature while Adam's
+    preconditioner there is eps: the margin read ~400 and edge_of_stability fired at step 2 on
+    a stable run. The function being trained has no such direction."""
+    hooked: list[Alert] = []
+    model = _bn_dropout_module(pl, dropout=0.0)
+    monitor = WarmupMonitor(
+        warmup_steps=8,
+        curvature=CurvatureProbe(every_n_steps=1),
+        detection=ten_x_only(),
+        on_alert=hooked.append,
+    )
+    trainer = fit(pl, tmp_path, [monitor], model=model, max_steps=8)
+    margins = read_scalars(trainer.log_dir)["warmup/stability_margin"]
+    assert sorted(margins) == list(range(8))
+    assert max(margins.values()) < 1.0
+    assert [a for a in hooked if a.kind.value == "edge_of_stability"] == []
+
+
+def test_dropout_and_batch_norm_training_is_bit_identical_with_the_probe(
+    tmp_path: os.PathLike,
+) -> None:
+    """The probe runs the train-mode forward (batch statistics, dropout), so it draws dropout
+    masks and updates running statistics: both are put back, and training does not move."""
+    runs = {}
+    for name, probe in (("plain", False), ("probed", True)):
+        rec = recorder_class(pl)()
+        model = _bn_dropout_module(pl, dropout=0.5)
+        monitor = WarmupMonitor(
+            warmup_steps=8,
+            curvature=CurvatureProbe(every_n_steps=1) if probe else False,
+            detection=ten_x_only(),
+        )
+        random.seed(0)
+        np.random.seed(0)
+        trainer = fit(pl, os.path.join(str(tmp_path), name), [monitor, rec], model=model)
+        runs[name] = (rec, model, read_scalars(trainer.log_dir))
+    (plain, plain_model, _), (probed, probed_model, scalars) = runs["plain"], runs["probed"]
+    assert len(scalars["warmup/sharpness"]) == 8  # it did probe, after every step
+    assert len(plain.after) == len(probed.after) == 8
+    for a, b in zip(plain.after, probed.after, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    for (n, a), (_, b) in zip(
+        plain_model.state_dict().items(), probed_model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), n  # running statistics included
+    assert plain_model.draws == probed_model.draws
+
+
+def test_a_probe_loss_that_draws_from_random_and_numpy_leaves_training_alone(
+    tmp_path: os.PathLike,
+) -> None:
+    """Issue 15 item 9: Python's and NumPy's global RNG states are restored after a probe."""
+
+    def noisy_loss(module: Any, batch: Any) -> torch.Tensor:
+        x, y = batch
+        jitter = random.gauss(0.0, 1e-3) + float(np.random.normal(0.0, 1e-3))
+        return torch.nn.functional.mse_loss(module.net(x), y) + jitter
+
+    runs = {}
+    for name, probe in (("plain", False), ("probed", True)):
+        model = _bn_dropout_module(pl, dropout=0.5, optimizer="sgd", lr=0.05)
+        monitor = WarmupMonitor(
+            warmup_steps=8,
+            curvature=CurvatureProbe(every_n_steps=1, loss_fn=noisy_loss) if probe else False,
+            detection=ten_x_only(),
+        )
+        random.seed(0)
+        np.random.seed(0)
+        fit(pl, os.path.join(str(tmp_path), name), [monitor], model=model)
+        runs[name] = model
+    assert len(runs["plain"].draws) == 8
+    assert runs["plain"].draws == runs["probed"].draws
+    for a, b in zip(runs["plain"].parameters(), runs["probed"].parameters(), strict=True):
+        assert torch.equal(a, b)

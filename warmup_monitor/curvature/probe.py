@@ -1,5 +1,13 @@
 """The probe as the monitor runs it: the guard, the edge rule and the engine's prober.
 
+What a probe differentiates: the loss of the fixed probe batch as training computes it, i.e.
+the module in the modes it trains in (batch norm on batch statistics, dropout on), with one
+fixed dropout mask: the torch RNG is seeded with :data:`PROBE_SEED` before every evaluation of
+the loss, so every Hessian-vector product of a probe, and every probe of a run, sees the same
+mask (for the same batch shape). Everything training depends on is put back afterwards:
+module modes, ``.grad``, buffers (batch-norm running statistics) and the RNG states of torch
+(CPU and CUDA), Python's ``random`` and NumPy's global generator.
+
 This module imports no Lightning.
 """
 
@@ -8,58 +16,75 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import random
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from warmup_monitor._checks import check_choice
+from warmup_monitor._checks import check_choice, check_int
 from warmup_monitor.alerts import Alert, AlertKind
 from warmup_monitor.config import CurvatureProbe
-from warmup_monitor.curvature.stability import estimate_stability
+from warmup_monitor.curvature.stability import StabilityEstimate, estimate_stability
 
-__all__ = ["CurvatureProber", "EdgeOfStabilityRule", "probe_guard"]
+__all__ = ["PROBE_SEED", "CurvatureProber", "EdgeOfStabilityRule", "probe_guard"]
 
-ProbeMode = Literal["eval", "train"]
+ProbeMode = Literal["keep", "train", "eval"]
+
+#: The torch seed set before every evaluation of the probe's loss: one dropout mask per probe
+#: batch, the same at every probe.
+PROBE_SEED = 0
+
+# The probe's relative residual tolerance (see top_hessian_eigenvalue's `tol`).
+_TOL = 1e-2
 
 
 @contextlib.contextmanager
-def probe_guard(module: nn.Module, *, mode: ProbeMode = "eval") -> Iterator[nn.Module]:
+def probe_guard(
+    module: nn.Module, *, mode: ProbeMode = "keep", seed: int | None = PROBE_SEED
+) -> Iterator[nn.Module]:
     """Run a probe on ``module`` without leaving a trace on training.
 
-    Inside the block the module is in ``mode`` (``"eval"``: dropout off, batch norm on its
-    running statistics, a deterministic loss; ``"train"``: the loss the optimizer sees, batch
-    statistics and one dropout mask), every parameter's ``.grad`` is detached (set to None) and
-    autograd is on (also inside ``torch.no_grad`` or ``inference_mode``). On exit, however the
-    block ends:
+    Inside the block the module is in ``mode``: ``"keep"`` (default) leaves every submodule's
+    mode as it is, so a probe during training differentiates the function being trained
+    (batch norm on batch statistics, dropout on, a frozen submodule still frozen); ``"train"``
+    and ``"eval"`` set the whole module. Every parameter's ``.grad`` is detached (set to None),
+    autograd is on (also inside ``torch.no_grad`` or ``inference_mode``), and the torch RNG of
+    the CPU and of the module's CUDA devices is seeded with ``seed`` (None: not seeded), so
+    that the dropout mask of a probe is a fixed one. On exit, however the block ends:
 
-    - each submodule's ``training`` flag is what it was (per submodule, so a frozen batch norm
-      in eval mode inside a training model stays in eval mode);
+    - each submodule's ``training`` flag is what it was;
     - each parameter's ``.grad`` is the very tensor object it was before (or None), untouched
       whatever the probe did to ``.grad``; no gradient is left behind;
     - every buffer (batch-norm ``running_mean``, ``running_var``, ``num_batches_tracked``...) has
       its values, and its tensor object if the probe re-assigned it;
-    - the CPU RNG state is restored, and when CUDA is initialised, the RNG state of the current
-      CUDA device and of every device holding the module's tensors.
+    - the RNG states are restored: torch's CPU generator, and when CUDA is initialised the
+      generators of the current device and of every device holding the module's tensors;
+      Python's ``random`` and NumPy's global ``numpy.random`` state (a ``numpy.random.Generator``
+      object of your own is yours to keep apart).
 
     Parameters are not restored: a probe must not write them (the functions here never do).
     Costs one copy of the buffers (small for batch norm); gradients are not copied.
 
     Args:
         module: The model (the unwrapped one under DDP).
-        mode: ``"eval"`` (default) or ``"train"``.
+        mode: ``"keep"``, ``"train"`` or ``"eval"``.
+        seed: The torch seed set on entry (>= 0), or None.
 
     Yields:
         ``module``.
 
     Raises:
-        TypeError: ``module`` is not an ``nn.Module``.
-        ValueError: ``mode`` is not one of the allowed values.
+        TypeError: ``module`` is not an ``nn.Module``, or ``seed`` is not an int.
+        ValueError: ``mode`` is not one of the allowed values, or ``seed`` is negative.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
-    train = check_choice("mode", mode, ("eval", "train")) == "train"
+    mode = check_choice("mode", mode, ("keep", "train", "eval"))  # type: ignore[assignment]
+    if seed is not None:
+        seed = check_int("seed", seed, minimum=0)
     modes = [(m, m.training) for m in module.modules()]
     grads = [(p, p.grad) for p in module.parameters()]
     buffers = []
@@ -67,14 +92,14 @@ def probe_guard(module: nn.Module, *, mode: ProbeMode = "eval") -> Iterator[nn.M
         for name, buf in owner._buffers.items():
             if buf is not None:
                 buffers.append((owner, name, buf, buf.detach().clone()))
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = [(d, torch.cuda.get_rng_state(d)) for d in _cuda_devices(module)]
     try:
-        for p, _ in grads:
-            p.grad = None
-        module.train(train)
-        with torch.inference_mode(False), torch.enable_grad():
-            yield module
+        with forked_rng(_cuda_devices(module), seed=seed):
+            for p, _ in grads:
+                p.grad = None
+            if mode != "keep":
+                module.train(mode == "train")
+            with torch.inference_mode(False), torch.enable_grad():
+                yield module
     finally:
         for m, training in modes:
             m.training = training
@@ -84,20 +109,46 @@ def probe_guard(module: nn.Module, *, mode: ProbeMode = "eval") -> Iterator[nn.M
             for owner, name, buf, saved in buffers:
                 owner._buffers[name] = buf
                 buf.copy_(saved)
-        torch.set_rng_state(cpu_rng)
-        for device, state in cuda_rng:
+
+
+@contextlib.contextmanager
+def forked_rng(devices: list[int], *, seed: int | None = None) -> Iterator[None]:
+    """Save every global RNG state a probe could draw from, optionally seed torch's, and
+    restore them all on exit: torch's CPU generator and the CUDA generators of ``devices``,
+    Python's ``random`` and NumPy's global state."""
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    cpu_state = torch.get_rng_state()
+    cuda_states = [(d, torch.cuda.get_rng_state(d)) for d in devices]
+    try:
+        if seed is not None:
+            seed_torch(seed, devices)
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu_state)
+        for device, state in cuda_states:
             torch.cuda.set_rng_state(state, device)
 
 
-def _cuda_devices(module: nn.Module) -> list[int]:
+def seed_torch(seed: int, devices: list[int]) -> None:
+    """Seed torch's CPU generator and the CUDA generators of ``devices`` (no other device)."""
+    torch.default_generator.manual_seed(seed)
+    for device in devices:
+        torch.cuda.default_generators[device].manual_seed(seed)
+
+
+def _cuda_devices(module: nn.Module | None) -> list[int]:
     """The CUDA devices whose RNG a probe of ``module`` can draw from: those of its tensors and
     the current one (not every GPU of the node: that would create a context on each)."""
     if not torch.cuda.is_initialized():
         return []
     devices = {torch.cuda.current_device()}
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        if t.is_cuda and t.device.index is not None:
-            devices.add(t.device.index)
+    if module is not None:
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            if t.is_cuda and t.device.index is not None:
+                devices.add(t.device.index)
     return sorted(devices)
 
 
@@ -123,6 +174,7 @@ class EdgeOfStabilityRule:
         self.reset()
 
     def reset(self) -> None:
+        """Forget the current run of probes above the edge."""
         self._run = 0
 
     def update(self, step: int, margin: float) -> Alert | None:
@@ -140,21 +192,30 @@ class EdgeOfStabilityRule:
             kind=AlertKind.EDGE_OF_STABILITY,
             message=(
                 f"the lr is past the edge of stability: margin lr x sharpness / threshold = "
-                f"{margin:.3g} on {self.consecutive} probes in a row (above 1 means unstable)"
+                f"{margin:.3g} on {self.consecutive} probes in a row (above 1 means "
+                "unstable)"
             ),
             value=margin,
             threshold=self.threshold,
         )
 
     def state_dict(self) -> dict[str, Any]:
+        """``{"run": int}``: probes above the edge in the current run."""
         return {"run": self._run}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a missing key starts a new run."""
         self._run = int(state.get("run", 0))
 
 
 class CurvatureProber:
     """Run the curvature probe of one monitor (optimizer 0).
+
+    Probes every ``CurvatureProbe.every_n_steps`` optimizer steps on the adapter's fixed probe
+    batch, under :func:`probe_guard` (the training modes, one fixed dropout mask, everything
+    restored), warm-started from the previous probe's Ritz vector; scales the margin
+    by the lr factor of the next update; runs the edge rule; and turns an
+    unsupported setup into one ``monitor`` alert and a probe that stays off.
 
     Args:
         config: What to probe and how often.
@@ -163,7 +224,7 @@ class CurvatureProber:
     def __init__(self, config: CurvatureProbe) -> None:
         self.config = config
         self.edge_rule = EdgeOfStabilityRule()
-        self.vector: Tensor | None = None
+        self.vectors: Tensor | None = None
         self.disabled = False
 
     def due(self, step: int) -> bool:
@@ -187,19 +248,15 @@ class CurvatureProber:
             optimizer: The optimizer whose next update the margin is about.
             loss_fn: Recomputes the loss of the fixed probe batch.
             module: The model (its training flags, gradients, buffers and RNG are restored
-                by :func:`~warmup_monitor.curvature.probe_guard`); ``None`` skips the guard.
+                by :func:`probe_guard`); ``None``: only the RNG states are restored.
             lr_factor: The factor the monitor applies to the next update's lr.
-            distributed: Whether the probe's products are summed over ranks.
+            distributed: Whether the probe's products are averaged over ranks.
 
         Returns:
-            The metrics (``sharpness``, ``stability_margin``) and alerts to report.
+            The metrics (``sharpness``, ``stability_margin``) and the alerts to report.
         """
         try:
-            if module is not None:
-                with probe_guard(module):
-                    est = self._estimate(loss_fn, optimizer, distributed)
-            else:
-                est = self._estimate(loss_fn, optimizer, distributed)
+            est = self._estimate(step, loss_fn, optimizer, module, distributed)
         except (NotImplementedError, ValueError, TypeError, RuntimeError) as err:
             self.disabled = True
             alert = Alert(
@@ -208,7 +265,10 @@ class CurvatureProber:
                 message=f"curvature probe is turned off (unsupported here): {err}",
             )
             return {}, [alert]
-        self.vector = est.result.vector
+        result = est.result
+        self.vectors = result.vector
+        if not math.isfinite(est.sharpness):
+            return {}, []
         # The margin is proportional to the lr, and the monitor's own factor is applied inside
         # optimizer.step only: scale by the factor of the next update.
         margin = est.margin * lr_factor
@@ -216,32 +276,47 @@ class CurvatureProber:
         edge = self.edge_rule.update(step, margin)
         if edge is not None:
             alerts.append(edge)
-        metrics: dict[str, float] = {}
-        if math.isfinite(est.sharpness):
-            metrics = {"sharpness": est.sharpness, "stability_margin": margin}
-        return metrics, alerts
+        return {"sharpness": est.sharpness, "stability_margin": margin}, alerts
 
     def _estimate(
-        self, loss_fn: Callable[[], Tensor], optimizer: torch.optim.Optimizer, distributed: bool
-    ) -> Any:
-        return estimate_stability(
-            loss_fn,
-            optimizer,
-            max_iters=self.config.max_iters,
-            tol=1e-2,
-            init=self.vector,
-            return_vector=True,
-            distributed=distributed,
+        self,
+        step: int,
+        loss_fn: Callable[[], Tensor],
+        optimizer: torch.optim.Optimizer,
+        module: nn.Module | None,
+        distributed: bool,
+    ) -> StabilityEstimate:
+        devices = _cuda_devices(module)
+
+        def seeded_loss() -> Tensor:
+            seed_torch(PROBE_SEED, devices)  # the same dropout mask at every evaluation
+            return loss_fn()
+
+        guard = (
+            probe_guard(module, mode="keep", seed=None)
+            if module is not None
+            else forked_rng(devices)
         )
+        with guard:
+            return estimate_stability(
+                seeded_loss,
+                optimizer,
+                max_iters=self.config.max_iters,
+                tol=_TOL,
+                seed=step,
+                init=self.vectors,
+                return_vector=True,
+                distributed=distributed,
+            )
 
     def reset(self) -> None:
         """Forget the warm start and the edge rule's run (a fresh watch)."""
         self.edge_rule.reset()
-        self.vector = None
+        self.vectors = None
         self.disabled = False
 
     def state_dict(self) -> dict[str, Any]:
-        """The edge rule's state (the warm-start vector is not saved)."""
+        """The edge rule's state (the warm-start vectors are not saved)."""
         return {"edge_rule": self.edge_rule.state_dict(), "disabled": self.disabled}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
