@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import warmup_monitor.curvature
+from warmup_monitor import CurvatureProbe
 from warmup_monitor.curvature import (
+    CurvatureProber,
     SharpnessResult,
     adam_preconditioner,
     estimate_stability,
@@ -580,3 +582,24 @@ def test_distributed_hvp_gives_the_global_batch_value_on_every_rank(tmp_path: Pa
     single = top_hessian_eigenvalue(lambda: F.mse_loss(model(x), y), list(model.parameters()))
     # The mean of the two half-batch losses is the full-batch loss: the same Hessian.
     assert _rel(values[0], single.value) < 1e-3
+
+
+# ------------------------------------------------------------------------------- the prober
+
+
+def test_a_probe_without_a_loss_reports_nothing_and_asks_for_the_next_batch() -> None:
+    """Issue 15 item 8: a loss function returning None must not turn the probe off."""
+    model, x, y = _mlp(seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    prober = CurvatureProber(CurvatureProbe(every_n_steps=5))
+    assert prober.due(0) and not prober.due(1) and not prober.accepts_batch
+    assert prober.probe(0, opt, lambda: None, model, lr_factor=1.0, distributed=False) == ({}, [])
+    assert not prober.disabled and prober.accepts_batch
+    assert prober.due(1)  # again at the next step, on the batch the adapter offers next
+    metrics, alerts = prober.probe(
+        1, opt, lambda: F.mse_loss(model(x), y), model, lr_factor=1.0, distributed=False
+    )
+    assert alerts == [] and not prober.accepts_batch
+    hessian = _dense_hessian(model, lambda fwd: F.mse_loss(fwd(x), y.double()))
+    assert _rel(metrics["sharpness"], torch.linalg.eigvalsh(hessian)[-1].item()) < 1e-2
+    assert [s for s in range(2, 12) if prober.due(s)] == [5, 10]  # back on the interval

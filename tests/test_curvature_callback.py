@@ -259,3 +259,44 @@ def test_a_probe_loss_that_draws_from_random_and_numpy_leaves_training_alone(
     assert runs["plain"].draws == runs["probed"].draws
     for a, b in zip(runs["plain"].parameters(), runs["probed"].parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+_CALLBACK_KEEPS_THE_FIRST_BATCH = (
+    "needs the callback to keep the probe batch only once a probe on it produced a loss "
+    "(replace it while `engine.prober.accepts_batch`) and to hand the prober None when "
+    "training_step returns no loss instead of raising"
+)
+
+
+@pytest.mark.xfail(reason=_CALLBACK_KEEPS_THE_FIRST_BATCH, strict=False)
+@pytest.mark.parametrize("where", ["probe_loss_fn", "training_step"])
+def test_a_first_batch_without_a_loss_does_not_turn_the_probe_off(
+    tmp_path: os.PathLike, where: str
+) -> None:
+    """Issue 15 item 8: the probe takes the first batch that gives a loss."""
+    first_x = next(iter(make_loader()))[0]
+    base = tiny_module_class(pl)
+
+    def no_loss_on_the_first_batch(module: Any, batch: Any) -> torch.Tensor | None:
+        x, y = batch
+        if torch.equal(x, first_x):
+            return None
+        return torch.nn.functional.mse_loss(module.net(x), y)
+
+    class SkipsFirst(base):  # type: ignore[misc,valid-type]
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if where == "training_step" and self.trainer.global_step > 0:
+                return no_loss_on_the_first_batch(self, batch)  # the probe's call
+            return super().training_step(batch, batch_idx)
+
+    hooked: list[Alert] = []
+    custom = no_loss_on_the_first_batch if where == "probe_loss_fn" else None
+    monitor = WarmupMonitor(
+        warmup_steps=8,
+        curvature=CurvatureProbe(every_n_steps=4, loss_fn=custom),
+        detection=ten_x_only(),
+        on_alert=hooked.append,
+    )
+    trainer = fit(pl, tmp_path, [monitor], model=SkipsFirst(optimizer="plain_sgd"))
+    assert [a.kind.value for a in hooked if a.kind.value == "monitor"] == []
+    assert sorted(read_scalars(trainer.log_dir)["warmup/sharpness"]) == [1, 4]

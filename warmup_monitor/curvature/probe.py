@@ -208,6 +208,10 @@ class EdgeOfStabilityRule:
         self._run = int(state.get("run", 0))
 
 
+class _NoLoss(Exception):
+    """The probe's loss function returned None for the kept probe batch."""
+
+
 class CurvatureProber:
     """Run the curvature probe of one monitor (optimizer 0).
 
@@ -216,6 +220,10 @@ class CurvatureProber:
     restored), warm-started from the previous probe's Ritz vector; scales the margin
     by the lr factor of the next update; runs the edge rule; and turns an
     unsupported setup into one ``monitor`` alert and a probe that stays off.
+
+    A loss function that returns None (no loss for this batch) reports nothing and keeps the
+    probe on: :attr:`accepts_batch` turns True, the probe is due again at the next step, and
+    the adapter is expected to offer its next batch as the probe batch.
 
     Args:
         config: What to probe and how often.
@@ -226,16 +234,21 @@ class CurvatureProber:
         self.edge_rule = EdgeOfStabilityRule()
         self.vectors: Tensor | None = None
         self.disabled = False
+        #: True after a probe whose loss function returned None: the adapter should replace
+        #: its probe batch with the next training batch (the probe is due at the next step).
+        self.accepts_batch = False
 
     def due(self, step: int) -> bool:
         """Whether the update at ``step`` (just taken) is followed by a probe."""
-        return not self.disabled and step % self.config.every_n_steps == 0
+        if self.disabled:
+            return False
+        return self.accepts_batch or step % self.config.every_n_steps == 0
 
     def probe(
         self,
         step: int,
         optimizer: torch.optim.Optimizer,
-        loss_fn: Callable[[], Tensor],
+        loss_fn: Callable[[], Tensor | None],
         module: nn.Module | None,
         *,
         lr_factor: float,
@@ -246,7 +259,8 @@ class CurvatureProber:
         Args:
             step: The update just taken.
             optimizer: The optimizer whose next update the margin is about.
-            loss_fn: Recomputes the loss of the fixed probe batch.
+            loss_fn: Recomputes the loss of the fixed probe batch, or returns None when that
+                batch has no loss (then nothing is reported, see :attr:`accepts_batch`).
             module: The model (its training flags, gradients, buffers and RNG are restored
                 by :func:`probe_guard`); ``None``: only the RNG states are restored.
             lr_factor: The factor the monitor applies to the next update's lr.
@@ -257,6 +271,9 @@ class CurvatureProber:
         """
         try:
             est = self._estimate(step, loss_fn, optimizer, module, distributed)
+        except _NoLoss:
+            self.accepts_batch = True
+            return {}, []
         except (NotImplementedError, ValueError, TypeError, RuntimeError) as err:
             self.disabled = True
             alert = Alert(
@@ -265,6 +282,7 @@ class CurvatureProber:
                 message=f"curvature probe is turned off (unsupported here): {err}",
             )
             return {}, [alert]
+        self.accepts_batch = False
         result = est.result
         self.vectors = result.vector
         if not math.isfinite(est.sharpness):
@@ -281,7 +299,7 @@ class CurvatureProber:
     def _estimate(
         self,
         step: int,
-        loss_fn: Callable[[], Tensor],
+        loss_fn: Callable[[], Tensor | None],
         optimizer: torch.optim.Optimizer,
         module: nn.Module | None,
         distributed: bool,
@@ -290,7 +308,10 @@ class CurvatureProber:
 
         def seeded_loss() -> Tensor:
             seed_torch(PROBE_SEED, devices)  # the same dropout mask at every evaluation
-            return loss_fn()
+            loss = loss_fn()
+            if loss is None:
+                raise _NoLoss
+            return loss
 
         guard = (
             probe_guard(module, mode="keep", seed=None)
@@ -314,6 +335,7 @@ class CurvatureProber:
         self.edge_rule.reset()
         self.vectors = None
         self.disabled = False
+        self.accepts_batch = False
 
     def state_dict(self) -> dict[str, Any]:
         """The edge rule's state (the warm-start vectors are not saved)."""
