@@ -30,6 +30,16 @@ __all__ = ["SharpnessResult", "top_hessian_eigenvalue"]
 # an invariant subspace (float32 round-off after reorthogonalisation is ~1e-7 relative).
 _BREAKDOWN = 1e-6
 
+# The random Krylov dimension a probe needs before its residual test may count as converged:
+# from a cold start; from warm-start vectors that no longer span a nearly invariant subspace
+# (their top Ritz residual above _STALE x the Ritz value: the operator moved since they were
+# computed); and from warm-start vectors that still do. Chosen on the edge-of-stability runs
+# of benchmarks/curvature.py (README_curvature.md).
+_EXPLORE_COLD = 16
+_EXPLORE_STALE = 8
+_EXPLORE_FRESH = 3
+_STALE = 0.1
+
 
 @dataclass(frozen=True)
 class SharpnessResult:
@@ -38,13 +48,15 @@ class SharpnessResult:
     Attributes:
         value: The largest Ritz value: an estimate (from below) of the largest algebraic
             eigenvalue of the (preconditioned) Hessian.
-        iterations: Hessian-vector products computed (one per Lanczos step).
-        converged: ``residual <= tol * |value|``, or the Krylov space became invariant.
+        iterations: Hessian-vector products computed (one per start vector and per step).
+        converged: ``residual <= tol * |value|``, or the subspace became invariant.
         elapsed: Wall-clock seconds of the whole call, the loss evaluation included.
         residual: ``||A y - value * y||`` for the Ritz vector ``y`` (``A`` the operator): some
             eigenvalue of ``A`` lies within ``residual`` of ``value``.
         vector: The unit Ritz vector, flat and in the order of ``params``, when asked for with
-            ``return_vector=True`` (to warm-start the next probe through ``init``); else None.
+            ``return_vector=True``; else None.
+        vectors: The ``n_vectors`` leading Ritz vectors as orthonormal rows (the first is
+            ``vector``), with ``return_vector=True``: the next probe's warm start (``init``).
     """
 
     value: float
@@ -53,6 +65,7 @@ class SharpnessResult:
     elapsed: float
     residual: float
     vector: Tensor | None = field(default=None, repr=False, compare=False)
+    vectors: Tensor | None = field(default=None, repr=False, compare=False)
 
 
 def top_hessian_eigenvalue(
@@ -64,7 +77,9 @@ def top_hessian_eigenvalue(
     preconditioner: Sequence[Tensor] | None = None,
     seed: int = 0,
     init: Tensor | None = None,
+    explore: int | None = None,
     return_vector: bool = False,
+    n_vectors: int = 3,
     reorthogonalize: bool = True,
     distributed: bool = False,
     process_group: Any = None,
@@ -72,41 +87,65 @@ def top_hessian_eigenvalue(
     """The largest eigenvalue of the Hessian of ``loss_fn()`` w.r.t. ``params``, by Lanczos.
 
     ``loss_fn`` is called once; its graph is differentiated twice (``torch.autograd.grad`` with
-    ``create_graph=True``): each Lanczos step is one Hessian-vector product on that graph, so the
+    ``create_graph=True``): each step is one Hessian-vector product on that graph, so the
     operator is fixed even if the forward pass is random (one dropout mask for the whole call).
-    Nothing is accumulated into ``.grad`` and the global RNG is not used: the start vector comes
-    from a private ``torch.Generator`` seeded with ``seed``. Attention through
+    Nothing is accumulated into ``.grad`` and the global RNG is not used: random start vectors
+    come from a private ``torch.Generator`` seeded with ``seed``. Attention through
     ``F.scaled_dot_product_attention`` runs on its math kernel during ``loss_fn`` (the fused
     kernels have no double backward).
 
-    Lanczos returns the largest *algebraic* eigenvalue, the one that bounds the lr (a negative
-    eigenvalue of larger magnitude, which power iteration would find, is not reported). With a
+    The method is Rayleigh-Ritz on a growing subspace, one product per new direction. It
+    starts from the rows of ``init`` (the previous probe's leading Ritz vectors, ``vectors``)
+    and a random vector, and grows by the residual of the top Ritz pair while that fails the
+    residual test, then along the Krylov space of the random vector until the subspace holds
+    ``explore`` of its dimensions. From a random start alone this is Lanczos with full
+    reorthogonalisation. The warm rows are in the subspace exactly, so an eigenvector in their
+    span is found even when the top eigenvalues have swapped, which one warm-start vector misses
+    (it converges on the eigenvalue it tracked, now second, and its residual test cannot tell);
+    the random Krylov space finds what the warm rows do not hold.
+
+    It returns the largest *algebraic* Ritz value, which bounds the lr (a negative eigenvalue of
+    larger magnitude, which power iteration would find, is not reported), from below. With a
     preconditioner ``P`` (the diagonal of a positive diagonal matrix, one tensor per parameter)
     the operator is the symmetric ``P^-1/2 H P^-1/2``, which has the eigenvalues of ``P^-1 H``.
 
     .. math::
 
-        T_k = Q_k^\\top A Q_k, \\quad \\theta = \\lambda_{\\max}(T_k), \\quad
-        \\|A y - \\theta y\\| = \\beta_k |s_k| \\le \\mathrm{tol}\\,|\\theta| \\Rightarrow
-        \\text{converged}
+        M = Q^\\top A Q, \\quad \\theta = \\lambda_{\\max}(M), \\quad y = Q z, \\quad
+        \\|A y - \\theta y\\| \\le \\mathrm{tol}\\,|\\theta| \\Rightarrow \\text{converged}
+
+    The residual test proves that *some* eigenvalue lies within ``tol * |theta|`` of ``theta``,
+    not that it is the top one: that rests on the subspace, hence ``converged`` also asks for
+    ``explore`` random Krylov dimensions. The default (None) is 16 from a cold start, 8 when the
+    warm rows no longer span a nearly invariant subspace (their top Ritz residual above 10% of
+    the Ritz value: the operator moved since they were computed) and 3 when they still do
+    (all capped by ``max_iters``); on the edge-of-stability runs of
+    ``benchmarks/curvature.py`` no converged value was more than 2% below the top eigenvalue.
 
     Cost: one forward and backward with graph, then ``iterations`` double-backward passes (each
-    about 2-3x a backward) and one host read per step. Memory: the double-backward graph, plus
-    one parameter-sized float32 vector per step taken with ``reorthogonalize=True`` (full
-    reorthogonalisation: exact Ritz values, a Ritz vector) or 3 without (the classic three-term
-    recurrence: the top Ritz value stays accurate, spurious copies of it may appear; no vector).
+    about 2-3x a backward) and two or three host reads per product. Memory: the
+    double-backward graph, plus two parameter-sized vectors (the basis and its image) per
+    product with ``reorthogonalize=True`` (``2 * max_iters`` at most), or 3 vectors without
+    (the classic three-term recurrence from one start vector, ``explore`` ignored: the top Ritz
+    value stays accurate, spurious copies of it may appear; no vectors, no block start).
 
     Args:
         loss_fn: Recomputes the scalar loss on the fixed probe batch, with autograd enabled.
         params: The parameters (leaf tensors requiring grad, on one device).
-        max_iters: The most Lanczos steps (Hessian-vector products), >= 1.
+        max_iters: The most Hessian-vector products, >= 1 (the start vectors' included).
         tol: Relative tolerance on the residual, > 0 (1e-3: the value is within 0.1% of an
             eigenvalue).
         preconditioner: ``P``: positive finite tensors shaped like ``params``, or None.
-        seed: Seed of the random start vector (the same seed gives the same value on every rank).
-        init: A flat start vector (e.g. the previous probe's ``vector``) instead of a random one.
-        return_vector: Keep the Ritz vector in the result (needs ``reorthogonalize=True``).
-        reorthogonalize: Full reorthogonalisation of the Lanczos basis (see Memory above).
+        seed: Seed of the random start vector (the same seed gives the same value on every
+            rank).
+        init: A flat start vector, or a block of them as rows (e.g. the previous probe's
+            ``vectors``), or None (a cold start).
+        explore: The random Krylov dimensions ``converged`` needs (>= 0; 0 with ``init``: no
+            random vector at all), or None for the default above.
+        return_vector: Keep the top Ritz vector and the leading ones in the result (needs
+            ``reorthogonalize=True``).
+        n_vectors: How many leading Ritz vectors ``vectors`` keeps (>= 1).
+        reorthogonalize: Keep the whole basis (see Memory above).
         distributed: Average every Hessian-vector product over the ranks of ``process_group``:
             each rank passes its own probe batch and every rank gets the sharpness of the mean
             loss, the same value everywhere. A no-op when ``torch.distributed`` is not
@@ -119,7 +158,7 @@ def top_hessian_eigenvalue(
     Raises:
         TypeError: an argument has the wrong type, or ``loss_fn`` returns no scalar tensor.
         ValueError: an argument is out of range, ``params`` is empty, not leaves or on several
-            devices, or the preconditioner does not match ``params``.
+            devices, the preconditioner or ``init`` does not match ``params``.
         NotImplementedError: a parameter is sharded (``DTensor``).
         RuntimeError: the loss does not depend on ``params`` through autograd.
     """
@@ -130,6 +169,9 @@ def top_hessian_eigenvalue(
     max_iters = check_int("max_iters", max_iters, minimum=1)
     tol = check_float("tol", tol, above=0.0)
     seed = check_int("seed", seed, minimum=0)
+    if explore is not None:
+        explore = check_int("explore", explore, minimum=0)
+    n_vectors = check_int("n_vectors", n_vectors, minimum=1)
     for name, flag in (
         ("return_vector", return_vector),
         ("reorthogonalize", reorthogonalize),
@@ -147,7 +189,10 @@ def top_hessian_eigenvalue(
     scale = None
     if preconditioner is not None:
         scale = _flat_preconditioner(preconditioner, plist, work_dtype).rsqrt_()
-    start = _start_vector(init, n, seed, device, work_dtype)
+    warm = _warm_rows(init, n, device, work_dtype)
+    random = _random_vector(n, seed, device, work_dtype)
+    if not reorthogonalize and len(warm) > 1:
+        raise ValueError("`init` with several rows needs `reorthogonalize=True`")
     world = _world_size(process_group) if distributed else 1
 
     with _double_backward_kernels():
@@ -186,38 +231,142 @@ def top_hessian_eigenvalue(
             out.mul_(scale)
         return out
 
-    value, residual, iterations, converged, vector = _lanczos(
-        operator, start, max_iters, tol, reorthogonalize, return_vector
-    )
+    vectors = None
+    if reorthogonalize:
+        keep = n_vectors if return_vector else 0
+        value, residual, iterations, converged, vectors = _rayleigh_ritz(
+            operator, warm, random, max_iters, tol, keep, explore
+        )
+    else:
+        value, residual, iterations, converged = _three_term_lanczos(
+            operator, warm[0] if len(warm) else random, max_iters, tol
+        )
     return SharpnessResult(
         value=value,
         iterations=iterations,
         converged=converged,
         elapsed=time.perf_counter() - start_time,
         residual=residual,
-        vector=vector,
+        vector=None if vectors is None else vectors[0],
+        vectors=vectors,
     )
 
 
-def _lanczos(
+def _explore_floor(explore: int | None, warm: int, stale: bool, max_iters: int) -> int:
+    """The random Krylov dimension a probe needs before it may count as converged."""
+    if explore is None:
+        explore = _EXPLORE_COLD if warm == 0 else _EXPLORE_STALE if stale else _EXPLORE_FRESH
+    return min(explore, max(max_iters - warm, 1))
+
+
+def _rayleigh_ritz(
     operator: Callable[[Tensor], Tensor],
-    q: Tensor,
+    warm: Tensor,
+    random: Tensor,
     max_iters: int,
     tol: float,
-    reorthogonalize: bool,
-    return_vector: bool,
+    keep: int,
+    explore: int | None,
 ) -> tuple[float, float, int, bool, Tensor | None]:
-    """Lanczos on a symmetric ``operator`` from the unit vector ``q``.
+    """The top eigenpair of a symmetric ``operator`` by Rayleigh-Ritz on a growing subspace.
 
-    Returns ``(top Ritz value, residual bound, steps, converged, Ritz vector or None)``.
+    The subspace holds the rows of ``warm`` and, unless ``explore == 0``, the Krylov space of
+    ``random``; it grows by the residual of the top Ritz pair while that fails the residual
+    test, and along the Krylov space of ``random`` while the subspace holds fewer of its
+    dimensions than the floor (:func:`_explore_floor`). From a random start alone this is
+    Lanczos with full reorthogonalisation (the residual spans the next Krylov direction, and
+    the exploration finds it already there, at no cost). Returns ``(top Ritz value, its
+    residual norm, products, converged, the top `keep` Ritz vectors as rows)``.
     """
-    # The basis grows one vector per step (memory: the steps taken, not max_iters).
-    basis: list[Tensor] | None = [q] if reorthogonalize else None
+    n, dtype = random.shape[0], random.dtype
+    basis = random.new_empty(max_iters, n)  # orthonormal rows
+    images = random.new_empty(max_iters, n)  # operator(basis[i])
+    proj = torch.zeros(max_iters, max_iters, dtype=torch.float64)  # basis A basis^T
+    m = 0  # products so far
+
+    def expand(v: Tensor) -> bool:
+        """Orthonormalise ``v`` against the basis (twice: "twice is enough") and add it with
+        its image; False when nothing is left of it."""
+        nonlocal m
+        before = torch.linalg.vector_norm(v)
+        for _ in range(2 if m else 0):
+            v = v - basis[:m].T @ (basis[:m] @ v)
+        after = torch.linalg.vector_norm(v)
+        norms = torch.stack([before, after]).tolist()  # host read
+        if not (math.isfinite(norms[1]) and norms[1] > _BREAKDOWN * norms[0]):
+            return False
+        basis[m] = v / norms[1]
+        images[m] = operator(basis[m])
+        row = (basis[: m + 1] @ images[m]).double().cpu()  # host read
+        proj[m, : m + 1] = row
+        proj[: m + 1, m] = row
+        m += 1
+        return True
+
+    def top_pair() -> tuple[float, float, Tensor, Tensor]:
+        """Top Ritz value, its residual norm and vector, and every Ritz vector's coefficients."""
+        evals, coeffs = torch.linalg.eigh(proj[:m, :m])
+        theta = float(evals[-1])
+        z = coeffs[:, -1].to(device=random.device, dtype=dtype)
+        resid = z @ images[:m] - theta * (z @ basis[:m])
+        return theta, float(torch.linalg.vector_norm(resid)), resid, coeffs  # host read
+
+    for v in warm[:max_iters]:
+        expand(v)
+    stale = False
+    if m and explore != 0:
+        # Is the previous probe's subspace still nearly invariant? Its top Ritz residual says.
+        theta, residual, _, _ = top_pair()
+        stale = not residual <= _STALE * abs(theta)
+    floor = _explore_floor(explore, m, stale, max_iters)
+    # The random Krylov space: `chain` is its newest unit vector, always inside the subspace,
+    # so that its image is a combination of the images already computed.
+    chain, krylov = random, 0
+    if (explore != 0 or m == 0) and m < max_iters:
+        expand(random.clone())
+        krylov = 1
+    theta, residual, converged = math.nan, math.nan, False
+    coeffs = torch.ones(1, 1, dtype=torch.float64)
+    while m:
+        if not bool(torch.isfinite(proj[:m, :m]).all()):
+            theta, residual = math.nan, math.nan
+            break
+        theta, residual, resid, coeffs = top_pair()
+        spread = float(torch.linalg.eigvalsh(proj[:m, :m]).abs().max())
+        invariant = residual <= _BREAKDOWN * spread
+        if (residual <= tol * abs(theta) and krylov >= floor) or invariant:
+            converged = True
+            break
+        if m == max_iters:
+            break
+        if residual > tol * abs(theta):
+            if not expand(resid):  # converge the top pair
+                break  # round-off took over
+        else:  # explore: the next direction of the random Krylov space (free if inside)
+            image = (basis[:m] @ chain) @ images[:m]
+            norm = float(torch.linalg.vector_norm(image))  # host read
+            if not (math.isfinite(norm) and norm > 0):
+                break
+            chain = image / norm
+            krylov += 1
+            expand(chain.clone())
+    vectors = None
+    if keep and m and math.isfinite(theta):
+        k = min(keep, m)
+        top = coeffs[:, -k:].flip(1).T.to(device=random.device, dtype=dtype)
+        vectors = top @ basis[:m]
+    return theta, residual, m, converged, vectors
+
+
+def _three_term_lanczos(
+    operator: Callable[[Tensor], Tensor], q: Tensor, max_iters: int, tol: float
+) -> tuple[float, float, int, bool]:
+    """Lanczos without reorthogonalisation (three vectors of memory) from the unit vector
+    ``q``: ``(top Ritz value, residual bound, steps, converged)``."""
     alphas: list[float] = []
     betas: list[float] = []
     q_prev: Tensor | None = None
     theta, residual, converged = 0.0, math.inf, False
-    ritz = torch.ones(1, dtype=torch.float64)
     steps = 0
     for j in range(max_iters):
         w = operator(q)
@@ -225,12 +374,6 @@ def _lanczos(
             w.sub_(q_prev, alpha=betas[-1])
         alpha = torch.dot(q, w)
         w.sub_(alpha * q)
-        if basis is not None:
-            # Full reorthogonalisation, twice ("twice is enough", Parlett).
-            for _ in range(2):
-                coeffs = torch.stack([torch.dot(b, w) for b in basis])
-                for c, b in zip(coeffs.unbind(), basis, strict=True):
-                    w.sub_(b * c)
         beta = torch.linalg.vector_norm(w)
         a, b = torch.stack([alpha, beta]).tolist()  # the one host read of this step
         steps = j + 1
@@ -240,8 +383,7 @@ def _lanczos(
         alphas.append(a)
         evals, evecs = torch.linalg.eigh(_tridiagonal(alphas, betas))
         theta = float(evals[-1])
-        ritz = evecs[:, -1]
-        residual = b * abs(float(ritz[-1]))
+        residual = b * abs(float(evecs[-1, -1]))
         spread = float(evals.abs().max())
         if residual <= tol * abs(theta) or b <= _BREAKDOWN * spread or b == 0.0:
             converged = True
@@ -250,15 +392,7 @@ def _lanczos(
             break
         betas.append(b)
         q_prev, q = q, w.div_(b)
-        if basis is not None:
-            basis.append(q)
-    vector = None
-    if return_vector and basis is not None and math.isfinite(theta):
-        vector = torch.zeros_like(q)
-        for c, b in zip(ritz.tolist(), basis[:steps], strict=True):
-            vector.add_(b, alpha=c)
-        vector.div_(torch.linalg.vector_norm(vector))
-    return theta, residual, steps, converged, vector
+    return theta, residual, steps, converged
 
 
 def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
@@ -339,20 +473,24 @@ def _flat_preconditioner(
     return flat
 
 
-def _start_vector(
-    init: Tensor | None, n: int, seed: int, device: torch.device, dtype: torch.dtype
-) -> Tensor:
-    if init is not None:
-        if not isinstance(init, Tensor):
-            raise TypeError(f"`init` must be a Tensor or None, got {type(init).__name__}")
-        if init.numel() != n:
-            raise ValueError(
-                f"`init` must have one entry per parameter element ({n}), got {init.numel()}"
-            )
-        v = init.detach().reshape(-1).to(device=device, dtype=dtype, copy=True)
-        norm = float(torch.linalg.vector_norm(v))
-        if math.isfinite(norm) and norm > 0:
-            return v.div_(norm)
+def _warm_rows(init: Tensor | None, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The rows of ``init`` as unit vectors (zero or non-finite rows dropped)."""
+    if init is None:
+        return torch.empty(0, n, device=device, dtype=dtype)
+    if not isinstance(init, Tensor):
+        raise TypeError(f"`init` must be a Tensor or None, got {type(init).__name__}")
+    if init.dim() not in (1, 2) or init.shape[-1] != n:
+        raise ValueError(
+            f"`init` must be a vector or rows with one entry per parameter element ({n}), "
+            f"got shape {tuple(init.shape)}"
+        )
+    rows = init.detach().reshape(-1, n).to(device=device, dtype=dtype, copy=True)
+    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    usable = (torch.isfinite(norms) & (norms > 0)).squeeze(1)
+    return rows[usable] / norms[usable]  # one host sync
+
+
+def _random_vector(n: int, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     # Drawn on the CPU from a private generator: the same vector on every device and rank.
     generator = torch.Generator().manual_seed(seed)
     v = torch.randn(n, generator=generator, dtype=dtype).to(device)

@@ -157,7 +157,9 @@ class EdgeOfStabilityRule:
 
     A freshly initialised model is often sharp for a step or two, so one probe above the edge
     is not enough: the rule fires when ``consecutive`` probes in a row read a margin above
-    ``threshold`` (default: two probes above 1), once per such run.
+    ``threshold`` (default: two probes above 1), once per such run. The prober feeds it only
+    probes whose eigenvalue converged: one that did not is skipped (it neither counts nor
+    breaks a run), and its ``sharpness_converged`` metric reads 0.
 
     Args:
         threshold: The margin that counts as past the edge (> 0).
@@ -192,7 +194,7 @@ class EdgeOfStabilityRule:
             kind=AlertKind.EDGE_OF_STABILITY,
             message=(
                 f"the lr is past the edge of stability: margin lr x sharpness / threshold = "
-                f"{margin:.3g} on {self.consecutive} probes in a row (above 1 means "
+                f"{margin:.3g} on {self.consecutive} converged probes in a row (above 1 means "
                 "unstable)"
             ),
             value=margin,
@@ -217,8 +219,8 @@ class CurvatureProber:
 
     Probes every ``CurvatureProbe.every_n_steps`` optimizer steps on the adapter's fixed probe
     batch, under :func:`probe_guard` (the training modes, one fixed dropout mask, everything
-    restored), warm-started from the previous probe's Ritz vector; scales the margin
-    by the lr factor of the next update; runs the edge rule; and turns an
+    restored), warm-started from the previous probe's leading Ritz vectors; scales the margin
+    by the lr factor of the next update; feeds converged probes to the edge rule; and turns an
     unsupported setup into one ``monitor`` alert and a probe that stays off.
 
     A loss function that returns None (no loss for this batch) reports nothing and keeps the
@@ -267,7 +269,8 @@ class CurvatureProber:
             distributed: Whether the probe's products are averaged over ranks.
 
         Returns:
-            The metrics (``sharpness``, ``stability_margin``) and the alerts to report.
+            The metrics (``sharpness``, ``stability_margin``, ``sharpness_residual``,
+            ``sharpness_converged``) and the alerts to report.
         """
         try:
             est = self._estimate(step, loss_fn, optimizer, module, distributed)
@@ -284,17 +287,24 @@ class CurvatureProber:
             return {}, [alert]
         self.accepts_batch = False
         result = est.result
-        self.vectors = result.vector
+        self.vectors = result.vectors
         if not math.isfinite(est.sharpness):
             return {}, []
         # The margin is proportional to the lr, and the monitor's own factor is applied inside
         # optimizer.step only: scale by the factor of the next update.
         margin = est.margin * lr_factor
         alerts = []
-        edge = self.edge_rule.update(step, margin)
-        if edge is not None:
-            alerts.append(edge)
-        return {"sharpness": est.sharpness, "stability_margin": margin}, alerts
+        if result.converged:  # an unconverged value never feeds the edge rule
+            edge = self.edge_rule.update(step, margin)
+            if edge is not None:
+                alerts.append(edge)
+        metrics = {
+            "sharpness": est.sharpness,
+            "stability_margin": margin,
+            "sharpness_residual": result.residual,
+            "sharpness_converged": 1.0 if result.converged else 0.0,
+        }
+        return metrics, alerts
 
     def _estimate(
         self,

@@ -204,7 +204,9 @@ def estimate_stability(
     tol: float = 1e-3,
     seed: int = 0,
     init: Tensor | None = None,
+    explore: int | None = None,
     return_vector: bool = False,
+    n_vectors: int = 3,
     reorthogonalize: bool = True,
     distributed: bool = False,
     process_group: Any = None,
@@ -230,8 +232,10 @@ def estimate_stability(
         max_iters: See :func:`top_hessian_eigenvalue`.
         tol: See :func:`top_hessian_eigenvalue`.
         seed: See :func:`top_hessian_eigenvalue`.
-        init: See :func:`top_hessian_eigenvalue` (a previous ``result.vector``).
+        init: See :func:`top_hessian_eigenvalue` (a previous ``result.vectors``).
+        explore: See :func:`top_hessian_eigenvalue`.
         return_vector: See :func:`top_hessian_eigenvalue`.
+        n_vectors: See :func:`top_hessian_eigenvalue`.
         reorthogonalize: See :func:`top_hessian_eigenvalue`.
         distributed: See :func:`top_hessian_eigenvalue`.
         process_group: See :func:`top_hessian_eigenvalue`.
@@ -280,7 +284,9 @@ def estimate_stability(
         preconditioner=precond,
         seed=seed,
         init=init,
+        explore=explore,
         return_vector=return_vector,
+        n_vectors=n_vectors,
         reorthogonalize=reorthogonalize,
         distributed=distributed,
         process_group=process_group,
