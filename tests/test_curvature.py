@@ -299,7 +299,13 @@ def test_sgd_threshold_is_the_edge_of_the_real_optimizer() -> None:
     """On a quadratic, torch's SGD stays bounded along curvatures just below the threshold and
     blows up along curvatures just above it: the table is the optimizer's, not a paper's."""
     factors = torch.tensor([0.9, 0.98, 1.02, 1.1])
-    cases: list[dict[str, Any]] = [{}, {"momentum": 0.9}, {"momentum": 0.9, "nesterov": True}]
+    cases: list[dict[str, Any]] = [
+        {},
+        {"momentum": 0.9},
+        {"momentum": 0.5, "dampening": 0.5},  # (2 + 2 beta) / (1 - dampening) = 6
+        {"momentum": 0.9, "dampening": 0.3},
+        {"momentum": 0.9, "nesterov": True},  # (2 + 2 beta) / (1 + 2 beta)
+    ]
     for kwargs in cases:
         w = torch.ones(4, requires_grad=True)
         opt = torch.optim.SGD([w], lr=0.1, **kwargs)

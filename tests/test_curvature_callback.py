@@ -43,28 +43,30 @@ def test_probe_logs_sharpness_and_margin_and_leaves_training_alone(
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     scalars = runs["probed"][1]
     assert sorted(scalars["warmup/sharpness"]) == [0, 2, 4, 6]
-    # Independent check at step 0: the dense Hessian of the loss on the probe batch (the
-    # first batch), with the weights after step 0, and SGD's threshold 2 / lr.
+    assert scalars["warmup/sharpness_converged"] == {0: 1.0, 2: 1.0, 4: 1.0, 6: 1.0}
+    # Independent check at every probe, the cold one (step 0) and the warm-started ones on
+    # the parameters training has moved since: the dense Hessian of the loss on the probe
+    # batch (the first batch) with the weights after that step, and SGD's threshold 2 / lr.
     model = runs["probed"][2]
-    first = [p.clone() for p in probed.after[0]]
     x, y = next(iter(make_loader()))  # the probe batch: the first training batch
     names = [n for n, _ in model.net.named_parameters()]
-
-    def loss_of(*flat: torch.Tensor) -> torch.Tensor:
-        params = dict(zip(names, flat, strict=True))
-        out = torch.func.functional_call(model.net, params, (x,))
-        return torch.nn.functional.mse_loss(out, y)
-
-    numel = [p.numel() for p in first]
+    numel = [p.numel() for p in model.net.parameters()]
+    shapes = [p.shape for p in model.net.parameters()]
 
     def flat_loss(v: torch.Tensor) -> torch.Tensor:
-        parts = torch.split(v, numel)
-        return loss_of(*[p.view_as(q) for p, q in zip(parts, first, strict=True)])
+        params = {n: t.view(s) for n, t, s in zip(names, v.split(numel), shapes, strict=True)}
+        out = torch.func.functional_call(model.net, params, (x.double(),))
+        return torch.nn.functional.mse_loss(out, y.double())
 
-    h = torch.autograd.functional.hessian(flat_loss, torch.cat([p.reshape(-1) for p in first]))
-    top = torch.linalg.eigvalsh(h.double()).max().item()
-    assert scalars["warmup/sharpness"][0] == pytest.approx(top, rel=1e-2)
-    assert scalars["warmup/stability_margin"][0] == pytest.approx(top * 0.05 / 2, rel=1e-2)
+    tops = {}
+    for step in (0, 2, 4, 6):
+        flat = torch.cat([p.reshape(-1) for p in probed.after[step]]).double()
+        hessian = torch.autograd.functional.hessian(flat_loss, flat)
+        tops[step] = torch.linalg.eigvalsh(hessian).max().item()
+        assert scalars["warmup/sharpness"][step] == pytest.approx(tops[step], rel=1e-2)
+        margin = scalars["warmup/stability_margin"][step]
+        assert margin == pytest.approx(tops[step] * 0.05 / 2, rel=1e-2)
+    assert len({round(v, 4) for v in tops.values()}) == 4  # the parameters did move
 
 
 def test_edge_rule_needs_two_probes_in_a_row() -> None:
