@@ -639,6 +639,7 @@ def test_a_probe_without_a_loss_reports_nothing_and_asks_for_the_next_batch() ->
         1, opt, lambda: F.mse_loss(model(x), y), model, lr_factor=1.0, distributed=False
     )
     assert alerts == [] and not prober.accepts_batch
+    assert prober.estimate is not None and prober.estimate.sharpness == metrics["sharpness"]
     hessian = _dense_hessian(model, lambda fwd: F.mse_loss(fwd(x), y.double()))
     assert _rel(metrics["sharpness"], torch.linalg.eigvalsh(hessian)[-1].item()) < 1e-2
     assert [s for s in range(2, 12) if prober.due(s)] == [5, 10]  # back on the interval

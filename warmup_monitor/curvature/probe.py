@@ -235,6 +235,8 @@ class CurvatureProber:
         self.config = config
         self.edge_rule = EdgeOfStabilityRule()
         self.vectors: Tensor | None = None
+        #: The last probe's estimate (its ``result`` holds the products it took and the time).
+        self.estimate: StabilityEstimate | None = None
         self.disabled = False
         #: True after a probe whose loss function returned None: the adapter should replace
         #: its probe batch with the next training batch (the probe is due at the next step).
@@ -286,6 +288,7 @@ class CurvatureProber:
             )
             return {}, [alert]
         self.accepts_batch = False
+        self.estimate = est
         result = est.result
         self.vectors = result.vectors
         if not math.isfinite(est.sharpness):
@@ -344,6 +347,7 @@ class CurvatureProber:
         """Forget the warm start and the edge rule's run (a fresh watch)."""
         self.edge_rule.reset()
         self.vectors = None
+        self.estimate = None
         self.disabled = False
         self.accepts_batch = False
 
