@@ -679,7 +679,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arg("--warm-start", action="store_true", help="also time a probe warm-started (cost)")
     arg("--intervals", type=int, nargs="+", default=None)
     arg("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5], help="eos")
-    arg("--lrs", type=float, nargs="+", default=[0.1, 0.3], help="eos")
+    arg("--lrs", type=float, nargs="+", default=[0.2, 0.3], help="eos")
     arg("--width", type=int, default=12, help="eos: hidden width (12: 253 parameters)")
     arg("--spike-factor", type=float, default=1.2)
     arg(

@@ -278,9 +278,9 @@ def _rayleigh_ritz(
     the exploration finds it already there, at no cost). Returns ``(top Ritz value, its
     residual norm, products, converged, the top `keep` Ritz vectors as rows)``.
     """
-    n, dtype = random.shape[0], random.dtype
-    basis = random.new_empty(max_iters, n)  # orthonormal rows
-    images = random.new_empty(max_iters, n)  # operator(basis[i])
+    # The basis and its images grow one vector per product (memory: the products taken).
+    basis: list[Tensor] = []  # orthonormal
+    images: list[Tensor] = []  # operator(basis[i])
     proj = torch.zeros(max_iters, max_iters, dtype=torch.float64)  # basis A basis^T
     m = 0  # products so far
 
@@ -290,14 +290,15 @@ def _rayleigh_ritz(
         nonlocal m
         before = torch.linalg.vector_norm(v)
         for _ in range(2 if m else 0):
-            v = v - basis[:m].T @ (basis[:m] @ v)
+            for c, b in zip(_dots(basis, v).unbind(), basis, strict=True):
+                v.sub_(b * c)
         after = torch.linalg.vector_norm(v)
         norms = torch.stack([before, after]).tolist()  # host read
         if not (math.isfinite(norms[1]) and norms[1] > _BREAKDOWN * norms[0]):
             return False
-        basis[m] = v / norms[1]
-        images[m] = operator(basis[m])
-        row = (basis[: m + 1] @ images[m]).double().cpu()  # host read
+        basis.append(v.div_(norms[1]))
+        images.append(operator(v))
+        row = _dots(basis, images[m]).double().cpu()  # host read
         proj[m, : m + 1] = row
         proj[: m + 1, m] = row
         m += 1
@@ -307,12 +308,12 @@ def _rayleigh_ritz(
         """Top Ritz value, its residual norm and vector, and every Ritz vector's coefficients."""
         evals, coeffs = torch.linalg.eigh(proj[:m, :m])
         theta = float(evals[-1])
-        z = coeffs[:, -1].to(device=random.device, dtype=dtype)
-        resid = z @ images[:m] - theta * (z @ basis[:m])
+        z = coeffs[:, -1].tolist()
+        resid = _combine(z, images).sub_(_combine(z, basis), alpha=theta)
         return theta, float(torch.linalg.vector_norm(resid)), resid, coeffs  # host read
 
     for v in warm[:max_iters]:
-        expand(v)
+        expand(v.clone())
     stale = False
     if m and explore != 0:
         # Is the previous probe's subspace still nearly invariant? Its top Ritz residual says.
@@ -343,7 +344,7 @@ def _rayleigh_ritz(
             if not expand(resid):  # converge the top pair
                 break  # round-off took over
         else:  # explore: the next direction of the random Krylov space (free if inside)
-            image = (basis[:m] @ chain) @ images[:m]
+            image = _combine(_dots(basis, chain).tolist(), images)
             norm = float(torch.linalg.vector_norm(image))  # host read
             if not (math.isfinite(norm) and norm > 0):
                 break
@@ -352,10 +353,22 @@ def _rayleigh_ritz(
             expand(chain.clone())
     vectors = None
     if keep and m and math.isfinite(theta):
-        k = min(keep, m)
-        top = coeffs[:, -k:].flip(1).T.to(device=random.device, dtype=dtype)
-        vectors = top @ basis[:m]
+        top = coeffs[:, -min(keep, m) :].flip(1).T.tolist()
+        vectors = torch.stack([_combine(z, basis) for z in top])
     return theta, residual, m, converged, vectors
+
+
+def _dots(rows: list[Tensor], v: Tensor) -> Tensor:
+    """``[r . v for r in rows]`` on the device."""
+    return torch.stack([torch.dot(r, v) for r in rows])
+
+
+def _combine(coeffs: list[float], rows: list[Tensor]) -> Tensor:
+    """``sum(c * r)`` over ``coeffs`` and ``rows``."""
+    out = torch.zeros_like(rows[0])
+    for c, r in zip(coeffs, rows, strict=True):
+        out.add_(r, alpha=c)
+    return out
 
 
 def _three_term_lanczos(
