@@ -713,14 +713,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "steps": 40,
             "probe_every": 1,
         },
-        "eos": {"intervals": [10, 50, 250]},
+        "eos": {},
         "report": {},
     }[args.what]
-    if args.intervals is None:
-        args.intervals = [10, 25, 50, 100, 200]
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.intervals is None:  # cost: the overhead table; eos: the probe intervals
+        args.intervals = [10, 25, 50, 100, 200]
     return args
 
 
