@@ -320,12 +320,12 @@ def _rayleigh_ritz(
         theta, residual, _, _ = top_pair()
         stale = not residual <= _STALE * abs(theta)
     floor = _explore_floor(explore, m, stale, max_iters)
-    # The random Krylov space: `chain` is its newest unit vector, always inside the subspace,
-    # so that its image is a combination of the images already computed.
-    chain, krylov = random, 0
-    if (explore != 0 or m == 0) and m < max_iters:
-        expand(random.clone())
-        krylov = 1
+    # The Krylov space of `random`, by Lanczos on it alone: `chain` holds its orthonormal
+    # vectors as coefficients in the basis (they lie in the subspace), so the image of the
+    # newest one is a combination of the images already computed.
+    chain: list[Tensor] = []
+    if (explore != 0 or m == 0) and m < max_iters and expand(random.clone()):
+        chain.append(_dots(basis, random).double().cpu())
     theta, residual, converged = math.nan, math.nan, False
     coeffs = torch.ones(1, 1, dtype=torch.float64)
     while m:
@@ -333,9 +333,8 @@ def _rayleigh_ritz(
             theta, residual = math.nan, math.nan
             break
         theta, residual, resid, coeffs = top_pair()
-        spread = float(torch.linalg.eigvalsh(proj[:m, :m]).abs().max())
-        invariant = residual <= _BREAKDOWN * spread
-        if (residual <= tol * abs(theta) and krylov >= floor) or invariant:
+        # A small residual, even a zero one, proves an eigenpair, not the top one: explore on.
+        if residual <= tol * abs(theta) and len(chain) >= floor:
             converged = True
             break
         if m == max_iters:
@@ -343,19 +342,39 @@ def _rayleigh_ritz(
         if residual > tol * abs(theta):
             if not expand(resid):  # converge the top pair
                 break  # round-off took over
-        else:  # explore: the next direction of the random Krylov space (free if inside)
-            image = _combine(_dots(basis, chain).tolist(), images)
-            norm = float(torch.linalg.vector_norm(image))  # host read
-            if not (math.isfinite(norm) and norm > 0):
-                break
-            chain = image / norm
-            krylov += 1
-            expand(chain.clone())
+        elif not chain or not _extend_chain(chain, basis, images, expand):
+            floor = 0  # the random Krylov space is exhausted (invariant): nothing left to find
     vectors = None
     if keep and m and math.isfinite(theta):
         top = coeffs[:, -min(keep, m) :].flip(1).T.tolist()
         vectors = torch.stack([_combine(z, basis) for z in top])
     return theta, residual, m, converged, vectors
+
+
+def _extend_chain(
+    chain: list[Tensor],
+    basis: list[Tensor],
+    images: list[Tensor],
+    expand: Callable[[Tensor], bool],
+) -> bool:
+    """One Lanczos step on the random vector alone: the image of its newest vector (free: a
+    combination of ``images``), orthogonalised against its earlier ones, added to the subspace
+    (one product if it points outside it). False when nothing new is left."""
+    pad = [torch.nn.functional.pad(a, (0, len(basis) - len(a))) for a in chain]
+    w = _combine(pad[-1].tolist(), images)
+    inside = _dots(basis, w).double().cpu()  # host read
+    before = float(torch.linalg.vector_norm(w))
+    for _ in range(2):  # against the chain's own vectors, in the basis' coordinates
+        h = torch.stack([a @ inside for a in pad])
+        shift = (h[:, None] * torch.stack(pad)).sum(0)
+        w = w.sub_(_combine(shift.tolist(), basis))
+        inside = inside - shift
+    norm = float(torch.linalg.vector_norm(w))  # host read
+    if not (math.isfinite(norm) and norm > _BREAKDOWN * before):
+        return False
+    expand(w.div_(norm).clone())
+    chain.append(_dots(basis, w).double().cpu())  # host read
+    return True
 
 
 def _dots(rows: list[Tensor], v: Tensor) -> Tensor:
