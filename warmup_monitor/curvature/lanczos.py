@@ -35,6 +35,8 @@ _BREAKDOWN = 1e-6
 # (their top Ritz residual above _STALE x the Ritz value: the operator moved since they were
 # computed); and from warm-start vectors that still do. Chosen on the edge-of-stability runs
 # of benchmarks/curvature.py (README_curvature.md).
+# A random Krylov direction with no more than this fraction outside the subspace is inside it.
+_INSIDE = 1e-3
 _EXPLORE_COLD = 16
 _EXPLORE_STALE = 8
 _EXPLORE_FRESH = 3
@@ -284,9 +286,10 @@ def _rayleigh_ritz(
     proj = torch.zeros(max_iters, max_iters, dtype=torch.float64)  # basis A basis^T
     m = 0  # products so far
 
-    def expand(v: Tensor) -> bool:
+    def expand(v: Tensor, inside: float = _BREAKDOWN) -> bool | None:
         """Orthonormalise ``v`` against the basis (twice: "twice is enough") and add it with
-        its image; False when nothing is left of it."""
+        its image: True; False when no more than ``inside`` of it is left; None when it would
+        need a product beyond ``max_iters``."""
         nonlocal m
         before = torch.linalg.vector_norm(v)
         for _ in range(2 if m else 0):
@@ -294,8 +297,10 @@ def _rayleigh_ritz(
                 v.sub_(b * c)
         after = torch.linalg.vector_norm(v)
         norms = torch.stack([before, after]).tolist()  # host read
-        if not (math.isfinite(norms[1]) and norms[1] > _BREAKDOWN * norms[0]):
+        if not (math.isfinite(norms[1]) and norms[1] > inside * norms[0]):
             return False
+        if m == max_iters:
+            return None
         basis.append(v.div_(norms[1]))
         images.append(operator(v))
         row = _dots(basis, images[m]).double().cpu()  # host read
@@ -337,12 +342,14 @@ def _rayleigh_ritz(
         if residual <= tol * abs(theta) and len(chain) >= floor:
             converged = True
             break
-        if m == max_iters:
-            break
         if residual > tol * abs(theta):
             if not expand(resid):  # converge the top pair
-                break  # round-off took over
-        elif not chain or not _extend_chain(chain, basis, images, expand):
+                break  # the budget is spent, or round-off took over
+            continue
+        extended = _extend_chain(chain, basis, images, expand) if chain else False
+        if extended is None:
+            break  # the budget is spent
+        if not extended:
             floor = 0  # the random Krylov space is exhausted (invariant): nothing left to find
     vectors = None
     if keep and m and math.isfinite(theta):
@@ -355,11 +362,12 @@ def _extend_chain(
     chain: list[Tensor],
     basis: list[Tensor],
     images: list[Tensor],
-    expand: Callable[[Tensor], bool],
-) -> bool:
+    expand: Callable[[Tensor, float], bool | None],
+) -> bool | None:
     """One Lanczos step on the random vector alone: the image of its newest vector (free: a
     combination of ``images``), orthogonalised against its earlier ones, added to the subspace
-    (one product if it points outside it). False when nothing new is left."""
+    (one product if it points outside it): True. False when nothing new is left; None when
+    the product is beyond the budget."""
     pad = [torch.nn.functional.pad(a, (0, len(basis) - len(a))) for a in chain]
     w = _combine(pad[-1].tolist(), images)
     inside = _dots(basis, w).double().cpu()  # host read
@@ -372,7 +380,9 @@ def _extend_chain(
     norm = float(torch.linalg.vector_norm(w))  # host read
     if not (math.isfinite(norm) and norm > _BREAKDOWN * before):
         return False
-    expand(w.div_(norm).clone())
+    # Inside the subspace up to float32 round-off of the images: explored, at no cost.
+    if expand(w.div_(norm).clone(), _INSIDE) is None:
+        return None
     chain.append(_dots(basis, w).double().cpu())  # host read
     return True
 
