@@ -37,9 +37,9 @@ _BREAKDOWN = 1e-6
 # of benchmarks/curvature.py (README_curvature.md).
 # A random Krylov direction with no more than this fraction outside the subspace is inside it.
 _INSIDE = 1e-3
-_EXPLORE_COLD = 16
-_EXPLORE_STALE = 8
-_EXPLORE_FRESH = 3
+_EXPLORE_COLD = 12
+_EXPLORE_STALE = 6
+_EXPLORE_FRESH = 2
 _STALE = 0.1
 
 
@@ -118,9 +118,9 @@ def top_hessian_eigenvalue(
 
     The residual test proves that *some* eigenvalue lies within ``tol * |theta|`` of ``theta``,
     not that it is the top one: that rests on the subspace, hence ``converged`` also asks for
-    ``explore`` random Krylov dimensions. The default (None) is 16 from a cold start, 8 when the
+    ``explore`` random Krylov dimensions. The default (None) is 12 from a cold start, 6 when the
     warm rows no longer span a nearly invariant subspace (their top Ritz residual above 10% of
-    the Ritz value: the operator moved since they were computed) and 3 when they still do
+    the Ritz value: the operator moved since they were computed) and 2 when they still do
     (all capped by ``max_iters``); on the edge-of-stability runs of
     ``benchmarks/curvature.py`` no converged value was more than 2% below the top eigenvalue.
 
