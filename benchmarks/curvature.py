@@ -1,6 +1,14 @@
-"""Curvature probe benchmarks on the example character transformer.
+"""Curvature probe benchmarks: its accuracy through the edge of stability, and its cost and
+margins on the example character transformer.
 
-Two measurements, printed as Markdown tables (and written as JSON with ``--json``):
+Three measurements, printed as Markdown tables (and written as JSON with ``--json``):
+
+``eos``
+    Full-batch gradient descent on a small tanh MLP through the edge of stability (Cohen et
+    al. 2021), probed every ``--intervals`` steps by the monitor's prober with its defaults,
+    warm-started as in the monitor, and by the previous release's probe (a lone warm-start
+    vector); every probe against the dense Hessian's top eigenvalue, with the Hessian-vector
+    products and CPU time per probe. Seeds, learning rates and intervals are options.
 
 ``cost``
     Time of one curvature probe (:func:`warmup_monitor.curvature.estimate_stability` under
@@ -18,9 +26,10 @@ Both are plain PyTorch loops (no Lightning): the model, data and lr schedule are
 defined here (the output says which). A plain loop is the cheapest possible training step, so
 the overhead it reports is an upper bound for the same model under a Lightning Trainer.
 
-Run from the repository root (one CPU thread; about 5 minutes for ``cost``, 10-20 for
+Run from the repository root (one CPU thread; a few minutes for ``eos`` and ``cost``, 10-20 for
 ``spike`` with its defaults, which probe before every update)::
 
+    .venv/bin/python benchmarks/curvature.py eos
     .venv/bin/python benchmarks/curvature.py cost --warm-start
     .venv/bin/python benchmarks/curvature.py spike --json spike.json
     .venv/bin/python benchmarks/curvature.py report --json spike.json
@@ -31,6 +40,7 @@ Run from the repository root (one CPU thread; about 5 minutes for ``cost``, 10-2
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import itertools
 import json
@@ -50,7 +60,12 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from warmup_monitor.curvature import estimate_stability, probe_guard  # noqa: E402
+from warmup_monitor import CurvatureProbe  # noqa: E402
+from warmup_monitor.curvature import (  # noqa: E402
+    CurvatureProber,
+    estimate_stability,
+    probe_guard,
+)
 
 # --------------------------------------------------------------------------------------------
 # The model: the example's, or an equivalent one
@@ -221,8 +236,13 @@ def probe(
     max_iters: int,
     tol: float,
     init: Tensor | None = None,
-    return_vector: bool = False,
+    explore: int | None = None,
+    seed: int = 0,
 ) -> Any:
+    """One probe as the monitor runs it: the training modes, a fixed dropout mask, everything
+    restored; ``init``: the previous probe's ``result.vectors`` (a warm start);
+    ``explore=0`` with a single ``init`` vector: the previous release's probe (a lone warm
+    start, no random vector)."""
     with probe_guard(model):
         return estimate_stability(
             lambda: loss_fn(model, batch),
@@ -230,7 +250,9 @@ def probe(
             max_iters=max_iters,
             tol=tol,
             init=init,
-            return_vector=return_vector,
+            explore=explore,
+            seed=seed,
+            return_vector=True,
         )
 
 
@@ -249,7 +271,8 @@ def run_cost(args: argparse.Namespace) -> dict[str, Any]:
 
     steps: list[Clock] = []
     probes: list[dict[str, Any]] = []
-    vector: Tensor | None = None
+    vectors: Tensor | None = None
+    old_vector: Tensor | None = None
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = warmup_lr(step, args.lr, args.warmup_steps)
@@ -270,29 +293,39 @@ def run_cost(args: argparse.Namespace) -> dict[str, Any]:
                 "wall": cold_clock.wall,
                 "cpu": cold_clock.cpu,
             }
-            if args.warm_start:  # from the previous probe's Ritz vector
+            if args.warm_start:  # from the previous probe's Ritz vectors, as the monitor does
                 with Clock() as warm_clock:
                     warm = probe(
-                        model,
-                        opt,
-                        probe_batch,
-                        args.max_iters,
-                        args.tol,
-                        init=vector,
-                        return_vector=True,
+                        model, opt, probe_batch, args.max_iters, args.tol, init=vectors, seed=step
                     )
-                vector = warm.result.vector
+                vectors = warm.result.vectors
+                # The previous release's probe: a lone warm-start vector, no exploration.
+                with Clock() as old_clock:
+                    old = probe(
+                        model, opt, probe_batch, args.max_iters, args.tol, init=old_vector,
+                        explore=0,
+                    )  # fmt: skip
+                old_vector = old.result.vector
                 row.update(
                     warm_iters=warm.result.iterations,
                     warm_cpu=warm_clock.cpu,
                     warm_sharpness=warm.sharpness,
+                    warm_converged=warm.result.converged,
+                    old_iters=old.result.iterations,
+                    old_cpu=old_clock.cpu,
+                    old_sharpness=old.sharpness,
                 )
             probes.append(row)
             print(
                 f"  step {row['step']:4d}: sharpness {row['sharpness']:10.2f}  margin "
                 f"{row['margin']:.4f}  iters {row['iters']:2d}  conv {row['converged']!s:5}  "
                 f"probe {row['cpu']:.2f} s cpu / {row['wall']:.2f} s wall"
-                + (f"  warm iters {row['warm_iters']}" if "warm_iters" in row else "")
+                + (
+                    f"  warm: {row['warm_sharpness']:.2f}, {row['warm_iters']} HVPs; "
+                    f"lone warm vector: {row['old_sharpness']:.2f}, {row['old_iters']} HVPs"
+                    if "warm_iters" in row
+                    else ""
+                )
             )
 
     step_cpu = statistics.median(c.cpu for c in steps)
@@ -311,16 +344,20 @@ def run_cost(args: argparse.Namespace) -> dict[str, Any]:
         f"{probe_wall:.2f} s |"
     )
     print(f"| probe / step | **{ratio_cpu:.1f}x** | {ratio_wall:.1f}x |")
-    # Warm-started probes (from the previous probe's Ritz vector; the first one had none).
+    # Warm-started probes (from the previous probe's Ritz vectors; the first one had none).
     warm_rows = [p for p in probes[1:] if "warm_cpu" in p]
-    ratio_warm = None
+    ratio_warm = ratio_old = None
     if warm_rows:
         warm_cpu = statistics.median(p["warm_cpu"] for p in warm_rows)
         warm_iters = statistics.median(p["warm_iters"] for p in warm_rows)
-        ratio_warm = warm_cpu / step_cpu
+        old_cpu = statistics.median(p["old_cpu"] for p in warm_rows)
+        old_iters = statistics.median(p["old_iters"] for p in warm_rows)
+        ratio_warm, ratio_old = warm_cpu / step_cpu, old_cpu / step_cpu
         print(
             f"| warm-started probe (median of {len(warm_rows)}, {warm_iters:g} HVPs) | "
-            f"{warm_cpu:.2f} s | |\n| warm probe / step | **{ratio_warm:.1f}x** | |"
+            f"{warm_cpu:.2f} s | |\n| warm probe / step | **{ratio_warm:.1f}x** | |\n"
+            f"| lone warm vector, the previous release (median, {old_iters:g} HVPs) | "
+            f"{old_cpu:.2f} s | |\n| its probe / step | {ratio_old:.1f}x | |"
         )
     print(f"\none Hessian-vector product ~ {per_hvp:.2f} training steps (CPU time)\n")
     print("| probe every N steps | average overhead, cold | warm-started |\n|---|---|---|")
@@ -329,13 +366,6 @@ def run_cost(args: argparse.Namespace) -> dict[str, Any]:
         overhead[n] = ratio_cpu / n
         warm = f"{100 * ratio_warm / n:.1f}%" if ratio_warm is not None else "-"
         print(f"| {n} | {100 * overhead[n]:.1f}% | {warm} |")
-    for budget in (0.05,):
-        cold_n = math.ceil(ratio_cpu / budget)
-        warm_n = math.ceil(ratio_warm / budget) if ratio_warm is not None else None
-        print(
-            f"\nProbeBudget({budget}) would probe every {cold_n} steps cold"
-            + (f", {warm_n} warm-started" if warm_n is not None else "")
-        )
     return {
         "model": desc,
         "optimizer": args.optimizer,
@@ -348,6 +378,7 @@ def run_cost(args: argparse.Namespace) -> dict[str, Any]:
         "probe_over_step_wall": ratio_wall,
         "median_iterations": iters,
         "warm_probe_over_step_cpu": ratio_warm,
+        "old_warm_probe_over_step_cpu": ratio_old,
         "overhead_by_interval": overhead,
         "probes": probes,
     }
@@ -413,6 +444,7 @@ def run_spike(args: argparse.Namespace) -> dict[str, Any]:
     losses: list[float] = []
     lrs: list[float] = []
     margins: dict[int, dict[str, Any]] = {}
+    vectors: Tensor | None = None
     for step in range(args.steps):
         lr = warmup_lr(step, args.lr, args.warmup_steps)
         for group in opt.param_groups:
@@ -420,7 +452,9 @@ def run_spike(args: argparse.Namespace) -> dict[str, Any]:
         batch = next(batches)
         if step % args.probe_every == 0 and (args.optimizer == "sgd" or step > 0):
             # Before the update of step `step`, with the lr it will use: the margin of this update.
-            est = probe(model, opt, probe_batch, args.max_iters, args.tol)
+            # Warm-started from the previous probe, as the monitor does.
+            est = probe(model, opt, probe_batch, args.max_iters, args.tol, vectors, seed=step)
+            vectors = est.result.vectors
             with probe_guard(model), torch.no_grad():
                 probe_loss = float(loss_fn(model, probe_batch))
             row = {
@@ -473,6 +507,155 @@ def _print_spike_analysis(results: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# eos
+# --------------------------------------------------------------------------------------------
+
+
+def _eos_problem(seed: int, width: int) -> tuple[nn.Module, Tensor, Tensor]:
+    """A tanh MLP (6 -> width -> width -> 1) and 128 random regression targets: full-batch GD
+    on MSE sharpens until the sharpness reaches 2 / lr, then hovers there."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(128, 6, generator=g), torch.randn(128, 1, generator=g)
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(6, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)
+    )
+    return model, x, y
+
+
+def _dense_top(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """The top eigenvalue of the dense float64 Hessian of the full-batch loss."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+    model64 = copy.deepcopy(model).double()
+
+    def loss(flat: Tensor) -> Tensor:
+        params = {n: t.view(s) for n, t, s in zip(names, flat.split(sizes), shapes, strict=True)}
+        out = torch.func.functional_call(model64, params, (x.double(),))
+        return F.mse_loss(out, y.double())
+
+    return float(torch.linalg.eigvalsh(torch.func.hessian(loss)(flat0))[-1])
+
+
+def eos_run(seed: int, width: int, lr: float, every: int, steps: int) -> dict[str, Any]:
+    """One GD run, probed every ``every`` steps by the monitor's prober (the defaults) and by
+    the previous release's probe (a lone warm-start vector, tol 1e-2, 20 products), each
+    against the dense Hessian."""
+    model, x, y = _eos_problem(seed, width)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    prober = CurvatureProber(CurvatureProbe(every_n_steps=every))
+
+    def loss() -> Tensor:
+        return F.mse_loss(model(x), y)
+
+    old_vector: Tensor | None = None
+    rows = []
+    for step in range(steps):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+        if not prober.due(step):
+            continue
+        with Clock() as new_clock:
+            metrics, _ = prober.probe(step, opt, loss, model, lr_factor=1.0, distributed=False)
+        with Clock() as old_clock:
+            old = probe_old(model, opt, loss, old_vector)
+        old_vector = old.result.vector
+        new = prober.estimate
+        if new is None or not math.isfinite(new.sharpness):
+            break  # diverged
+        rows.append(
+            {
+                "step": step,
+                "top": _dense_top(model, x, y),
+                "new": new.sharpness,
+                "new_converged": bool(metrics["sharpness_converged"]),
+                "new_hvps": new.result.iterations,
+                "new_cpu": new_clock.cpu,
+                "old": old.sharpness,
+                "old_hvps": old.result.iterations,
+                "old_cpu": old_clock.cpu,
+            }
+        )
+    return {"seed": seed, "width": width, "lr": lr, "every": every, "rows": rows}
+
+
+def probe_old(
+    model: nn.Module, opt: torch.optim.Optimizer, loss: Any, vector: Tensor | None
+) -> Any:
+    """The previous release's probe: Lanczos from the last Ritz vector alone, tol 1e-2."""
+    with probe_guard(model):
+        return estimate_stability(
+            loss, opt, max_iters=20, tol=1e-2, init=vector, explore=0, return_vector=True
+        )
+
+
+def _eos_summary(run: dict[str, Any]) -> dict[str, Any]:
+    rows = run["rows"]
+    new_err = [(r["top"] - r["new"]) / r["top"] for r in rows]
+    old_err = [(r["top"] - r["old"]) / r["top"] for r in rows]
+    return {
+        "probes": len(rows),
+        "new_worst": max(new_err),
+        "new_misses": sum(e > 0.02 for e in new_err),
+        "new_unconverged": sum(not r["new_converged"] for r in rows),
+        "new_missed_converged": sum(
+            e > 0.02 and r["new_converged"] for e, r in zip(new_err, rows, strict=True)
+        ),
+        "new_hvps": statistics.mean(r["new_hvps"] for r in rows),
+        "new_cpu_ms": 1e3 * statistics.mean(r["new_cpu"] for r in rows),
+        "old_worst": max(old_err),
+        "old_misses": sum(e > 0.02 for e in old_err),
+        "old_hvps": statistics.mean(r["old_hvps"] for r in rows),
+        "old_cpu_ms": 1e3 * statistics.mean(r["old_cpu"] for r in rows),
+    }
+
+
+def run_eos(args: argparse.Namespace) -> dict[str, Any]:
+    print(
+        "Full-batch GD on a tanh MLP through the edge of stability; each probe against the "
+        "dense Hessian (worst: the largest relative shortfall; misses: probes > 2% below)"
+    )
+    print(
+        "\n| seed | width | lr | every | probes | now: worst | misses | unconverged | HVPs "
+        "| ms | before: worst | misses | HVPs | ms |\n|" + "---|" * 14
+    )
+    runs = []
+    total = {"probes": 0, "new_misses": 0, "new_unconverged": 0, "old_misses": 0}
+    hvps = {"new": 0.0, "old": 0.0}
+    for every in args.intervals:
+        for lr in args.lrs:
+            for seed in args.seeds:
+                steps = args.steps or int(240 / lr)
+                run = eos_run(seed, args.width, lr, every, steps)
+                summary = _eos_summary(run)
+                run["summary"] = summary
+                runs.append(run)
+                for key in total:
+                    total[key] += summary[key]
+                hvps["new"] += summary["new_hvps"] * summary["probes"]
+                hvps["old"] += summary["old_hvps"] * summary["probes"]
+                print(
+                    f"| {seed} | {args.width} | {lr} | {every} | {summary['probes']} | "
+                    f"{100 * summary['new_worst']:.2f}% | {summary['new_misses']} | "
+                    f"{summary['new_unconverged']} | {summary['new_hvps']:.1f} | "
+                    f"{summary['new_cpu_ms']:.1f} | {100 * summary['old_worst']:.2f}% | "
+                    f"{summary['old_misses']} | {summary['old_hvps']:.1f} | "
+                    f"{summary['old_cpu_ms']:.1f} |",
+                    flush=True,
+                )
+    n = max(total["probes"], 1)
+    print(
+        f"\nall: {total['probes']} probes; now {total['new_misses']} misses > 2% "
+        f"({total['new_unconverged']} unconverged), {hvps['new'] / n:.2f} HVPs per probe; "
+        f"before {total['old_misses']} misses, {hvps['old'] / n:.2f} HVPs per probe"
+    )
+    return {"runs": runs, "total": total, "hvps_per_probe": {k: v / n for k, v in hvps.items()}}
+
+
+# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 
@@ -481,7 +664,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument(
         "what",
-        choices=["cost", "spike", "report"],
+        choices=["cost", "spike", "eos", "report"],
         help="report: analyse the spikes of a saved `spike --json` file",
     )
     arg = parser.add_argument
@@ -494,7 +677,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arg("--max-iters", type=int, default=20)
     arg("--tol", type=float, default=1e-2)
     arg("--warm-start", action="store_true", help="also time a probe warm-started (cost)")
-    arg("--intervals", type=int, nargs="+", default=[10, 25, 50, 100, 200])
+    arg("--intervals", type=int, nargs="+", default=None)
+    arg("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5], help="eos")
+    arg("--lrs", type=float, nargs="+", default=[0.2, 0.3], help="eos")
+    arg("--width", type=int, default=12, help="eos: hidden width (12: 253 parameters)")
     arg("--spike-factor", type=float, default=1.2)
     arg(
         "--step-batch-margin",
@@ -527,11 +713,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "steps": 40,
             "probe_every": 1,
         },
+        "eos": {},
         "report": {},
     }[args.what]
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.intervals is None:  # cost: the overhead table; eos: the probe intervals
+        args.intervals = [10, 25, 50, 100, 200]
     return args
 
 
@@ -542,7 +731,8 @@ def main(argv: list[str] | None = None) -> None:
         results = json.loads(Path(args.json).read_text())
         _print_spike_analysis(results)
         return
-    results = run_cost(args) if args.what == "cost" else run_spike(args)
+    runner = {"cost": run_cost, "spike": run_spike, "eos": run_eos}[args.what]
+    results = runner(args)
     if args.what == "spike":
         _print_spike_analysis(results)
     if args.json:

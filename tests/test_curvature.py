@@ -5,20 +5,23 @@ from __future__ import annotations
 import copy
 import math
 import os
+import random
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import warmup_monitor.curvature
+from warmup_monitor import CurvatureProbe
 from warmup_monitor.curvature import (
-    ProbeBudget,
+    CurvatureProber,
     SharpnessResult,
     adam_preconditioner,
     estimate_stability,
@@ -154,6 +157,48 @@ def test_warm_start_and_seed() -> None:
     assert again.value == cold.value and again.iterations == cold.iterations  # deterministic
 
 
+def test_warm_block_and_leading_ritz_vectors() -> None:
+    model, x, y = _mlp(seed=2)
+    params = list(model.parameters())
+
+    def loss() -> Tensor:
+        return F.mse_loss(model(x), y)
+
+    cold = top_hessian_eigenvalue(loss, params, max_iters=30, tol=1e-4, return_vector=True)
+    assert cold.vectors is not None and cold.vectors.shape == (3, 71)
+    gram = cold.vectors @ cold.vectors.T
+    torch.testing.assert_close(gram, torch.eye(3), atol=1e-5, rtol=0)  # orthonormal rows
+    assert cold.vector is not None and torch.equal(cold.vector, cold.vectors[0])
+    hessian = _dense_hessian(model, lambda fwd: F.mse_loss(fwd(x), y.double())).float()
+    ritz = torch.diag(cold.vectors @ hessian @ cold.vectors.T)
+    expected = torch.linalg.eigvalsh(hessian.double())[-3:].flip(0).float()
+    assert _rel(float(ritz[0]), float(expected[0])) < 1e-3  # the top pair converged
+    assert bool((ritz <= expected * (1 + 1e-5)).all())  # Ritz values interlace from below
+    assert bool((ritz[:-1] >= ritz[1:]).all())  # in order
+    # Warm-started from the block (and a random vector): fewer products, the same value.
+    warm = top_hessian_eigenvalue(loss, params, max_iters=30, tol=1e-4, init=cold.vectors)
+    assert warm.converged and warm.iterations < cold.iterations
+    assert _rel(warm.value, cold.value) < 1e-4
+
+
+def test_convergence_waits_for_the_random_krylov_floor() -> None:
+    """The residual test passes after ~9 products here (a well separated top eigenvalue), but a
+    converged cold probe must also hold 12 dimensions of its random vector's Krylov space."""
+    model, x, y = _mlp(seed=2)
+    params = list(model.parameters())
+
+    def loss() -> Tensor:
+        return F.mse_loss(model(x), y)
+
+    quick = top_hessian_eigenvalue(loss, params, tol=1e-2, explore=1)
+    cold = top_hessian_eigenvalue(loss, params, tol=1e-2)
+    assert quick.converged and quick.iterations < 12
+    assert cold.converged and 12 <= cold.iterations <= 14  # (round-off may add a direction)
+    assert _rel(cold.value, quick.value) < 1e-2
+    short = top_hessian_eigenvalue(loss, params, tol=1e-2, max_iters=10)  # floor capped at 10
+    assert short.converged and short.iterations == 10
+
+
 def test_budget_exhausted_is_reported_not_converged() -> None:
     eigs = [1.0 + 0.01 * i for i in range(40)]  # clustered: slow to separate
     _, params, loss = _quadratic(eigs, seed=1)
@@ -274,7 +319,13 @@ def test_sgd_threshold_is_the_edge_of_the_real_optimizer() -> None:
     """On a quadratic, torch's SGD stays bounded along curvatures just below the threshold and
     blows up along curvatures just above it: the table is the optimizer's, not a paper's."""
     factors = torch.tensor([0.9, 0.98, 1.02, 1.1])
-    cases: list[dict[str, Any]] = [{}, {"momentum": 0.9}, {"momentum": 0.9, "nesterov": True}]
+    cases: list[dict[str, Any]] = [
+        {},
+        {"momentum": 0.9},
+        {"momentum": 0.5, "dampening": 0.5},  # (2 + 2 beta) / (1 - dampening) = 6
+        {"momentum": 0.9, "dampening": 0.3},
+        {"momentum": 0.9, "nesterov": True},  # (2 + 2 beta) / (1 + 2 beta)
+    ]
     for kwargs in cases:
         w = torch.ones(4, requires_grad=True)
         opt = torch.optim.SGD([w], lr=0.1, **kwargs)
@@ -320,6 +371,8 @@ def _snapshot(model: nn.Module) -> dict:
         "buffer_ids": {n: id(b) for n, b in model.named_buffers()},
         "params": [p.detach().clone() for p in model.parameters()],
         "rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state()[1].copy(),
     }
 
 
@@ -338,9 +391,11 @@ def _assert_same(model: nn.Module, before: dict) -> None:
     for p_after, p_before in zip(after["params"], before["params"], strict=True):
         assert torch.equal(p_after, p_before)
     assert torch.equal(after["rng"], before["rng"])
+    assert after["python_rng"] == before["python_rng"]
+    assert np.array_equal(after["numpy_rng"], before["numpy_rng"])
 
 
-@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("mode", ["keep", "eval", "train"])
 def test_guard_leaves_training_bit_identical(mode: str) -> None:
     torch.manual_seed(0)
     model = _BNDropNet()
@@ -356,13 +411,17 @@ def test_guard_leaves_training_bit_identical(mode: str) -> None:
 
     def loss() -> Tensor:
         seen["training"] = model.training
+        seen["frozen"] = model.frozen_bn.training
         seen["grads"] = [p.grad for p in model.parameters()]
+        random.random()  # a probe may draw from every global RNG
+        np.random.rand()
         return F.mse_loss(model(x), y)
 
     with probe_guard(model, mode=mode):  # type: ignore[arg-type]
         est = estimate_stability(loss, opt, max_iters=10)
     assert math.isfinite(est.sharpness) and est.sharpness > 0
-    assert seen["training"] is (mode == "train")
+    assert seen["training"] is (mode != "eval")
+    assert seen["frozen"] is (mode == "train")  # "keep": the modes training uses
     assert all(g is None for g in seen["grads"])  # the probe saw no gradient
     _assert_same(model, before)
     # The next training step draws the dropout mask it would have drawn without the probe.
@@ -384,7 +443,9 @@ def test_guard_restores_after_a_misbehaving_probe_and_an_error() -> None:
         F.mse_loss(model(x), y).backward()  # writes .grad
         model.bn.running_mean.add_(1.0)  # type: ignore[union-attr]  # in place
         model.bn.running_var = torch.zeros(16)  # re-assigned
-        torch.randn(100)  # consumes the RNG
+        torch.randn(100)  # consumes the RNGs
+        random.seed(5)
+        np.random.seed(5)
         model.fc1.eval()
         raise RuntimeError("boom")
     _assert_same(model, before)
@@ -398,6 +459,21 @@ def test_guard_enables_autograd_under_no_grad_and_inference_mode() -> None:
     with torch.no_grad(), probe_guard(model):
         again = top_hessian_eigenvalue(lambda: F.mse_loss(model(x), y), params).value
     assert value == again > 0
+
+
+def test_guard_seeds_torch_for_one_dropout_mask() -> None:
+    model = _BNDropNet()
+    masks = []
+    for _ in range(2):
+        torch.randn(3)  # training moves the global RNG between probes
+        with probe_guard(model):
+            masks.append(model.drop(torch.ones(8, 16)))
+    torch.manual_seed(0)
+    assert torch.equal(masks[0], masks[1])
+    assert torch.equal(masks[0], model.drop(torch.ones(8, 16)))  # seed 0 by default
+    with probe_guard(model, seed=None):
+        unseeded = model.drop(torch.ones(8, 16))
+    assert not torch.equal(unseeded, masks[0])
 
 
 def test_probe_does_not_touch_global_rng_or_grads_without_guard() -> None:
@@ -448,6 +524,17 @@ def test_bad_arguments_name_the_argument() -> None:
             ),
         ),
         (ValueError, "init", lambda: top_hessian_eigenvalue(loss, params, init=torch.ones(3))),
+        (ValueError, "init", lambda: top_hessian_eigenvalue(loss, params, init=torch.ones(2, 3))),
+        (
+            ValueError,
+            "several rows",
+            lambda: top_hessian_eigenvalue(
+                loss, params, init=torch.eye(2, 71), reorthogonalize=False
+            ),
+        ),
+        (ValueError, "explore", lambda: top_hessian_eigenvalue(loss, params, explore=-1)),
+        (TypeError, "explore", lambda: top_hessian_eigenvalue(loss, params, explore=2.0)),  # type: ignore[arg-type]
+        (ValueError, "n_vectors", lambda: top_hessian_eigenvalue(loss, params, n_vectors=0)),
         (
             ValueError,
             "return_vector",
@@ -462,6 +549,8 @@ def test_bad_arguments_name_the_argument() -> None:
         ),
         (TypeError, "module", lambda: probe_guard(3).__enter__()),  # type: ignore[arg-type]
         (ValueError, "mode", lambda: probe_guard(model, mode="test").__enter__()),  # type: ignore[arg-type]
+        (ValueError, "seed", lambda: probe_guard(model, seed=-1).__enter__()),
+        (TypeError, "seed", lambda: probe_guard(model, seed=1.0).__enter__()),  # type: ignore[arg-type]
     ]
     for exc, match, call in cases:
         with pytest.raises(exc, match=match):
@@ -527,7 +616,7 @@ dist.destroy_process_group()
 
 @pytest.mark.distributed
 def test_distributed_hvp_gives_the_global_batch_value_on_every_rank(tmp_path: Path) -> None:
-    package_dir = os.path.dirname(warmup_monitor.curvature.__file__)
+    package_dir = os.path.dirname(os.path.dirname(warmup_monitor.curvature.__file__))
     init_file = str(tmp_path / "init")
     procs = [
         subprocess.Popen(
@@ -554,39 +643,226 @@ def test_distributed_hvp_gives_the_global_batch_value_on_every_rank(tmp_path: Pa
     assert _rel(values[0], single.value) < 1e-3
 
 
-# ------------------------------------------------------------------------------- schedule
+# ------------------------------------------------------------------------------- the prober
 
 
-def test_probe_budget_pays_each_probe_with_the_steps_after_it() -> None:
-    budget = ProbeBudget(0.05)
-    assert not budget.due(0) and budget.due(1)
-    # A probe of 12 training steps at a 5% budget waits 240 steps.
-    assert budget.record(1, probe_seconds=6.0, step_seconds=0.5) == 241
-    assert not budget.due(240) and budget.due(241)
-    clamped = ProbeBudget(0.05, min_interval=10, max_interval=100, first_step=0)
-    assert clamped.record(0, probe_seconds=6.0, step_seconds=0.5) == 100
-    assert clamped.record(100, probe_seconds=0.001, step_seconds=0.5) == 110
-    assert clamped.record(110, probe_seconds=1.0, step_seconds=0.0) == 210  # no step time yet
-    restored = ProbeBudget(0.05)
-    restored.load_state_dict(clamped.state_dict())
-    assert restored.next_step == 210
-    restored.load_state_dict({})  # tolerant of older states
-    assert restored.next_step == 210
+def test_a_probe_without_a_loss_reports_nothing_and_asks_for_the_next_batch() -> None:
+    """Issue 15 item 8: a loss function returning None must not turn the probe off."""
+    model, x, y = _mlp(seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    prober = CurvatureProber(CurvatureProbe(every_n_steps=5))
+    assert prober.due(0) and not prober.due(1) and not prober.accepts_batch
+    assert prober.probe(0, opt, lambda: None, model, lr_factor=1.0, distributed=False) == ({}, [])
+    assert not prober.disabled and prober.accepts_batch
+    assert prober.due(1)  # again at the next step, on the batch the adapter offers next
+    metrics, alerts = prober.probe(
+        1, opt, lambda: F.mse_loss(model(x), y), model, lr_factor=1.0, distributed=False
+    )
+    assert alerts == [] and not prober.accepts_batch
+    assert prober.estimate is not None and prober.estimate.sharpness == metrics["sharpness"]
+    hessian = _dense_hessian(model, lambda fwd: F.mse_loss(fwd(x), y.double()))
+    assert _rel(metrics["sharpness"], torch.linalg.eigvalsh(hessian)[-1].item()) < 1e-2
+    assert [s for s in range(2, 12) if prober.due(s)] == [5, 10]  # back on the interval
 
 
-def test_probe_budget_rejects_bad_arguments() -> None:
-    cases: list[tuple[dict[str, Any], type[Exception], str]] = [
-        ({"budget": 0.0}, ValueError, "budget"),
-        ({"budget": 1.5}, ValueError, "budget"),
-        ({"budget": "0.1"}, TypeError, "budget"),
-        ({"min_interval": 0}, ValueError, "min_interval"),
-        ({"min_interval": 5, "max_interval": 2}, ValueError, "max_interval"),
-        ({"first_step": -1}, ValueError, "first_step"),
-    ]
-    for kwargs, exc, match in cases:
-        with pytest.raises(exc, match=match):
-            ProbeBudget(**kwargs)
-    with pytest.raises(ValueError, match="probe_seconds"):
-        ProbeBudget().record(1, probe_seconds=math.nan, step_seconds=1.0)
-    with pytest.raises(ValueError, match="step_seconds"):
-        ProbeBudget().record(1, probe_seconds=1.0, step_seconds=-1.0)
+class _BiasBNDropNet(nn.Module):
+    """``Linear(bias=True)`` then batch norm (which cancels that bias in train mode), tanh,
+    dropout and a linear head: the model of issue 15 item 4."""
+
+    def __init__(self, p: float = 0.3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(4, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.drop = nn.Dropout(p)
+        self.fc2 = nn.Linear(6, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.drop(torch.tanh(self.bn(self.fc1(x)))))
+
+
+def _reference_loss(
+    flat: Tensor, model: _BiasBNDropNet, x: Tensor, y: Tensor, mask: Tensor | None
+) -> Tensor:
+    """The train-mode loss written out again in float64: batch statistics (biased variance, as
+    batch norm normalises with), then ``mask`` in place of dropout (None: no dropout)."""
+    shapes = [p.shape for p in model.parameters()]
+    w1, b1, gamma, beta, w2, b2 = (
+        t.view(s) for t, s in zip(flat.split([s.numel() for s in shapes]), shapes, strict=True)
+    )
+    h = x.double() @ w1.T + b1
+    mean, var = h.mean(0), h.var(0, unbiased=False)
+    h = torch.tanh((h - mean) / torch.sqrt(var + model.bn.eps) * gamma + beta)
+    if mask is not None:
+        h = h * mask
+    return F.mse_loss(h @ w2.T + b2, y.double())
+
+
+def _adam_scaling(opt: torch.optim.Optimizer, model: nn.Module) -> Tensor:
+    """``P^-1/2`` of AdamW, from the optimizer's state, written out again."""
+    group = opt.param_groups[0]
+    beta2, eps = group["betas"][1], group["eps"]
+    parts = []
+    for p in model.parameters():
+        state = opt.state[p]
+        v_hat = state["exp_avg_sq"].double() / (1 - beta2 ** float(state["step"]))
+        parts.append((v_hat.sqrt() + eps).rsqrt().reshape(-1))
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_prober_differentiates_the_train_mode_function_with_one_dropout_mask(
+    dropout: float,
+) -> None:
+    """Issue 15 item 4: the probe reads the function being trained (batch statistics, the
+    dropout mask it drew), Adam-preconditioned, against a dense float64 Hessian."""
+    model = _BiasBNDropNet(dropout)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(5):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+    masks: list[Tensor] = []
+    model.drop.register_forward_hook(lambda m, i, out: masks.append((out != 0).double()))
+    prober = CurvatureProber(CurvatureProbe(every_n_steps=1))
+    metrics, alerts = {}, []
+    for step in (4, 5):  # two probes: the second one warm-started
+        metrics, alerts = prober.probe(
+            step, opt, lambda: F.mse_loss(model(x), y), model, lr_factor=1.0, distributed=False
+        )
+    assert alerts == [] and not prober.disabled
+    assert len(masks) == 2 and torch.equal(masks[0], masks[1])  # one mask, at every probe
+    mask = masks[0] / (1 - dropout) if dropout else None
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+    d = _adam_scaling(opt, model)
+    hessian = torch.autograd.functional.hessian(
+        lambda f: _reference_loss(f, model, x, y, mask), flat0
+    )
+    expected = torch.linalg.eigvalsh(d[:, None] * hessian * d[None, :])[-1].item()
+    assert metrics["sharpness_converged"] == 1.0
+    assert _rel(metrics["sharpness"], expected) < 1e-2
+    assert metrics["stability_margin"] == pytest.approx(metrics["sharpness"] * 1e-3 / 38.0)
+    # The eval-mode function (running statistics, no dropout) is another one: its
+    # preconditioned sharpness is orders of magnitude larger (the bias is not cancelled).
+    with probe_guard(model, mode="eval"):
+        eval_mode = estimate_stability(lambda: F.mse_loss(model(x), y), opt, max_iters=30)
+    assert eval_mode.sharpness > 100 * expected
+
+
+def test_warm_probe_finds_the_top_eigenvalue_after_the_top_two_swap() -> None:
+    """Issue 15 item 11: warm-started from the previous top eigenvector, which is still an
+    eigenvector but now the second, a lone warm start converged at once on the second
+    eigenvalue (a zero residual) and reported it as converged."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    w = torch.zeros(40, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1)
+    prober = CurvatureProber(CurvatureProbe(every_n_steps=1))
+    bulk = torch.linspace(0.1, 5.0, 38, dtype=torch.float64).tolist()
+    for step, (first, second) in enumerate([(10.0, 8.0), (7.0, 11.0)]):  # u1, u2 swap
+        hessian = ((q * torch.tensor([first, second, *bulk], dtype=torch.float64)) @ q.T).float()
+        metrics, _ = prober.probe(
+            step,
+            opt,
+            lambda h=hessian: 0.5 * w @ h @ w,
+            None,
+            lr_factor=1.0,
+            distributed=False,
+        )
+        assert metrics["sharpness_converged"] == 1.0
+        assert _rel(metrics["sharpness"], max(first, second)) < 1e-3
+        assert metrics["stability_margin"] == pytest.approx(metrics["sharpness"] * 0.1 / 2)
+    old_style = estimate_stability(
+        lambda: 0.5 * w @ hessian @ w, opt, tol=1e-2, init=prober.vectors[1], explore=0
+    )
+    assert old_style.result.converged and _rel(old_style.sharpness, 7.0) < 1e-3  # the trap
+
+
+def _gd_edge_of_stability_run(
+    every: int, steps: int, lr: float = 0.3
+) -> list[tuple[int, float, dict[str, float]]]:
+    """Full-batch gradient descent on a small tanh MLP (253 parameters, MSE on random targets)
+    through the edge of stability (Cohen et al. 2021: the sharpness rises to 2 / lr and
+    hovers there), probed as the monitor does, with the dense Hessian's top eigenvalue."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(128, 6, generator=g), torch.randn(128, 1, generator=g)
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 1)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    prober = CurvatureProber(CurvatureProbe(every_n_steps=every))  # the defaults otherwise
+    rows = []
+    for step in range(steps):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        if prober.due(step):
+            metrics, _ = prober.probe(
+                step,
+                opt,
+                lambda: F.mse_loss(model(x), y),
+                model,
+                lr_factor=1.0,
+                distributed=False,
+            )
+            hessian = _dense_hessian(model, lambda fwd: F.mse_loss(fwd(x), y.double()))
+            rows.append((step, torch.linalg.eigvalsh(hessian)[-1].item(), metrics))
+    return rows
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Small dense algebra runs fastest on one thread (and on a shared machine, by far)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_probe_follows_full_batch_gd_through_the_edge_of_stability_within_2_percent() -> None:
+    """Issue 15 item 11: every probe from step 0 to the plateau within 2% of the dense Hessian,
+    warm-started as in the monitor; a lone warm-start vector missed the top by 4.8% at step
+    680 of this run (and reported converged)."""
+    lr = 0.3
+    rows = _gd_edge_of_stability_run(every=10, steps=800, lr=lr)
+    assert len(rows) == 80
+    for step, top, metrics in rows:
+        assert metrics["sharpness_converged"] == 1.0, step
+        assert _rel(metrics["sharpness"], top) < 0.02, (step, metrics["sharpness"], top)
+        assert metrics["sharpness_residual"] <= 1e-2 * metrics["sharpness"]
+        assert metrics["stability_margin"] == pytest.approx(metrics["sharpness"] * lr / 2)
+    # The run does go through the edge: it starts well below 2 / lr and hovers at it.
+    assert rows[0][1] < 0.6 * 2 / lr
+    plateau = sorted(top for step, top, _ in rows if step >= 400)
+    assert 0.95 < plateau[len(plateau) // 2] * lr / 2 < 1.15
+
+
+def test_an_unconverged_probe_never_feeds_the_edge_rule() -> None:
+    model, x, y = _mlp(seed=1)
+    hooked = {}
+    for max_iters in (1, 20):
+        opt = torch.optim.SGD(model.parameters(), lr=50.0)  # far past the edge
+        prober = CurvatureProber(CurvatureProbe(every_n_steps=1, max_iters=max_iters))
+        runs = [
+            prober.probe(
+                step,
+                opt,
+                lambda: F.mse_loss(model(x), y),
+                model,
+                lr_factor=1.0,
+                distributed=False,
+            )
+            for step in range(3)
+        ]
+        hooked[max_iters] = runs
+    for metrics, alerts in hooked[1]:  # one product: never converged, never an alert
+        assert metrics["sharpness_converged"] == 0.0 and metrics["stability_margin"] > 1
+        assert metrics["sharpness_residual"] > 1e-2 * metrics["sharpness"]
+        assert alerts == []
+    kinds = [[a.kind.value for a in alerts] for _, alerts in hooked[20]]
+    assert kinds == [[], ["edge_of_stability"], []]
+    assert all(metrics["sharpness_converged"] == 1.0 for metrics, _ in hooked[20])

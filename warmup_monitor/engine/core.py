@@ -34,6 +34,7 @@ from warmup_monitor import schema
 from warmup_monitor.alerts import Alert
 from warmup_monitor.config import MonitorConfig
 from warmup_monitor.controller import RollbackRequest, WarmupController
+from warmup_monitor.curvature.probe import CurvatureProber
 from warmup_monitor.detectors import InstabilityDetector
 from warmup_monitor.engine import host, state
 from warmup_monitor.engine.watch import (
@@ -47,7 +48,6 @@ from warmup_monitor.engine.watch import (
     restore_record,
 )
 from warmup_monitor.lr_factor import LrFactor
-from warmup_monitor.probe import CurvatureProber
 from warmup_monitor.stats import GradientStats, UpdateRatio
 
 __all__ = ["AlertSink", "MetricsSink", "MonitorEngine"]
