@@ -263,14 +263,6 @@ def test_a_probe_loss_that_draws_from_random_and_numpy_leaves_training_alone(
         assert torch.equal(a, b)
 
 
-_CALLBACK_KEEPS_THE_FIRST_BATCH = (
-    "needs the callback to keep the probe batch only once a probe on it produced a loss "
-    "(replace it while `engine.prober.accepts_batch`) and to hand the prober None when "
-    "training_step returns no loss instead of raising"
-)
-
-
-@pytest.mark.xfail(reason=_CALLBACK_KEEPS_THE_FIRST_BATCH, strict=False)
 @pytest.mark.parametrize("where", ["probe_loss_fn", "training_step"])
 def test_a_first_batch_without_a_loss_does_not_turn_the_probe_off(
     tmp_path: os.PathLike, where: str

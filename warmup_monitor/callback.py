@@ -209,8 +209,9 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
     ) -> None:
         if self.config.curvature is None:
             return
-        if self._probe_batch is None:
-            # The fixed probe batch: the first training batch, detached and kept.
+        prober = self._engine.prober
+        if self._probe_batch is None or (prober is not None and prober.accepts_batch):
+            # The fixed probe batch: the first training batch that gives the probe a loss.
             self._probe_batch = apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
         self._steps_at_batch_start = self._engine.steps_taken(0)
 
@@ -244,13 +245,11 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         custom, batch = self.config.curvature.loss_fn, self._probe_batch  # type: ignore[union-attr]
 
-        def loss_fn() -> Tensor:
+        def loss_fn() -> Tensor | None:
             if custom is not None:
                 return custom(pl_module, batch)
-            loss = _compat.extract_loss(pl_module.training_step(batch, 0))
-            if loss is None:
-                raise ValueError("training_step returned no loss for the curvature probe")
-            return loss
+            # None (no loss for this batch): the prober asks for the next batch.
+            return _compat.extract_loss(pl_module.training_step(batch, 0))
 
         with _compat.silenced_logging(pl_module):
             self._engine.probe(step, loss_fn, pl_module)

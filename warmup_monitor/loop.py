@@ -176,7 +176,9 @@ class LoopMonitor:
         self.engine.add_loss(loss)
         self.engine.end_batch()
 
-    def probe(self, loss_fn: Callable[[], Tensor], module: torch.nn.Module | None = None) -> None:
+    def probe(
+        self, loss_fn: Callable[[], Tensor | None], module: torch.nn.Module | None = None
+    ) -> None:
         """Probe the curvature after the step just completed, if one is due (``curvature=``).
 
         Args:

@@ -498,7 +498,7 @@ class MonitorEngine:
         """Whether a curvature probe follows the update at ``step`` (optimizer 0)."""
         return self.prober is not None and self.prober.due(step) and self.is_active(step)
 
-    def probe(self, step: int, loss_fn: Callable[[], Tensor], module: Any = None) -> None:
+    def probe(self, step: int, loss_fn: Callable[[], Tensor | None], module: Any = None) -> None:
         """Probe the curvature after the update at ``step`` and report what it finds.
 
         Args:
