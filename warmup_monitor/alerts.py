@@ -30,8 +30,12 @@ class AlertKind(str, Enum):
     LOSS_SPIKE = "loss_spike"
     #: The loss jumped far above its recent trend (relative spike, from the second step).
     LOSS_TREND_SPIKE = "loss_trend_spike"
+    #: The loss keeps climbing above its recent best: a slow divergence.
+    LOSS_DIVERGENCE = "loss_divergence"
     #: The global gradient norm jumped far above its recent level.
     GRAD_NORM_SPIKE = "grad_norm_spike"
+    #: The global gradient norm keeps climbing, far above its recent low.
+    GRAD_NORM_RISE = "grad_norm_rise"
     #: The loss or a gradient is NaN or infinite.
     NON_FINITE = "non_finite"
     #: Consecutive gradients point in opposite directions, step after step.
@@ -48,6 +52,8 @@ class AlertKind(str, Enum):
     EDGE_OF_STABILITY = "edge_of_stability"
     #: The monitor itself could not compute something it was asked for.
     MONITOR = "monitor"
+    #: An episode of instability ended: its summary (informational).
+    EPISODE_END = "episode_end"
 
     @property
     def is_instability(self) -> bool:
@@ -63,6 +69,8 @@ INSTABILITY_KINDS: frozenset[AlertKind] = frozenset(
         AlertKind.LOSS_SPIKE,
         AlertKind.LOSS_TREND_SPIKE,
         AlertKind.GRAD_NORM_SPIKE,
+        AlertKind.LOSS_DIVERGENCE,
+        AlertKind.GRAD_NORM_RISE,
         AlertKind.NON_FINITE,
         AlertKind.OSCILLATION,
         AlertKind.PERSISTENT_INSTABILITY,
@@ -94,6 +102,7 @@ class Alert:
         value: The observed value that triggered the alert (may be NaN or inf).
         threshold: The limit the value was compared with (NaN where there is none).
         details: Extra JSON-serialisable facts (e.g. the initial loss, the optimizer index).
+        episode: The id of the instability episode the alert opens or closes, if any.
     """
 
     step: int
@@ -102,6 +111,7 @@ class Alert:
     value: float = math.nan
     threshold: float = math.nan
     details: dict[str, Any] = field(default_factory=dict)
+    episode: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; non-finite floats become ``"nan"``, ``"inf"`` or ``"-inf"``."""
@@ -121,6 +131,7 @@ class Alert:
             value=float(data.get("value", math.nan)),
             threshold=float(data.get("threshold", math.nan)),
             details=dict(data.get("details") or {}),
+            episode=None if data.get("episode") is None else int(data["episode"]),
         )
 
     def __str__(self) -> str:
