@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import read_scalars
 from torch.utils.data import DataLoader, IterableDataset
 
-from tests.conftest import read_scalars
 from warmup_monitor import WarmupMonitor
 from warmup_monitor.alerts import ALERTS_FILENAME, is_instability, read_alerts
 
