@@ -168,7 +168,7 @@ class Detection(_Validated):
     are noise-relative: a value more than ``*_sigmas`` robust noise scales above its forecast,
     and at least ``*_min_ratio`` times it, is a spike; before the noise scale is known (the
     first ``noise_samples`` values) the ``*_early_ratio`` floors apply instead. The defaults
-    were calibrated on synthetic traces (``benchmarks/detection.py --calibrate``).
+    were calibrated on synthetic traces (``benchmarks/detection.py --part calibrate``).
     """
 
     spike_factor: float = _spec(10.0, _float(above=1.0))

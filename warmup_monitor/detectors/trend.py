@@ -120,8 +120,9 @@ class _LogTrendSpike:
     #: Weight of a new error in the scales (after the first ones), the noise before any data
     #: (10 %) and its weight, and the least scale.
     gamma, prior_noise, prior_weight, min_spread = 0.01, 0.2, 1.0, 0.0005
-    #: The efficiency of a mean absolute error against a standard deviation (normal data).
-    mad_efficiency = 0.88
+    #: The efficiency of a mean absolute error against a standard deviation (normal data), and
+    #: the denominator of the Cornish-Fisher term (4 for a Student-t quantile).
+    mad_efficiency, widen = 0.88, 4.0
     #: Forecast errors are clipped at this many sigmas in the updates (Huber).
     clip_sigmas = 3.0
     #: A gap this many times the usual one restarts the forecasts.
@@ -159,7 +160,11 @@ class _LogTrendSpike:
         self._shadow: list[float] | None = None
 
     def _best(self) -> _Holt:
-        return min(self._fits, key=lambda f: f.scale)
+        best = self._fits[0]
+        for fit in self._fits[1:]:
+            if fit.scale < best.scale:
+                best = fit
+        return best
 
     @property
     def sigma(self) -> float:
@@ -171,13 +176,13 @@ class _LogTrendSpike:
         Cornish-Fisher term, ``k + (k^3 + k) / (4 nu)``, ``nu`` the errors behind the scale)."""
         k = self.sigmas * (self.pair_fraction if pair else 1.0)
         nu = self.mad_efficiency * min(fit.m + self.prior_weight, 2.0 / self.gamma - 1.0)
-        return k + (k**3 + k) / (4.0 * nu)
+        return k + (k**3 + k) / (self.widen * nu)
 
-    def threshold_log(self, pair: bool = False) -> float:
+    def threshold_log(self, pair: bool = False, best: _Holt | None = None) -> float:
         """The current threshold ``tau`` on the log residual (``pair``: for two in a row)."""
         if self._n < self.early_samples:  # the noise is unknown: a fixed, conservative ratio
             return self._log_early_ratio
-        best = self._best()
+        best = best or self._best()
         noise = math.log1p(self._sigmas(best, pair) * MAD_TO_SIGMA * best.scale)
         return max(noise, self._log_min_ratio)
 
@@ -232,7 +237,7 @@ class _LogTrendSpike:
         pred = best.predict(step, self._cap())
         ref = self._reference(step, pred)
         r = y - ref
-        tau, tau_pair = self.threshold_log(), self.threshold_log(pair=True)
+        tau, tau_pair = self.threshold_log(best=best), self.threshold_log(True, best)
         high = r > tau_pair
         was_high, self._high = self._high, high
         if r > tau or (high and was_high):
