@@ -18,13 +18,15 @@ Parts (``--part``):
 
 ``spikes``
     Events multiply the loss (or, in a second table, the gradient norm) by 1.2x to 100x for 1,
-    3, 10 or 30 steps; 40 events per cell (shape x noise x height x duration), at random
+    3, 10 or 30 steps; 32 events per cell (shape x noise x height x duration), at random
     onsets from step 1 (2 per falling trace, 4 per flat one, apart). An event is detected when
     the rule alerts on one of its steps; the delay is the first alerting step minus the onset.
     Recall is given for onsets at or after step 64 (where OLMo-core's rule can fire) and
     before it.
 ``clean``
-    No events: every alerting step is a false alarm. 100,000 steps per shape and noise level.
+    No events: every alerting step is a false alarm. 60,000 steps per shape and noise level;
+    again with Student-t noise (heavy tails, ours and OLMo-core), and with ours fed only every
+    10th step (as a plain loop that reads the loss at its logging interval would).
 ``divergence``
     The loss stops falling at a random onset and doubles every D = 10, 20, 30 or 50 steps
     (``trend(onset) * 2 ** ((t - onset) / D)``), the gradient norm quadruples every D steps;
@@ -42,7 +44,8 @@ Parts (``--part``):
     a peak lr of 0.5x to 3x the full-batch stability limit ``2 / lambda_max``: the first alert
     step of each rule.
 ``calibrate``
-    The sweep behind the defaults, on the calibration seed set (never the reported one).
+    The sweep behind the defaults, on seed set 1000. The defaults were tuned on seed sets 1000,
+    1001 and 2000; the README reports seed set 0, which played no part in the tuning.
 
 Rule sets (faithful re-implementations of each rule's decision, from the sources named):
 
@@ -399,7 +402,7 @@ def event_hits(alerts: np.ndarray, events: Sequence[Event]) -> list[int | None]:
 
 def spikes_part(seed: int, scale: float, progress: bool = True) -> dict[str, Any]:
     """Per signal, shape, noise, height, duration and rule: detections and delays."""
-    per_cell = max(4, round(40 * scale))
+    per_cell = max(4, round(32 * scale))
     results: dict[str, Any] = {}
     for signal, rules in (("loss", LOSS_RULES), ("grad", GRAD_RULES)):
         for shape, sigma in itertools.product(SHAPES, NOISES):
@@ -440,7 +443,7 @@ def median_delay(rows: list[tuple[int, int | None]]) -> float:
 def clean_part(seed: int, scale: float, heavy: bool = False, every: int = 1) -> dict[str, float]:
     """False alarms per 10k clean steps, per shape, noise and rule (both signals kept)."""
     out: dict[str, float] = {}
-    steps_per_cell = max(20_000, round(100_000 * scale))
+    steps_per_cell = max(15_000, round(60_000 * scale))
     rules = (
         BOTH_RULES if not heavy and every == 1 else {"ours": run_ours, "olmo-core": run_olmo_core}
     )
@@ -498,6 +501,7 @@ def catapult_part(seed: int, scale: float) -> dict[str, dict[str, float]]:
             "transient": 0,
             "persistent": 0,
             "extended": 0,
+            "by_itself": 0,
             "kinds": 0,
         }
         seen_kinds: set[str] = set()
@@ -516,14 +520,21 @@ def catapult_part(seed: int, scale: float) -> dict[str, dict[str, float]]:
             # A real controller, warmup over the whole trace, fed our alerts of every step.
             controller = WarmupController(warmup_steps=len(tr.loss), adaptive=AdaptiveWarmup())
             det = InstabilityDetector()
-            extended = 0
+            extensions = []
             for i, (lo, g) in enumerate(zip(tr.loss.tolist(), tr.grad.tolist(), strict=True)):
                 found = det.update(i, lo, g)
                 if found:
-                    extended += sum(
-                        a.kind == AlertKind.WARMUP_EXTENDED for a in controller.observe(i, found)
-                    )
-            counts["extended"] += extended > 0
+                    extensions += [
+                        a
+                        for a in controller.observe(i, found)
+                        if a.kind == AlertKind.WARMUP_EXTENDED
+                    ]
+            counts["extended"] += bool(extensions)
+            # Extended on the catapult's own alerts alone (every cause step inside it).
+            counts["by_itself"] += any(
+                all(span.start <= c < span.stop for c in a.details["cause_steps"])
+                for a in extensions
+            )
         cell = {k: v / n_each for k, v in counts.items() if k != "kinds"}
         cell["n"] = n_each
         out[f"{'abrupt' if abrupt else 'rejoin'}|{shape}|{sigma}"] = {
@@ -609,12 +620,11 @@ def real_part(seeds: Sequence[int]) -> dict[str, list[dict[str, int]]]:
 #: Candidate settings: the defaults, and one knob moved at a time.
 CANDIDATES: dict[str, dict[str, Any]] = {
     "defaults": {},
-    "trend/grad sigmas 4.0": {"trend_sigmas": 4.0, "grad_norm_sigmas": 4.0},
     "trend/grad sigmas 5.0": {"trend_sigmas": 5.0, "grad_norm_sigmas": 5.0},
-    "min ratios 1.05": {"trend_min_ratio": 1.05, "grad_norm_min_ratio": 1.05},
+    "trend/grad sigmas 6.5": {"trend_sigmas": 6.5, "grad_norm_sigmas": 6.5},
     "min ratios 1.2": {"trend_min_ratio": 1.2, "grad_norm_min_ratio": 1.2},
-    "divergence 1.15x / 3 sigma": {"divergence_min_ratio": 1.15, "divergence_sigmas": 3.0},
-    "divergence 1.4x / 5 sigma": {"divergence_min_ratio": 1.4, "divergence_sigmas": 5.0},
+    "divergence 4 sigma": {"divergence_sigmas": 4.0},
+    "divergence 1.4x": {"divergence_min_ratio": 1.4},
     "grad rise 2x": {"grad_norm_rise_ratio": 2.0},
 }
 
@@ -753,14 +763,15 @@ def divergence_table(div: dict[str, Any], every: dict[str, Any]) -> str:
 def catapult_table(cats: dict[str, dict[str, Any]]) -> str:
     lines = [
         "| landing | shape | noise | alerted | one step flagged | `transient` "
-        "| `persistent_instability` | warmup extended | kinds |",
+        "| `persistent_instability` | warmup extended (by the catapult alone) | kinds |",
         "|---" * 9 + "|",
     ]
     for key, c in cats.items():
         landing, shape, sigma = key.split("|")
         lines.append(
             f"| {landing} | {shape} | {float(sigma):.1%} | {c['alerted']:.0%} | {c['single']:.0%} "
-            f"| {c['transient']:.0%} | {c['persistent']:.0%} | {c['extended']:.0%} "
+            f"| {c['transient']:.0%} | {c['persistent']:.0%} "
+            f"| {c['extended']:.0%} ({c['by_itself']:.0%}) "
             f"| {', '.join(c['kinds']) or '-'} |"
         )
     return "\n".join(lines)
@@ -822,35 +833,44 @@ def checks(res: dict[str, Any]) -> list[tuple[str, bool, str]]:
     out = []
     spikes = res.get("spikes")
     if spikes:
-        worst, delay = 1.0, 0.0
-        for shape, sigma, h, d in itertools.product(SHAPES, NOISES, HEIGHTS, DURATIONS):
-            if (sigma <= 0.01 and h >= 1.3) or (sigma == 0.05 and h >= 1.5):
-                rows = spikes[f"loss|{shape}|{sigma}|ours"][(h, d)]
-                worst = min(worst, recall(rows))
-                delay = max(delay, median_delay(rows))
-        out.append(
-            (
-                "loss recall >= 0.95 (>= 1.3x at <= 1 % noise, >= 1.5x at 5 %), all onsets",
-                worst >= 0.95,
-                f"worst cell {worst:.3f}",
+        for since, label in (
+            (0, "all onsets"),
+            (10, "onsets from update 10 (the noise known)"),
+            (BLIND, f"onsets from step {BLIND}"),
+        ):
+            low, delay = [], 0.0
+            for shape, sigma, h, d in itertools.product(SHAPES, NOISES, HEIGHTS, DURATIONS):
+                if (sigma <= 0.01 and h >= 1.3) or (sigma == 0.05 and h >= 1.5):
+                    rows = [
+                        r for r in spikes[f"loss|{shape}|{sigma}|ours"][(h, d)] if r[0] >= since
+                    ]
+                    delay = max(delay, median_delay(rows))
+                    if recall(rows) < 0.95:
+                        low.append(f"{shape} {sigma:g} {h:g}x {d}: {recall(rows):.2f}")
+            out.append(
+                (
+                    f"loss recall >= 0.95 (>= 1.3x at <= 1 % noise, >= 1.5x at 5 %), {label}",
+                    not low,
+                    "; ".join(low) or "every cell",
+                )
             )
-        )
-        out.append(("median delay <= 1 step in those cells", delay <= 1, f"worst {delay:g}"))
+            out.append(
+                (f"median delay <= 1 step in those cells, {label}", delay <= 1, f"worst {delay:g}")
+            )
         for signal, table in (("loss", "loss"), ("grad", "gradient norm")):
             below = []
             for shape, sigma, h, d in itertools.product(SHAPES, NOISES, HEIGHTS, DURATIONS):
-                ours = recall(
-                    [r for r in spikes[f"{signal}|{shape}|{sigma}|ours"][(h, d)] if r[0] >= BLIND]
-                )
-                olmo = recall(
-                    [
-                        r
-                        for r in spikes[f"{signal}|{shape}|{sigma}|olmo-core"][(h, d)]
-                        if r[0] >= BLIND
-                    ]
-                )
-                if ours < olmo:
-                    below.append(f"{shape} {sigma:g} {h:g}x {d}: {ours:.2f} < {olmo:.2f}")
+                ours = _after(spikes[f"{signal}|{shape}|{sigma}|ours"][(h, d)])
+                olmo = _after(spikes[f"{signal}|{shape}|{sigma}|olmo-core"][(h, d)])
+                if recall(ours) < recall(olmo):
+                    pairs = list(zip(ours, olmo, strict=True))  # the same events, in order
+                    only_olmo = sum(a[1] is None and b[1] is not None for a, b in pairs)
+                    only_ours = sum(a[1] is not None and b[1] is None for a, b in pairs)
+                    below.append(
+                        f"{shape} {sigma:g} {h:g}x {d}: {recall(ours):.2f} < {recall(olmo):.2f} "
+                        f"({only_olmo} found by olmo-core only, {only_ours} by ours only, "
+                        f"of {len(pairs)})"
+                    )
             out.append(
                 (
                     f"{table} recall >= olmo-core in every cell after step {BLIND}",
@@ -892,15 +912,17 @@ def checks(res: dict[str, Any]) -> list[tuple[str, bool, str]]:
     if "catapults" in res:
         rejoin = [c for k, c in res["catapults"].items() if k.startswith("rejoin")]
         ok = all(
-            c["persistent"] == 0 and c["extended"] == 0 and c["transient"] >= c["alerted"]
+            c["persistent"] == 0 and c["by_itself"] == 0 and c["transient"] >= c["alerted"]
             for c in rejoin
         )
         single = min(c["single"] / c["alerted"] if c["alerted"] else 1.0 for c in rejoin)
+        other = max(c["extended"] for c in rejoin)
         out.append(
             (
-                "catapults: transient, never persistent, never extend warmup",
+                "catapults: transient, never persistent, never extend warmup by themselves",
                 ok,
-                f"one step flagged in >= {single:.0%} of those alerted",
+                f"one step flagged in >= {single:.0%} of those alerted; warmup extended with "
+                f"another alert in the controller's window in <= {other:.0%}",
             )
         )
     return out
