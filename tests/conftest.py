@@ -47,17 +47,21 @@ def load_example(filename: str) -> ModuleType:
 
 
 def ten_x_only(**kwargs: Any) -> Any:
-    """A detector with the 10x-initial-loss and non-finite rules only: tests of the foundation's
-    sinks and state pin exact alert lists, which the trend and persistence rules would add to."""
+    """A detector with the 10x-initial-loss and non-finite rules only, every alert its own line
+    (no episodes): tests of the foundation's sinks and state pin exact alert lists, which the
+    trend, rise and persistence rules and the episode records would add to."""
     from warmup_monitor import Detection
 
-    return Detection(
-        loss_trend_spike=False,
-        grad_norm_spike=False,
-        oscillation=False,
-        persistence=False,
-        **kwargs,
-    )
+    options: dict[str, Any] = {
+        "loss_trend_spike": False,
+        "grad_norm_spike": False,
+        "loss_divergence": False,
+        "grad_norm_rise": False,
+        "oscillation": False,
+        "persistence": False,
+        "episodes": False,
+    }
+    return Detection(**{**options, **kwargs})
 
 
 def make_data(n: int = 32, seed: int = 0) -> TensorDataset:

@@ -231,7 +231,9 @@ def test_initial_loss_is_mean_of_first_k_finite_losses(tmp_path: os.PathLike) ->
         tmp_path,
         [
             WarmupMonitor(
-                warmup_steps=8, detection=Detection(initial_loss_steps=2), on_alert=hooked.append
+                warmup_steps=8,
+                detection=Detection(initial_loss_steps=2, episodes=False),
+                on_alert=hooked.append,
             )
         ],
         model=model,

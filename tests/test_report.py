@@ -19,7 +19,7 @@ import pytest
 import pytorch_lightning as pl
 from conftest import fit, make_loader, read_scalars, tiny_module_class
 
-from warmup_monitor import WarmupMonitor
+from warmup_monitor import Detection, WarmupMonitor
 from warmup_monitor.report import (
     HEALTHY,
     RECOVERED,
@@ -69,7 +69,9 @@ def make_real_run(
     fit(
         pl,
         root,
-        [WarmupMonitor(warmup_steps=warmup_steps)],
+        # One alert line per flagged step (no episodes): these tests pin the report's reading
+        # of per-step alerts; episodes are read in test_verdicts/test_tb_browser.
+        [WarmupMonitor(warmup_steps=warmup_steps, detection=Detection(episodes=False))],
         model=model,
         max_steps=max_steps,
         loader=make_loader(n=4 * max_steps, batch_size=4),

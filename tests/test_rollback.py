@@ -258,5 +258,6 @@ def test_rollback_under_ddp_keeps_the_ranks_identical(tmp_path: Path) -> None:
         "lr_backoff",
         "warmup_extended",
         "rollback",
+        "episode_end",  # the spike's episode, closed when the episode went quiet or the fit ended
     ]
     assert ranks[1]["alerts"] == []  # files and hooks on rank zero only

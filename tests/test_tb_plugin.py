@@ -22,7 +22,7 @@ from conftest import fit, make_loader, tiny_module_class
 from tensorboard.plugins import base_plugin
 from test_report import SPIKE_STEPS, jsonl_by_kind, make_real_run, spiky_loss, write_scalars
 
-from warmup_monitor import WarmupMonitor
+from warmup_monitor import Detection, WarmupMonitor
 from warmup_monitor.report.events import event_files
 from warmup_monitor.schema import ALERTS_FILENAME
 from warmup_monitor.tb_plugin import PLUGIN_NAME, WarmupPlugin
@@ -42,7 +42,9 @@ def make_prefixed_run(root: Path, prefix: str) -> str:
     """A real run whose monitor logs under ``log_key_prefix=prefix``."""
     logger = pl.loggers.TensorBoardLogger(str(root), name="run", version=0)
     model = tiny_module_class(pl)(scripted=spiky_loss, warmup=20)
-    monitor = WarmupMonitor(warmup_steps=20, log_key_prefix=prefix)
+    monitor = WarmupMonitor(
+        warmup_steps=20, log_key_prefix=prefix, detection=Detection(episodes=False)
+    )
     fit(pl, root, [monitor], model=model, max_steps=40, loader=make_loader(160, 4), logger=logger)
     return str(logger.log_dir)
 

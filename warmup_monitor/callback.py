@@ -259,7 +259,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._engine.detach()
+            self._engine.detach(close_episodes=True)
             self._restored = False  # a state loaded after on_fit_start (FSDP, DeepSpeed) is spent
         if self._dispatcher is not None:
             self._dispatcher.close()

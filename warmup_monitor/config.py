@@ -163,9 +163,14 @@ def _cosine(name: str, value: Any) -> float:
 
 @dataclass(frozen=True, repr=False)
 class Detection(_Validated):
-    """The instability rules and their thresholds (:class:`~warmup_monitor.InstabilityDetector`).
+    """The instability rules and their thresholds (:class:`~warmup_monitor.InstabilityDetector`),
+    and how their alerts are grouped into episodes (:class:`~warmup_monitor.detectors.Episodes`).
 
-    Every rule sees every optimizer step from the first; each can be turned off.
+    Every rule sees every optimizer step from the first; each can be turned off. The spike rules
+    are noise-relative: a value more than ``*_sigmas`` robust noise scales above its forecast,
+    and at least ``*_min_ratio`` times it, is a spike; before the noise scale is known (the
+    first ``noise_samples`` values) the ``*_early_ratio`` floors apply instead. The defaults
+    were calibrated on synthetic traces (``benchmarks/detection.py --part calibrate``).
     """
 
     spike_factor: float = _spec(10.0, _float(above=1.0))
@@ -176,18 +181,43 @@ class Detection(_Validated):
     """Turn the initial-loss rule on."""
     loss_trend_spike: bool = _spec(True, _bool)
     """Turn the trend rule on the loss on."""
-    trend_sigmas: float = _spec(8.0, _float(above=0.0))
-    """Noise scales above the loss trend that make a spike (> 0)."""
-    trend_min_ratio: float = _spec(2.0, _float(above=1.0))
-    """Least ratio to the loss trend that makes a spike (> 1)."""
+    trend_sigmas: float = _spec(5.7, _float(above=0.0))
+    """A loss above its trend x (1 + this many robust noise scales) is a spike (> 0)."""
+    trend_min_ratio: float = _spec(1.1, _float(above=1.0))
+    """Least ratio to the loss trend that makes a spike once the noise is known (> 1)."""
+    trend_early_ratio: float = _spec(2.0, _float(above=1.0))
+    """Least ratio to the loss trend that makes a spike while the noise is unknown (> 1)."""
     grad_norm_spike: bool = _spec(True, _bool)
     """Turn the gradient-norm rule on."""
-    grad_norm_sigmas: float = _spec(8.0, _float(above=0.0))
-    """Noise scales above the gradient-norm trend that make a spike (> 0)."""
-    grad_norm_min_ratio: float = _spec(3.0, _float(above=1.0))
-    """Least ratio to the gradient-norm trend that makes a spike (> 1)."""
+    grad_norm_sigmas: float = _spec(5.7, _float(above=0.0))
+    """A gradient norm above its trend x (1 + this many robust noise scales) is a spike
+    (> 0)."""
+    grad_norm_min_ratio: float = _spec(1.1, _float(above=1.0))
+    """Least ratio to the gradient-norm trend that makes a spike once the noise is known (> 1)."""
+    grad_norm_early_ratio: float = _spec(3.0, _float(above=1.0))
+    """Least ratio to the gradient-norm trend that makes a spike while the noise is unknown
+    (> 1)."""
+    noise_samples: int = _spec(10, _int(1))
+    """Values a rule needs before its noise scale is trusted: until then the early ratios
+    apply and the rise rules stay silent (>= 1)."""
     rebaseline_steps: int = _spec(20, _int(1))
     """Consecutive spikes after which a trend accepts the new level (>= 1)."""
+    loss_divergence: bool = _spec(True, _bool)
+    """Turn the slow-divergence rule on (``loss_divergence``)."""
+    divergence_min_ratio: float = _spec(1.25, _float(above=1.0))
+    """Least ratio of the smoothed loss to its low within ``rise_window`` that makes a
+    divergence (> 1)."""
+    divergence_sigmas: float = _spec(5.0, _float(above=0.0))
+    """Least margin of a divergence above the low, in noise scales of one loss (> 0)."""
+    grad_norm_rise: bool = _spec(True, _bool)
+    """Turn the rising-gradient-norm rule on (``grad_norm_rise``)."""
+    grad_norm_rise_ratio: float = _spec(3.0, _float(above=1.0))
+    """Least ratio of the smoothed gradient norm to its low within ``rise_window`` (> 1)."""
+    grad_norm_rise_sigmas: float = _spec(5.0, _float(above=0.0))
+    """Least margin of a gradient-norm rise above the low, in noise scales (> 0)."""
+    rise_window: int = _spec(100, _int(5))
+    """Steps over which the rise rules take the low; the level must also have climbed by half
+    the margin within the last fifth of it (>= 5)."""
     non_finite: bool = _spec(True, _bool)
     """Turn the non-finite rule on (NaN or inf loss or gradient norm)."""
     oscillation: bool = _spec(True, _bool)
@@ -204,6 +234,11 @@ class Detection(_Validated):
     """Episodes within ``repeat_window`` steps that make instability repeated (>= 2)."""
     repeat_window: int = _spec(100, _int(1))
     """Window of ``repeat_count``, in steps (>= 1)."""
+    episodes: bool = _spec(True, _bool)
+    """Group instability alerts into episodes for the sinks: one record when an episode opens,
+    one (``episode_end``) when it ends; the rules and the controller still see every step."""
+    episode_quiet_steps: int = _spec(20, _int(1))
+    """Steps without an instability alert that end an episode (>= 1)."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ class LoopMonitor:
 
     def close(self) -> None:
         """Process what is still kept on the device, and close the alerts file."""
-        self.engine.detach()
+        self.engine.detach(close_episodes=True)
         self._dispatcher.close()
         if self.writer is not None:
             self.writer.flush()

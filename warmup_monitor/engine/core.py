@@ -1,23 +1,4 @@
-"""The monitor's engine: everything it does per optimizer step, without Lightning.
-
-:class:`MonitorEngine` owns, for each watched optimizer, the gradient statistics, the update
-ratio, the instability detector and the step count; it decides which steps are read back to the
-host, feeds the detectors, and hands metrics and alerts to sinks given by its user. The
-Lightning callback (:mod:`warmup_monitor.callback`) and the plain-PyTorch helper
-(:mod:`warmup_monitor.loop`) are thin shells around it.
-
-Host reads. Statistics stay on the device. Each step's values are stacked into a small device
-tensor and kept; on a step that logs, or every ``check_every_n_steps``, everything kept since the
-last read comes back in **one** device-to-host read and the detectors see every step in order.
-On other steps nothing is read: a decision about step ``t`` is taken at the next read, at most
-``check_every_n_steps - 1`` steps later (0 with the default of 1).
-
-Distributed. Under data parallelism the gradients are identical on every rank after the
-all-reduce, so only the loss is averaged over ranks. Sharded gradients (FSDP2 ``DTensor``, or
-FSDP1 flat shards) contribute local sums of squares and dot products that are summed over the
-ranks holding shards. Both reductions go into one small all-reduce per step. Every rank then
-holds the same numbers and takes the same decisions without further communication.
-"""
+"""The device side of the engine and its wiring (the package docstring: how it works)."""
 
 from __future__ import annotations
 
@@ -45,6 +26,7 @@ from warmup_monitor.engine.watch import (
     Watch,
     WorldReducer,
     dtensor_shard_groups,
+    make_episodes,
     restore_record,
 )
 from warmup_monitor.lr_factor import LrFactor
@@ -110,6 +92,7 @@ class MonitorEngine:
         self._steps: dict[int, int] = {}
         self._progress: dict[int, int] = {}
         self._detector_states: dict[int, dict[str, Any]] = {}
+        self._episode_states: dict[int, dict[str, Any]] = {}
         self._controller_states: dict[int, dict[str, Any]] = {}
         self.reset()
 
@@ -133,6 +116,7 @@ class MonitorEngine:
         self.amp_skipped_steps = 0
         self._watches = []
         self._detector_states = {}
+        self._episode_states = {}
         self._controller_states = {}
         self._steps = {}
         self._progress = {}
@@ -287,6 +271,7 @@ class MonitorEngine:
                 update=UpdateRatio(params) if stats_cfg.update_ratio else None,
                 detector=detector,
                 controller=controller,
+                episodes=make_episodes(self.config.detection, self._episode_states.get(idx)),
                 step=self._steps.get(idx, first_step or 0),
                 progress=self._progress.get(idx, first_step or 0),
             )
@@ -307,10 +292,20 @@ class MonitorEngine:
         self.losses.clear()
         self._released = False
 
-    def detach(self) -> None:
-        """Stop watching: flush what is kept, remove the optimizer hooks, free the buffers."""
+    def detach(self, *, close_episodes: bool = False) -> None:
+        """Stop watching: flush what is kept, remove the optimizer hooks, free the buffers.
+
+        With ``close_episodes`` (the end of a fit or loop), an unstable episode still open is
+        closed (not recovered) and its ``episode_end`` dispatched.
+        """
         self.flush()
         for w in self._watches:
+            if w.episodes is not None:
+                if close_episodes:
+                    ended = w.episodes.close(max(w.step - 1, 0))
+                    self.alert_count += len(ended)
+                    self._dispatch(ended, w.index)
+                self._episode_states[w.index] = w.episodes.state_dict()
             if w.hook is not None:
                 w.hook.remove()
                 w.hook = None

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from warmup_monitor.alerts import Alert, AlertKind
+from warmup_monitor.alerts import Alert, AlertKind, is_instability
 from warmup_monitor.controller import WarmupExhaustedError
 from warmup_monitor.engine.watch import Record, Watch
 
@@ -66,7 +66,11 @@ def process(
         alerts.extend(
             w.controller.observe(rec.progress, alerts, next_step=w.progress, lr=rec.lrs[0])
         )
-    self.alert_count += len(alerts)
+    loss_ratio = w.detector.loss_ratio(loss_f) if loss_f is not None else None
+    # The rules, the persistence rule and the controller see every flagged step; the sinks
+    # get one line when an episode opens and one when it ends (``Detection.episodes``).
+    out = alerts if w.episodes is None else w.episodes.observe(step, alerts, loss_ratio)
+    self.alert_count += len(out)
 
     if rec.log:
         metrics: dict[str, float] = {self.key("lr", idx): rec.lrs[0]}
@@ -75,7 +79,6 @@ def process(
                 metrics[self.key(f"lr/pg{j}", idx)] = lr
         if loss_f is not None:
             metrics[self.key("loss", idx)] = loss_f
-            loss_ratio = w.detector.loss_ratio(loss_f)
             if loss_ratio is not None:
                 metrics[self.key("loss_ratio", idx)] = loss_ratio
         if rec.grad_count:
@@ -88,13 +91,13 @@ def process(
         if w.controller is not None:
             metrics[self.key("lr_factor", idx)] = rec.factor
         metrics[self.key("alerts", idx)] = float(self.alert_count)
-        unstable = any(AlertKind(a.kind).is_instability for a in alerts)
+        unstable = any(is_instability(a.kind) for a in alerts)
         metrics[self.key("unstable", idx)] = 1.0 if unstable else 0.0
         if self.amp_skipped_steps:
             metrics[self.key("amp_skipped_steps", idx)] = float(self.amp_skipped_steps)
         for sink in self.metrics_sinks:
             sink(metrics, step)
-    dispatch(self, alerts, idx)
+    dispatch(self, out, idx)
 
 
 def dispatch(self: MonitorEngine, alerts: Sequence[Alert], opt_idx: int) -> None:

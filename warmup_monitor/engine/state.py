@@ -46,6 +46,10 @@ def save(self: MonitorEngine) -> dict[str, Any]:
         "skipped_steps": self.skipped_steps,
         "amp_skipped_steps": self.amp_skipped_steps,
         "detectors": detectors,
+        "episodes": {
+            **self._episode_states,
+            **{w.index: w.episodes.state_dict() for w in self._watches if w.episodes is not None},
+        },
         "kept": kept,
     }
     if self.prober is not None:
@@ -65,6 +69,7 @@ def load(self: MonitorEngine, state: dict[str, Any]) -> None:
     self.skipped_steps = int(state.get("skipped_steps", 0))
     self.amp_skipped_steps = int(state.get("amp_skipped_steps", 0))
     self._detector_states = {int(k): v for k, v in state.get("detectors", {}).items()}
+    self._episode_states = {int(k): v for k, v in state.get("episodes", {}).items()}
     if 0 in self._detector_states:
         self.detector.load_state_dict(self._detector_states[0])
     if self.prober is not None:
@@ -78,4 +83,6 @@ def load(self: MonitorEngine, state: dict[str, Any]) -> None:
             w.controller.load_state_dict(self._controller_states[w.index])
         if w.index in self._detector_states:
             w.detector.load_state_dict(self._detector_states[w.index])
+        if w.episodes is not None and w.index in self._episode_states:
+            w.episodes.load_state_dict(self._episode_states[w.index])
         w.stats.forget()

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from warmup_monitor.config import Detection
 from warmup_monitor.controller import WarmupController
-from warmup_monitor.detectors import InstabilityDetector
+from warmup_monitor.detectors import Episodes, InstabilityDetector
 from warmup_monitor.lr_factor import LrFactor
 from warmup_monitor.stats import GradientStats, UpdateRatio
 
@@ -122,6 +123,7 @@ class Watch:
     update: UpdateRatio | None
     detector: InstabilityDetector
     controller: WarmupController | None = None
+    episodes: Episodes | None = None
     step: int = 0
     progress: int = 0  # updates actually applied (steps skipped by a GradScaler excluded)
     pending: Pending | None = None
@@ -199,3 +201,13 @@ class Losses:
         if self._last is not None and self._last[1] == self.batch:
             return self._last[0]  # several optimizers stepped on one backward
         return None
+
+
+def make_episodes(detection: Detection, state: dict[str, Any] | None) -> Episodes | None:
+    """The episode filter of one optimizer (``None`` when ``Detection.episodes`` is off)."""
+    if not detection.episodes:
+        return None
+    episodes = Episodes(quiet_steps=detection.episode_quiet_steps)
+    if state is not None:
+        episodes.load_state_dict(state)
+    return episodes

@@ -1,0 +1,275 @@
+"""Episodes: what reaches the sinks when instability goes on for many steps.
+
+A diverging run flags step after step; every rule and the warmup controller must see each of
+those steps, but a person (console, JSONL, TensorBoard text, the report) wants one line when
+it starts and one summary when it ends. :class:`Episodes` is that filter: pure, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from warmup_monitor._checks import check_int as _check_int
+from warmup_monitor.alerts import INSTABILITY_KINDS, Alert, AlertKind
+from warmup_monitor.detectors._common import finite_float as _finite_float
+from warmup_monitor.detectors._common import int_or as _int_or
+
+__all__ = ["EPISODE_KINDS", "Episodes"]
+
+#: The kinds grouped into episodes: every instability kind but the controller's own
+#: ``warmup_exhausted``. Everything else (``transient``, ``monitor``, the controller's
+#: actions, kinds this version does not know) passes through untouched.
+EPISODE_KINDS: frozenset[str] = frozenset(
+    k.value for k in INSTABILITY_KINDS if k is not AlertKind.WARMUP_EXHAUSTED
+)
+
+
+def _kind(alert: Alert) -> str:
+    return str(getattr(alert.kind, "value", alert.kind))
+
+
+def _span(a: int, b: int) -> str:
+    return f"step {a}" if a == b else f"steps {a}-{b}"
+
+
+class Episodes:
+    """Group the per-step instability alerts into episodes; return what to dispatch.
+
+    An **episode** opens at the first step with an alert of an instability kind
+    (:data:`EPISODE_KINDS`) and stays open while such alerts keep coming; it ends after
+    ``quiet_steps`` steps without one (it *recovered*), or at :meth:`close` (the monitoring
+    ended while it was open: not recovered). Per call of :meth:`observe` (one optimizer step):
+
+    - the step that **opens** an episode returns its first instability alert (in the order
+      given), copied with ``episode`` set to the new id and ``details["episode_kinds"]`` listing
+      every instability kind of that step (the others are folded into the episode): one line
+      per opening;
+    - later flagged steps of the same episode **update** it (flagged steps, alerts, kinds, peak
+      loss ratio, flagged step ranges) and return nothing;
+    - the step at which it has been quiet for ``quiet_steps`` steps (or any later step observed)
+      **closes** it: one ``episode_end`` alert, at step ``last flagged + quiet_steps``, whose
+      details are ``episode``, ``start``, ``end`` (last flagged step), ``duration``
+      (``end - start + 1``), ``count`` (flagged steps), ``alerts``, ``kinds`` (in order of
+      first appearance), ``kind_counts`` (flagged steps per kind), ``peak_ratio`` and
+      ``peak_step`` (the highest ``loss_ratio`` observed while open, ``None`` if none was
+      given), ``recovered`` and ``steps`` (the flagged steps as ``[first, last]`` ranges, at
+      most ``max_ranges``: the closest ranges are merged beyond that, and
+      ``steps_merged`` says so);
+    - every other alert (``transient``, ``monitor``, ``warmup_extended``, ``warmup_exhausted``,
+      ``lr_backoff``, ``rollback``, unknown kinds) is returned unchanged, in its place.
+
+    Wiring: the engine feeds the raw alerts of a step to the persistence rule and the warmup
+    controller as before, then passes the whole list here and dispatches only what comes back;
+    at the end of monitoring it dispatches :meth:`close`; :meth:`state_dict` goes into its
+    checkpoint state so that an open episode survives a resume. One instance per optimizer.
+
+    Example:
+        >>> from warmup_monitor.alerts import Alert, AlertKind
+        >>> ep = Episodes(quiet_steps=3)
+        >>> spike = lambda s: Alert(s, AlertKind.LOSS_SPIKE, "spike")
+        >>> [(a.kind.value, a.episode) for a in ep.observe(5, [spike(5)], loss_ratio=12.0)]
+        [('loss_spike', 1)]
+        >>> ep.observe(6, [spike(6)], loss_ratio=15.0)  # the same episode: nothing to say
+        []
+        >>> ep.observe(7, [], loss_ratio=1.2)
+        []
+        >>> [end] = ep.observe(9, [], loss_ratio=1.0)  # quiet since step 6 (3 steps)
+        >>> end.kind.value, end.step, end.episode
+        ('episode_end', 9, 1)
+        >>> {k: end.details[k] for k in ("start", "end", "count", "peak_ratio", "steps")}
+        {'start': 5, 'end': 6, 'count': 2, 'peak_ratio': 15.0, 'steps': [[5, 6]]}
+
+    Args:
+        quiet_steps: Steps without an instability alert that end an episode (>= 1;
+            ``Detection.episode_quiet_steps``).
+        max_ranges: The most flagged-step ranges an episode keeps (>= 1).
+
+    Raises:
+        ValueError: if an argument is out of range.
+        TypeError: if an argument has the wrong type.
+    """
+
+    def __init__(self, *, quiet_steps: int = 20, max_ranges: int = 64) -> None:
+        self.quiet_steps = _check_int("quiet_steps", quiet_steps, minimum=1)
+        self.max_ranges = _check_int("max_ranges", max_ranges, minimum=1)
+        self.reset()
+
+    def reset(self) -> None:
+        self._next_id = 1
+        self._open: dict[str, Any] | None = None
+
+    @property
+    def current(self) -> int | None:
+        """The id of the open episode, or ``None``."""
+        return None if self._open is None else int(self._open["id"])
+
+    def observe(
+        self, step: int, alerts: Sequence[Alert], loss_ratio: float | None = None
+    ) -> list[Alert]:
+        """Feed one step's alerts (all of them, in order); return those to dispatch.
+
+        Args:
+            step: The optimizer step the alerts are about.
+            alerts: Every alert of that step, of any kind (the detectors' and the controller's).
+            loss_ratio: That step's loss over the initial loss, if known (for the peak).
+        """
+        out: list[Alert] = []
+        ep = self._open
+        if ep is not None and step - ep["last"] >= self.quiet_steps:
+            out.append(self._end(ep["last"] + self.quiet_steps, recovered=True))
+            ep = None
+        flagged = [a for a in alerts if _kind(a) in EPISODE_KINDS]
+        opening = None
+        if flagged:
+            if ep is None:
+                opening = self._start(step, flagged)
+            else:
+                self._add(ep, step, flagged)
+        ep = self._open
+        if ep is not None and loss_ratio is not None and math.isfinite(loss_ratio):
+            peak = ep["peak_ratio"]
+            if peak is None or loss_ratio > peak:
+                ep["peak_ratio"], ep["peak_step"] = float(loss_ratio), step
+        for alert in alerts:
+            if _kind(alert) not in EPISODE_KINDS:
+                out.append(alert)
+            elif alert is flagged[0] and opening is not None:
+                out.append(opening)
+        return out
+
+    def close(self, step: int) -> list[Alert]:
+        """End the open episode, if any, at ``step`` (not recovered); return its summary."""
+        if self._open is None:
+            return []
+        return [self._end(max(step, int(self._open["last"])), recovered=False)]
+
+    # ------------------------------------------------------------------ internals
+
+    def _start(self, step: int, flagged: list[Alert]) -> Alert:
+        kinds = list(dict.fromkeys(_kind(a) for a in flagged))
+        self._open = {
+            "id": self._next_id,
+            "start": step,
+            "last": step,
+            "count": 0,
+            "alerts": 0,
+            "kinds": [],
+            "kind_counts": {},
+            "ranges": [],
+            "merged": False,
+            "peak_ratio": None,
+            "peak_step": None,
+        }
+        self._next_id += 1
+        self._add(self._open, step, flagged)
+        first = flagged[0]
+        details = dict(first.details)
+        details["episode_kinds"] = kinds
+        message = first.message
+        if len(kinds) > 1:
+            message += f" (also {', '.join(kinds[1:])} at this step)"
+        return replace(first, message=message, details=details, episode=int(self._open["id"]))
+
+    def _add(self, ep: dict[str, Any], step: int, flagged: list[Alert]) -> None:
+        kinds = list(dict.fromkeys(_kind(a) for a in flagged))
+        ranges: list[list[int]] = ep["ranges"]
+        if ranges and step <= ranges[-1][1]:  # the same step again (late alerts): no new step
+            pass
+        else:
+            ep["count"] += 1
+            if ranges and step == ranges[-1][1] + 1:
+                ranges[-1][1] = step
+            else:
+                ranges.append([step, step])
+                if len(ranges) > self.max_ranges:
+                    gaps = [ranges[i + 1][0] - ranges[i][1] for i in range(len(ranges) - 1)]
+                    i = gaps.index(min(gaps))
+                    ranges[i : i + 2] = [[ranges[i][0], ranges[i + 1][1]]]
+                    ep["merged"] = True
+        ep["last"] = max(int(ep["last"]), step)
+        ep["alerts"] += len(flagged)
+        counts: dict[str, int] = ep["kind_counts"]
+        for kind in kinds:
+            if kind not in counts:
+                ep["kinds"].append(kind)
+            counts[kind] = counts.get(kind, 0) + 1
+
+    def _end(self, step: int, *, recovered: bool) -> Alert:
+        ep = self._open
+        assert ep is not None  # internal: only called with an open episode
+        self._open = None
+        start, end = int(ep["start"]), int(ep["last"])
+        peak = ep["peak_ratio"]
+        kinds = ", ".join(ep["kinds"])
+        state = "recovered" if recovered else "was still open when monitoring ended"
+        message = (
+            f"episode {ep['id']} ({_span(start, end)}, {ep['count']} flagged: {kinds}) {state}"
+        )
+        if peak is not None:
+            message += f"; peak loss {peak:.3g}x the initial at step {ep['peak_step']}"
+        details: dict[str, Any] = {
+            "episode": ep["id"],
+            "start": start,
+            "end": end,
+            "duration": end - start + 1,
+            "count": ep["count"],
+            "alerts": ep["alerts"],
+            "kinds": list(ep["kinds"]),
+            "kind_counts": dict(ep["kind_counts"]),
+            "peak_ratio": peak,
+            "peak_step": ep["peak_step"],
+            "recovered": recovered,
+            "steps": [list(r) for r in ep["ranges"]],
+        }
+        if ep["merged"]:
+            details["steps_merged"] = True
+        return Alert(
+            step=step,
+            kind=AlertKind.EPISODE_END,
+            message=message,
+            value=math.nan if peak is None else float(peak),
+            threshold=math.nan,
+            details=details,
+            episode=int(ep["id"]),
+        )
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The next id and the open episode (primitives only)."""
+        ep = self._open
+        if ep is not None:
+            ep = {**ep, "kinds": list(ep["kinds"]), "kind_counts": dict(ep["kind_counts"])}
+            ep["ranges"] = [list(r) for r in self._open["ranges"]]  # type: ignore[index]
+        return {"next_id": self._next_id, "open": ep}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a malformed open episode is dropped, not half-loaded."""
+        self.reset()
+        self._next_id = max(_int_or(state.get("next_id"), 1) or 1, 1)
+        ep = state.get("open")
+        if not isinstance(ep, dict):
+            return
+        try:
+            ranges = [[int(a), int(b)] for a, b in ep.get("ranges", [])]
+            counts = {str(k): int(v) for k, v in dict(ep.get("kind_counts", {})).items()}
+            peak = ep.get("peak_ratio")
+            peak_step = ep.get("peak_step")
+            self._open = {
+                "id": int(ep["id"]),
+                "start": int(ep["start"]),
+                "last": int(ep["last"]),
+                "count": int(ep.get("count", 0)),
+                "alerts": int(ep.get("alerts", 0)),
+                "kinds": [str(k) for k in ep.get("kinds", [])],
+                "kind_counts": counts,
+                "ranges": ranges,
+                "merged": bool(ep.get("merged", False)),
+                "peak_ratio": None if peak is None else _finite_float(peak, 0.0),
+                "peak_step": None if peak_step is None else int(peak_step),
+            }
+        except (KeyError, TypeError, ValueError):
+            self._open = None
