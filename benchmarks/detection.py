@@ -113,6 +113,8 @@ LENGTH = {"falling": 300, "flat": 1000}
 PER_TRACE = {"falling": 2, "flat": 4}
 BLIND = 64  # OLMo-core's rule needs 64 values
 CALIBRATION_SEED = 1000
+#: Our rules as run everywhere (``--detection`` changes fields of it).
+OURS = Detection()
 
 # --------------------------------------------------------------------------------------------
 # Traces
@@ -247,7 +249,7 @@ def run_ours(
 ) -> np.ndarray:
     """``InstabilityDetector``; ``every``: fed only every that many steps (step numbers kept)."""
     n = len(loss if loss is not None else grad)  # type: ignore[arg-type]
-    det = InstabilityDetector(config)
+    det = InstabilityDetector(config or OURS)
     out = np.zeros(n, dtype=bool)
     losses = loss.tolist() if loss is not None else [None] * n
     grads = grad.tolist() if grad is not None else [None] * n
@@ -955,7 +957,7 @@ def speed_part() -> dict[str, float]:
 
 
 def report(res: dict[str, Any], seed: int) -> str:
-    parts = [f"Seed set {seed}."]
+    parts = [f"Seed set {seed}; ours: {OURS!r}."]
     if "spikes" in res:
         parts += [
             "### Loss spikes",
@@ -1023,6 +1025,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a quarter of the traces")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument(
+        "--detection",
+        default="{}",
+        help="JSON of Detection fields for ours, e.g. '{\"trend_sigmas\": 15}' (default: none)",
+    )
+    parser.add_argument(
         "--part",
         nargs="*",
         default=["spikes", "clean", "divergence", "catapults", "real"],
@@ -1031,6 +1038,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seed >= CALIBRATION_SEED:
         print(f"(seed sets >= {CALIBRATION_SEED} were used for calibration)", file=sys.stderr)
+    global OURS
+    OURS = replace(Detection(), **json.loads(args.detection))
     scale = 0.25 if args.quick else 1.0
     res: dict[str, Any] = {}
     start = time.perf_counter()
