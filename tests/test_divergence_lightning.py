@@ -64,20 +64,7 @@ def _module(pl: Any, peak: float, own_schedule: bool) -> Any:
     return Regression()
 
 
-@pytest.mark.parametrize(
-    "warmup",
-    [
-        pytest.param(
-            "monitor",
-            marks=pytest.mark.xfail(
-                reason="needs the new callback (WarmupMonitor(schedule=...) builds the old "
-                "WarmupController on this branch)",
-                strict=False,
-            ),
-        ),
-        "scheduler",
-    ],
-)
+@pytest.mark.parametrize("warmup", ["monitor", "scheduler"])
 def test_a_slow_divergence_during_warmup_is_flagged_before_the_loss_doubles(
     tmp_path: os.PathLike[str], warmup: str
 ) -> None:
