@@ -366,18 +366,26 @@ class AdaptiveWarmup(_Validated):
 @dataclass(frozen=True, repr=False)
 class CurvatureProbe(_Validated):
     """Probe the sharpness (top Hessian eigenvalue, Adam-preconditioned for Adam/AdamW) on a
-    fixed probe batch during the monitored window, and log ``sharpness`` and
+    fixed probe batch during the monitored window, and log ``sharpness``,
     ``stability_margin`` (lr x sharpness / the optimizer's stability threshold; above 1 is past
-    the edge).
+    the edge), ``sharpness_residual`` and ``sharpness_converged`` (1 or 0; an unconverged probe
+    never feeds ``edge_of_stability``).
+
+    The probe differentiates the loss as training computes it: each submodule in its training
+    mode (batch norm on the probe batch's statistics, dropout on) with one fixed dropout mask
+    (torch seeded with 0 before every evaluation of the loss); modes, gradients, buffers and
+    the RNG states of torch, Python and NumPy are restored afterwards.
 
     ``WarmupMonitor(curvature=True)`` means ``CurvatureProbe()``.
     """
 
     every_n_steps: int = _spec(250, _int(1))
-    """Probe interval in optimizer steps, from step 0. A probe costs about 7-17 training steps
-    on the example transformer; 250 keeps the average overhead under 5 % there."""
+    """Probe interval in optimizer steps, from step 0. A warm-started probe costs about 30
+    training steps on the example transformer (11 Hessian-vector products): every 250 steps
+    that is about 12 % while the probe runs (benchmarks/README_curvature.md)."""
     max_iters: int = _spec(20, _int(1))
-    """Lanczos iterations per probe at most (>= 1)."""
+    """Hessian-vector products per probe at most (>= 1); a probe that needs more is logged
+    with ``sharpness_converged = 0``."""
     loss_fn: Callable[..., Any] | None = _spec(None, _callable)
     """``loss_fn(module, batch) -> loss`` for the probe; default: the module's
     ``training_step`` (Lightning) or the ``loss_fn`` given to ``LoopMonitor.probe``."""

@@ -2,8 +2,10 @@
 
 Gradient descent on a quadratic with Hessian ``H`` is stable only while ``lr * lambda_max(H) <
 2``; momentum and Adam move that edge. This package measures the sharpness on a fixed probe
-batch with Hessian-vector products and the Lanczos method, and turns it into a margin:
-``sharpness / threshold``, above 1 past the edge.
+batch with Hessian-vector products (a Lanczos-type method, warm-started from the previous
+probe's leading Ritz vectors plus a random Krylov space), and turns it into a margin:
+``sharpness / threshold``, above 1 past the edge. A probe differentiates the function being
+trained (train-mode forward, one fixed dropout mask) and leaves no trace on training.
 
 - :mod:`~warmup_monitor.curvature.lanczos`: :func:`top_hessian_eigenvalue`, the largest
   (algebraic) eigenvalue of ``H`` or of ``P^-1/2 H P^-1/2`` for any loss closure.
