@@ -53,7 +53,9 @@ def ten_x_only(**kwargs: Any) -> Any:
 
     return InstabilityDetector(
         loss_trend_spike=False,
+        loss_divergence=False,
         grad_norm_spike=False,
+        grad_norm_rise=False,
         oscillation=False,
         persistence=False,
         **kwargs,
