@@ -473,7 +473,8 @@ def print_e2e(result: dict[str, Any], args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     arg = parser.add_argument
-    arg("--part", choices=("all", "micro", "e2e"), default="all")
+    arg("--part", choices=("all", "micro", "e2e", "host"), default="all")
+    arg("--tree", action="append", default=[], help="host: NAME=PATH of another checkout")
     arg("--quick", action="store_true", help="fewer rounds and pairs (about 3 minutes)")
     arg("--threads", type=int, default=1, help="torch intra-op threads")
     arg("--rounds", type=int, default=None, help="micro: timing rounds per configuration")
@@ -502,6 +503,12 @@ def main(argv: list[str] | None = None) -> int:
         print("Hook micro-benchmark: ratio to the floor (median [25th-75th percentile])")
         print(MICRO_HEADER)
         results["micro"] = run_micro(args)
+    if args.part == "host":
+        # The monitor's host time per step on a ~100k-parameter model (benchmarks/host_time.py).
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import host_time
+
+        return host_time.main([f"--tree={t}" for t in args.tree] + ["--steps", "200"])
     if args.part in ("all", "e2e"):
         print("\nEnd to end (each line one run):")
         results["e2e"] = run_e2e(args)
