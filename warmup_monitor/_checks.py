@@ -16,17 +16,26 @@ def check_int(name: str, value: Any, *, minimum: int) -> int:
 
 
 def check_float(
-    name: str, value: Any, *, above: float | None = None, minimum: float | None = None
+    name: str,
+    value: Any,
+    *,
+    above: float | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
 ) -> float:
     """Return ``float(value)`` if it is a finite real number in range, else raise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__})")
     if not math.isfinite(value):
         raise ValueError(f"`{name}` must be finite, got {value}")
+    if above is not None and maximum is not None and not above < value <= maximum:
+        raise ValueError(f"`{name}` must be in ({above:g}, {maximum:g}], got {value}")
     if above is not None and value <= above:
         raise ValueError(f"`{name}` must be > {above:g}, got {value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum:g}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"`{name}` must be <= {maximum:g}, got {value}")
     return float(value)
 
 

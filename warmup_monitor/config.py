@@ -21,12 +21,12 @@ This module imports neither torch nor Lightning.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from warmup_monitor._checks import check_choice, check_float, check_int
 from warmup_monitor.schedules import SHAPES, Shape, shape_params
 
 __all__ = [
@@ -44,40 +44,15 @@ Check = Callable[[str, Any], Any]
 
 
 def _int(minimum: int) -> Check:
-    def check(name: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__})")
-        if value < minimum:
-            raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
-        return value
-
-    return check
+    return lambda name, value: check_int(name, value, minimum=minimum)
 
 
 def _float(
     *, above: float | None = None, minimum: float | None = None, maximum: float | None = None
 ) -> Check:
-    if above is not None and maximum is not None:
-        allowed = f"in ({above:g}, {maximum:g}]"
-    else:
-        lo = f"> {above:g}" if above is not None else ""
-        lo = lo or (f">= {minimum:g}" if minimum is not None else "")
-        hi = f"<= {maximum:g}" if maximum is not None else ""
-        allowed = " and ".join(s for s in (lo, hi) if s) or "finite"
-
-    def check(name: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__})")
-        if not math.isfinite(value):
-            raise ValueError(f"`{name}` must be finite, got {value!r}")
-        bad = above is not None and value <= above
-        bad = bad or (minimum is not None and value < minimum)
-        bad = bad or (maximum is not None and value > maximum)
-        if bad:
-            raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
-        return float(value)
-
-    return check
+    return lambda name, value: check_float(
+        name, value, above=above, minimum=minimum, maximum=maximum
+    )
 
 
 def _bool(name: str, value: Any) -> bool:
@@ -87,13 +62,7 @@ def _bool(name: str, value: Any) -> bool:
 
 
 def _choice(*choices: str) -> Check:
-    def check(name: str, value: Any) -> str:
-        if not isinstance(value, str) or value not in choices:
-            allowed = ", ".join(repr(c) for c in choices)
-            raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}")
-        return value
-
-    return check
+    return lambda name, value: check_choice(name, value, choices)
 
 
 def _optional(inner: Check) -> Check:
@@ -509,10 +478,6 @@ class MonitorConfig:
             raise ValueError(
                 f"`AdaptiveWarmup.max_warmup_steps` must be >= warmup_steps ({w0}), got {cap}"
             )
-
-    def with_options(self, **changes: Any) -> MonitorConfig:
-        """A copy with some top-level fields changed (checked again)."""
-        return replace(self, **changes)
 
 
 def check_sinks(*, on_alert: Any, alerts_file: Any) -> None:

@@ -120,13 +120,6 @@ def _short(name: str, limit: int = 40) -> str:
     return name if len(name) <= limit else "…" + name[-(limit - 1) :]
 
 
-def _relative(name: str, common: str) -> str:
-    """``name`` without the directory all runs share (``runs/a/version_0`` -> ``a/version_0``)."""
-    if common and name != common and name.startswith(common):
-        return name[len(common) :].lstrip(os.sep) or name
-    return name
-
-
 def _g(x: float | None) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.3g}"
 
