@@ -35,8 +35,7 @@ never rises faster than your ramp did (nothing is guessed about its shape), and 
 1 until the first action. A controller driven by hand, without :meth:`WarmupController.
 record_user_lr`, models the ramp with ``user_schedule`` instead.
 
-**The policy** is in :class:`WarmupController`; the back-off target :math:`g` is ``backoff``
-times the factor at the step that acted (and at most ``rewarm_from``).
+**The policy** is in :class:`WarmupController`.
 """
 
 from __future__ import annotations
@@ -83,11 +82,11 @@ DEFAULT_TRIGGER_KINDS: frozenset[str] = frozenset(
     k.value for k in INSTABILITY_KINDS if k is not K.WARMUP_EXHAUSTED
 )
 #: Kinds that act on their own: they already mean persistence (oscillation is five flips in a
-#: row; a divergence or a rise is sustained), a blow-up or a broken step.
-_SEVERE = frozenset(
-    {"loss_spike", "non_finite", "oscillation", "persistent_instability", "edge_of_stability"}
-    | {"loss_divergence", "grad_norm_rise"}
-)
+#: row; a divergence is sustained), a blow-up or a broken step.
+_SEVERE = frozenset({"loss_spike", "non_finite", "oscillation", "persistent_instability"})
+_SEVERE |= {"edge_of_stability", "loss_divergence"}
+#: Kinds that act only with a loss kind on the same step (healthy SGD runs climb too).
+_CORROBORATING = frozenset({"grad_norm_rise"})
 #: One-step findings on the loss and on the gradients: either must repeat (``min_alerts`` steps
 #: in a window), unless both flag the same step (two independent signals agree).
 _LOSS_KINDS = frozenset({"loss_spike", "loss_trend_spike", "loss_divergence"})
@@ -135,10 +134,10 @@ class WarmupController:
        action. Consecutive flagged steps, and flagged steps less than ``window_steps`` apart,
        form one *episode*; its first step is the onset.
     2. It **acts** on ``loss_spike``, ``non_finite``, ``oscillation``,
-       ``persistent_instability``, ``edge_of_stability``, ``loss_divergence`` and
-       ``grad_norm_rise`` at once; on one-step spikes (``loss_trend_spike``,
-       ``grad_norm_spike``) once ``min_alerts`` steps were flagged within ``window_steps``, or
-       at once when a loss kind and a gradient kind flag the same step.
+       ``persistent_instability``, ``edge_of_stability`` and ``loss_divergence`` at once
+       (``grad_norm_rise`` only with a loss kind on the same step); on one-step spikes
+       (``loss_trend_spike``, ``grad_norm_spike``) once ``min_alerts`` steps were flagged
+       within ``window_steps``, or at once when a loss kind and a gradient kind flag a step.
     3. **Acting** lowers the factor to ``backoff`` times the factor that broke (at most
        ``rewarm_from``; never below the first factor of the ramp), announced by an
        ``lr_backoff`` alert, and re-warms from there to the peak over an extended warmup: by
@@ -404,6 +403,8 @@ class WarmupController:
             self._causes.add("_rollback")
         done = self._last_extension
         if done is not None and (step <= done or step - done < self.cooldown_steps):
+            return []
+        if kinds <= _CORROBORATING:
             return []
         if not self._recent or self._recent[-1] != step:
             self._recent.append(step)
