@@ -55,6 +55,8 @@ BAD: dict[type, dict[str, list[Any]]] = {
         "repeat_window": [0],
         "trend_early_ratio": [1.0, "2"],
         "grad_norm_early_ratio": [0.5],
+        "grad_norm_zscore_window": [-1, 4, 128.0],
+        "grad_norm_zscore_sigmas": [0.0, "6"],
         "noise_samples": [0, 2.5],
         "loss_divergence": ["yes"],
         "divergence_min_ratio": [1.0, NAN],

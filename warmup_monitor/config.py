@@ -61,6 +61,13 @@ def _bool(name: str, value: Any) -> bool:
     return value
 
 
+def _window(name: str, value: Any) -> int:
+    out = check_int(name, value, minimum=0)
+    if 0 < out < 8:
+        raise ValueError(f"`{name}` must be 0 (off) or >= 8, got {value!r}")
+    return out
+
+
 def _choice(*choices: str) -> Check:
     return lambda name, value: check_choice(name, value, choices)
 
@@ -166,6 +173,12 @@ class Detection(_Validated):
     grad_norm_early_ratio: float = _spec(3.0, _float(above=1.0))
     """Least ratio to the gradient-norm trend that makes a spike while the noise is unknown
     (> 1)."""
+    grad_norm_zscore_window: int = _spec(128, _window)
+    """OLMo-core's rule as well, on the gradient norm: once half this many norms are kept, a
+    norm more than ``grad_norm_zscore_sigmas`` standard deviations above the mean of the last
+    this many is a spike (0: off; else >= 8)."""
+    grad_norm_zscore_sigmas: float = _spec(6.0, _float(above=0.0))
+    """Standard deviations above the window's mean for ``grad_norm_zscore_window`` (> 0)."""
     noise_samples: int = _spec(10, _int(1))
     """Values a rule needs before its noise scale is trusted: until then the early ratios
     apply and the rise rules stay silent (>= 1)."""

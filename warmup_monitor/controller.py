@@ -85,10 +85,9 @@ DEFAULT_TRIGGER_KINDS: frozenset[str] = frozenset(
 #: row; a divergence is sustained), a blow-up or a broken step.
 _SEVERE = frozenset({"loss_spike", "non_finite", "oscillation", "persistent_instability"})
 _SEVERE |= {"edge_of_stability", "loss_divergence"}
-#: Kinds that act only with a loss kind on the same step (healthy SGD runs climb too).
-_CORROBORATING = frozenset({"grad_norm_rise"})
-#: One-step findings on the loss and on the gradients: either must repeat (``min_alerts`` steps
-#: in a window), unless both flag the same step (two independent signals agree).
+#: Gradient-norm evidence: it counts once a loss kind is in the episode (class docstring).
+_WEAK = frozenset({"grad_norm_spike", "grad_norm_rise", "persistent_instability"})
+#: Findings on the loss and on the gradients: both on one step act at once (they agree).
 _LOSS_KINDS = frozenset({"loss_spike", "loss_trend_spike", "loss_divergence"})
 _GRAD_KINDS = frozenset({"grad_norm_spike", "grad_norm_rise", "oscillation", "non_finite"})
 
@@ -110,9 +109,7 @@ def _finite_or(value: Any, default: float) -> float:
 
 
 def _recommend(unstable_lr: float | None, unstable_factor: float) -> tuple[float, str]:
-    """The peak lr (or, without an lr, the fraction of the current peak) to recommend after
-    instability at ``unstable_lr`` (the effective lr, factor ``unstable_factor`` of the peak):
-    half of it. One number, said once."""
+    """Half the lr that broke (``unstable_lr``; without it, of the factor ``unstable_factor``)."""
     if unstable_lr is not None:
         lr = 0.5 * unstable_lr
         return lr, f"use a peak lr of at most {lr:.3g} (half the lr {unstable_lr:.3g} that broke)"
@@ -134,10 +131,12 @@ class WarmupController:
        action. Consecutive flagged steps, and flagged steps less than ``window_steps`` apart,
        form one *episode*; its first step is the onset.
     2. It **acts** on ``loss_spike``, ``non_finite``, ``oscillation``,
-       ``persistent_instability``, ``edge_of_stability`` and ``loss_divergence`` at once
-       (``grad_norm_rise`` only with a loss kind on the same step); on one-step spikes
-       (``loss_trend_spike``, ``grad_norm_spike``) once ``min_alerts`` steps were flagged
-       within ``window_steps``, or at once when a loss kind and a gradient kind flag a step.
+       ``persistent_instability``, ``edge_of_stability`` and ``loss_divergence`` at once;
+       on ``loss_trend_spike`` once ``min_alerts`` steps were flagged within
+       ``window_steps``, or at once when a loss kind and a gradient kind flag a step. Steps
+       flagged by ``grad_norm_spike``, ``grad_norm_rise`` or ``persistent_instability`` alone
+       count only once a loss kind is in the episode (gradient norms of healthy runs bounce
+       off a low, or climb, for tens of steps).
     3. **Acting** lowers the factor to ``backoff`` times the factor that broke (at most
        ``rewarm_from``; never below the first factor of the ramp), announced by an
        ``lr_backoff`` alert, and re-warms from there to the peak over an extended warmup: by
@@ -231,6 +230,7 @@ class WarmupController:
         self.trigger_kinds: frozenset[str] = (
             DEFAULT_TRIGGER_KINDS if c.trigger_kinds is None else frozenset(c.trigger_kinds)
         )
+        self._corroborable = bool(self.trigger_kinds & _LOSS_KINDS)
         self.reset()
 
     # ------------------------------------------------------------------ the plan
@@ -404,7 +404,7 @@ class WarmupController:
         done = self._last_extension
         if done is not None and (step <= done or step - done < self.cooldown_steps):
             return []
-        if kinds <= _CORROBORATING:
+        if kinds <= _WEAK and self._causes.isdisjoint(_LOSS_KINDS) and self._corroborable:
             return []
         if not self._recent or self._recent[-1] != step:
             self._recent.append(step)

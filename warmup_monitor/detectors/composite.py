@@ -35,7 +35,10 @@ class InstabilityDetector:
     slow divergence       ``loss_divergence``         smoothed loss > max(1.25x, 5 sigma) its
                                                       low of the last 100 steps, and still
                                                       climbing (not early)
-    gradient-norm spike   ``grad_norm_spike``         as for the loss; early: 3 x trend
+    gradient-norm spike   ``grad_norm_spike``         as for the loss; early: 3 x trend; or,
+                                                      once 64 norms are kept, > 6 standard
+                                                      deviations above the mean of the last
+                                                      128 (OLMo-core's rule)
     gradient-norm rise    ``grad_norm_rise``          smoothed norm > max(3x, 5 sigma) its low
                                                       of the last 100 steps, still climbing
     oscillation           ``oscillation``             5 cosines < 0 with mean < -0.5
@@ -111,6 +114,8 @@ class InstabilityDetector:
             early_ratio=cfg.grad_norm_early_ratio,
             early_samples=cfg.noise_samples,
             rebaseline_steps=cfg.rebaseline_steps,
+            zscore_window=cfg.grad_norm_zscore_window,
+            zscore_sigmas=cfg.grad_norm_zscore_sigmas,
         )
         self.grad_norm_rise_rule = GradNormRiseDetector(
             min_ratio=cfg.grad_norm_rise_ratio,

@@ -11,6 +11,7 @@ second value. :class:`LossTrendDetector` and :class:`GradNormSpikeDetector` are 
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Any
 
 from warmup_monitor._checks import check_float as _check_float
@@ -416,11 +417,18 @@ class LossTrendDetector(_LogTrendSpike):
 
 
 class GradNormSpikeDetector(_LogTrendSpike):
-    """Gradient-norm spike: the global gradient norm far above its recent trend.
+    """Gradient-norm spike: the global gradient norm far above its recent trend, or far above
+    the mean of a long window.
 
     The rule of :class:`LossTrendDetector` on ``log(grad_norm)``, but the trends may rise
     (gradient norms often grow while the lr warms up). Usable from the second update; norms
     that are not finite and > 0 are ignored.
+
+    Besides, OLMo-core's z-score rule (``SkipStepOptimizer``): once ``zscore_window // 2``
+    norms are kept, a norm with ``(x - mean) / std > zscore_sigmas`` over the previous (up to)
+    ``zscore_window`` norms, spikes included (``std`` with ``n - 1``), is a spike. The trend
+    rule follows a small lasting step up within a few steps; the long window keeps it in view,
+    so that no spike OLMo-core's rule finds is missed here (``benchmarks/README_detection.md``).
 
     Args:
         sigmas: Robust noise scales above the forecast that make a spike (> 0).
@@ -428,6 +436,8 @@ class GradNormSpikeDetector(_LogTrendSpike):
         early_ratio: The least ratio while the noise scale is unknown (> 1).
         early_samples: Norms before the noise scale is trusted (>= 1).
         rebaseline_steps: Consecutive spikes after which the new level is accepted (>= 1).
+        zscore_window: Norms in the z-score's window (0: the z-score rule is off; else >= 8).
+        zscore_sigmas: Standard deviations above the window's mean that make a spike (> 0).
 
     Raises:
         ValueError: if an argument is out of range.
@@ -446,7 +456,13 @@ class GradNormSpikeDetector(_LogTrendSpike):
         early_ratio: float = 3.0,
         early_samples: int = 10,
         rebaseline_steps: int = 20,
+        zscore_window: int = 128,
+        zscore_sigmas: float = 6.0,
     ) -> None:
+        self.zscore_window = _check_int("zscore_window", zscore_window, minimum=0)
+        if 0 < self.zscore_window < 8:
+            raise ValueError(f"`zscore_window` must be 0 (off) or >= 8, got {zscore_window!r}")
+        self.zscore_sigmas = _check_float("zscore_sigmas", zscore_sigmas, above=0.0)
         super().__init__(
             sigmas=sigmas,
             min_ratio=min_ratio,
@@ -454,3 +470,56 @@ class GradNormSpikeDetector(_LogTrendSpike):
             early_samples=early_samples,
             rebaseline_steps=rebaseline_steps,
         )
+
+    def reset(self) -> None:
+        super().reset()
+        self._window: deque[float] = deque(maxlen=max(self.zscore_window, 1))
+
+    def update(self, step: int, value: float | None) -> Alert | None:
+        """Feed one gradient norm at optimizer step ``step``; return an alert if it is a spike
+        (by the trend rule, or else by the z-score rule)."""
+        z = self._zscore(value)
+        alert = super().update(step, value)
+        if alert is not None or z is None or value is None:
+            return alert
+        mean, std, zs, n = z
+        return Alert(
+            step=step,
+            kind=self.kind,
+            message=(
+                f"gradient norm {value:.4g} is {zs:.3g} standard deviations above the mean "
+                f"{mean:.4g} of the last {n} (limit {self.zscore_sigmas:g})"
+            ),
+            value=value,
+            threshold=mean + self.zscore_sigmas * std,
+            details={"rule": "zscore", "zscore": zs, "mean": mean, "std": std},
+        )
+
+    def _zscore(self, value: float | None) -> tuple[float, float, float, int] | None:
+        """``(mean, std, z, n)`` of ``value`` against the window when it fires; keeps the value."""
+        if not self.zscore_window or value is None:
+            return None
+        x = float(value)
+        if not (math.isfinite(x) and x > 0.0):
+            return None
+        kept = self._window
+        out = None
+        if len(kept) + 1 >= self.zscore_window // 2:
+            n = len(kept)
+            mean = math.fsum(kept) / n
+            std = math.sqrt(math.fsum((v - mean) ** 2 for v in kept) / (n - 1))
+            if x > mean and (std == 0.0 or (x - mean) / std > self.zscore_sigmas):
+                out = (mean, std, math.inf if std == 0.0 else (x - mean) / std, n)
+        kept.append(x)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "window": list(self._window)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        window = state.get("window")
+        if isinstance(window, list):
+            self._window.extend(
+                float(v) for v in window if isinstance(v, (int, float)) and math.isfinite(v)
+            )
