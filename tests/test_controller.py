@@ -674,9 +674,9 @@ def test_the_factor_never_jumps_up_and_drops_only_at_an_announced_back_off(
         f = c.factor(t + 1)
         assert 0.0 < f <= 1.0
         if t + 1 >= c.full_lr_step:
-            # 1 from the announced full-lr step on (test_the_factor_is_one_at_the_announced_
-            # full_lr_step pins the rounding case).
-            assert f == 1.0
+            # 1 (or the ceiling) from the announced full-lr step on (test_the_factor_is_one_at_
+            # the_announced_full_lr_step pins the rounding case).
+            assert f == (1.0 if c.ceiling is None else min(1.0, c.ceiling))
         # ... and never rises in one step by more than the shape's own largest increase.
         assert f - factors[t] <= bound, (t, factors[t], f, bound)
         if f < factors[t]:
@@ -685,7 +685,8 @@ def test_the_factor_never_jumps_up_and_drops_only_at_an_announced_back_off(
     if cfg["backoff"] == 1.0 and cfg["rewarm"] == 1.0:
         assert not drops
         assert all(b >= a for a, b in itertools.pairwise(factors))
-    assert factors[c.full_lr_step :] == [1.0] * (len(factors) - c.full_lr_step)
+    top = 1.0 if c.ceiling is None else c.ceiling
+    assert factors[c.full_lr_step :] == [top] * (len(factors) - c.full_lr_step)
     ks = [a.kind for a in out]
     assert set(ks) <= {K.LR_BACKOFF, K.WARMUP_EXTENDED, K.WARMUP_EXHAUSTED}
     # Every drop is announced by an lr_backoff alert, right before its warmup_extended.

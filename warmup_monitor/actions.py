@@ -18,6 +18,8 @@ __all__ = [
     "RollbackRequest",
     "action_alerts",
     "exhausted_alert",
+    "finite_or",
+    "recommend",
     "rollback_alert",
     "rollback_worthy",
 ]
@@ -93,14 +95,21 @@ def action_alerts(
         note = (
             f"; the caps leave no room to go down to {target:.3g}" if target < after - 1e-12 else ""
         )
+        ceiling = details.get("ceiling")
+        if ceiling is not None:
+            note = f"; it broke again after a re-warm, so it stays at {ceiling:.3g} from now on"
         out.append(
             Alert(
                 step=step,
                 kind=AlertKind.LR_BACKOFF,
                 message=(
                     f"the {what} is lowered from {before:.3g} to {after:.3g}{scaled} after "
-                    f"{causes} since step {details['onset_step']}, and re-warms to the peak by "
-                    f"step {full_step}{note}"
+                    f"{causes} since step {details['onset_step']}"
+                    + (
+                        note
+                        if ceiling is not None
+                        else f", and re-warms to the peak by step {full_step}{note}"
+                    )
                 ),
                 value=after,
                 threshold=before,
@@ -250,4 +259,25 @@ def rollback_alert(
             "rollbacks": rollbacks,
             **details,
         },
+    )
+
+
+def finite_or(value: Any, default: float) -> float:
+    """``float(value)`` when finite, else ``default``."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return default
+    return out if math.isfinite(out) else default
+
+
+def recommend(unstable_lr: float | None, unstable_factor: float) -> tuple[float, str]:
+    """Half the lr that broke (``unstable_lr``; without it, of the factor ``unstable_factor``)."""
+    if unstable_lr is not None:
+        lr = 0.5 * unstable_lr
+        return lr, f"use a peak lr of at most {lr:.3g} (half the lr {unstable_lr:.3g} that broke)"
+    frac = 0.5 * unstable_factor
+    return frac, (
+        f"use a peak lr of at most {frac:.3g} x the current one (half the fraction "
+        f"{unstable_factor:.3g} of the peak that broke)"
     )

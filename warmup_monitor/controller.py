@@ -51,6 +51,8 @@ from warmup_monitor.actions import (
     RollbackRequest,
     action_alerts,
     exhausted_alert,
+    finite_or,
+    recommend,
     rollback_alert,
     rollback_worthy,
 )
@@ -100,26 +102,6 @@ def _kind(alert: Alert) -> str:
     return str(getattr(alert.kind, "value", alert.kind))
 
 
-def _finite_or(value: Any, default: float) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return default
-    return out if math.isfinite(out) else default
-
-
-def _recommend(unstable_lr: float | None, unstable_factor: float) -> tuple[float, str]:
-    """Half the lr that broke (``unstable_lr``; without it, of the factor ``unstable_factor``)."""
-    if unstable_lr is not None:
-        lr = 0.5 * unstable_lr
-        return lr, f"use a peak lr of at most {lr:.3g} (half the lr {unstable_lr:.3g} that broke)"
-    frac = 0.5 * unstable_factor
-    return frac, (
-        f"use a peak lr of at most {frac:.3g} x the current one (half the fraction "
-        f"{unstable_factor:.3g} of the peak that broke)"
-    )
-
-
 class WarmupController:
     """The warmup plan and the policy that extends it, backs off and asks for rollbacks.
 
@@ -147,8 +129,8 @@ class WarmupController:
        the onset and calls :meth:`rolled_back`.
     5. When no action can help (``max_extensions`` used, ``max_warmup_steps`` reached, or the
        factor already 1 with no back-off configured), one ``warmup_exhausted`` alert
-       recommends a peak lr (:func:`_recommend`) and carries ``on_exhausted``; after it the
-       controller does nothing more.
+       recommends a peak lr (:func:`~warmup_monitor.actions.recommend`) and carries
+       ``on_exhausted``; after it the controller does nothing more.
 
     Example:
         >>> from warmup_monitor.alerts import Alert, AlertKind
@@ -249,6 +231,7 @@ class WarmupController:
         # The lowest plan factor (and the lr, if known) at which instability was acted on.
         self._unstable_factor: float | None = None
         self._unstable_lr: float | None = None  # (None: unknown)
+        self._ceiling: float | None = None  # the highest level allowed, once it broke again
         self._ramp = RecordedRamp(self.initial_warmup_steps)
         self.rollback_request: RollbackRequest | None = None
         #: ``[step, snapshot step or None]`` of every rollback: facts that survive a resume.
@@ -298,6 +281,13 @@ class WarmupController:
             self._ramp.record(step, lr)
 
     @property
+    def ceiling(self) -> float | None:
+        """The highest level the plan may reach (a factor of the peak; with a recorded ramp, an
+        lr), set when instability comes back after a back-off: the level that back-off lowers
+        to, so that the lr stays there; ``None`` until then."""
+        return self._ceiling
+
+    @property
     def owns_warmup(self) -> bool:
         """Whether the monitor applies the warmup shape (``shape`` is not ``None``)."""
         return self.shape is not None
@@ -316,9 +306,9 @@ class WarmupController:
         """
         if not self._segments:
             return self._f(float(step))
-        if step >= self.full_lr_step:  # exactly the peak where announced, whatever u's rounding
-            return self._f(self._full)
-        return self._f(self._u(step))
+        # Exactly the peak where announced, whatever u's rounding.
+        level = self._f(self._full) if step >= self.full_lr_step else self._f(self._u(step))
+        return level if self._ceiling is None else min(level, self._ceiling)
 
     def factor(self, step: int) -> float:
         """The lr factor of the update at ``step`` (optimizer steps taken, 0 for the first).
@@ -460,6 +450,8 @@ class WarmupController:
             u_new = max(u_new, full - (t_new - a))  # the caps leave less room: back off less
         rate = min(1.0, max(0.0, (full - u_new) / (t_new - a)))
         after = self._f(u_new)
+        if self.extensions and wants_drop:  # it broke again after a re-warm: no more re-warm
+            self._ceiling = after if self._ceiling is None else min(self._ceiling, after)
 
         self._segments.append((a, u_new, rate))
         self.warmup_steps = new_end
@@ -486,6 +478,7 @@ class WarmupController:
                 "onset_step": self._onset,
                 "anchor_step": a,
                 "next_factor": next_factor,
+                "ceiling": None if self._ceiling is None else self._ceiling / unit,
             },
         )
 
@@ -498,7 +491,7 @@ class WarmupController:
         level = 1.0 if self._unstable_factor is None else self._unstable_factor
         if self._recorded:  # the plan's level is an lr: say it as a fraction of the peak
             level = level / max(self._f(self._full), 1e-300)
-        recommended, advice = _recommend(self._unstable_lr, level)
+        recommended, advice = recommend(self._unstable_lr, level)
         return [
             exhausted_alert(
                 step,
@@ -547,6 +540,7 @@ class WarmupController:
             "causes": sorted(self._causes),
             "unstable_factor": self._unstable_factor,
             "unstable_lr": self._unstable_lr,
+            "ceiling": self._ceiling,
             "user_lrs": list(self._ramp.values),
             "rollbacks": [list(r) for r in self.rollbacks],
         }
@@ -575,7 +569,7 @@ class WarmupController:
             bool(state.get(k)) for k in ("stop_requested", "exhausted")
         )
         for i, lr in enumerate(items("user_lrs")):
-            self._ramp.record(i, _finite_or(lr, -1.0))
+            self._ramp.record(i, finite_or(lr, -1.0))
         for seg in items("segments"):
             try:
                 a, u, r = int(seg[0]), float(seg[1]), float(seg[2])
@@ -590,9 +584,11 @@ class WarmupController:
         self._causes = {str(k) for k in items("causes")}
         self._recent.extend(s for s in items("recent") if type(s) is int)
         factor = state.get("unstable_factor")
-        self._unstable_factor = None if factor is None else _finite_or(factor, 1.0)
-        lr = _finite_or(state.get("unstable_lr"), math.nan)
+        self._unstable_factor = None if factor is None else finite_or(factor, 1.0)
+        lr = finite_or(state.get("unstable_lr"), math.nan)
         self._unstable_lr = lr if math.isfinite(lr) else None
+        ceiling = finite_or(state.get("ceiling"), -1.0)
+        self._ceiling = ceiling if ceiling > 0.0 else None
         for r in items("rollbacks"):
             try:
                 self.rollbacks.append([int(r[0]), None if r[1] is None else int(r[1])])
