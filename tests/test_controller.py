@@ -928,3 +928,29 @@ def test_defaults() -> None:
     assert (c.rollback, c.snapshot_every_n_steps) == (True, 10)
     assert WarmupController(warmup_steps=7).window_steps == 20  # max(20, W // 2)
     assert WarmupController(warmup_steps=7).snapshot_every_n_steps == 1  # max(1, W // 10)
+
+
+def test_instability_after_a_re_warm_keeps_the_lr_at_the_backed_off_level() -> None:
+    # The grid's ResNet at peak lr 0.4: the peak itself is unstable, so re-warming to it breaks
+    # again. The second back-off sets a ceiling: the factor stays at the level it lowered to,
+    # through warmup and after it, and a resume keeps it.
+    c = WarmupController(warmup_steps=10, shape="linear", cooldown_steps=0)
+    assert c.backoff == 0.5
+    first = c.observe(12, [alert(12, K.LOSS_SPIKE)])  # at the peak: 1.0 -> 0.5, re-warm
+    assert c.ceiling is None and [a.kind for a in first][0] == K.LR_BACKOFF
+    level = c.plan(20)  # re-warming: above 0.5
+    assert 0.5 < level < 1.0
+    second = c.observe(20, [alert(20, K.LOSS_SPIKE)])
+    assert second[0].kind == K.LR_BACKOFF and "stays at" in second[0].message
+    assert c.ceiling == pytest.approx(0.5 * level, rel=1e-12)
+    assert second[0].details["ceiling"] == pytest.approx(0.5 * level, rel=1e-12)
+    later = [c.factor(t) for t in range(21, 400)]
+    assert max(later) == pytest.approx(0.5 * level, rel=1e-12) and later[-1] == max(later)
+    again = WarmupController(warmup_steps=10, shape="linear", cooldown_steps=0)
+    again.load_state_dict(json.loads(json.dumps(c.state_dict())))
+    assert [again.factor(t) for t in range(21, 400)] == later
+    # backoff=1.0 never lowers the lr, so it never sets a ceiling.
+    flat = WarmupController(warmup_steps=10, shape="linear", cooldown_steps=0, backoff=1.0)
+    for t in (3, 6):
+        flat.observe(t, [alert(t, K.LOSS_SPIKE)])
+    assert flat.extensions == 2 and flat.ceiling is None

@@ -751,3 +751,47 @@ def test_odd_losses_round_trip_anywhere(losses: list[Any], cut: int) -> None:
         assert _decisions(a.update(step, loss, loss, loss)) == _decisions(
             b.update(step, loss, loss, loss)
         )
+
+
+def test_the_grad_norm_zscore_is_olmo_cores_rule_written_out_again() -> None:
+    # A flat norm with 0.1 % noise, then a 1.05x step that lasts: under the forecasts' 1.1x
+    # floor, 50 standard deviations for the long window. The expectation is numpy's z-score
+    # over the previous (up to) 128 norms, std with n - 1, from the 64th norm on.
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    norms = np.exp(0.001 * rng.standard_normal(300))
+    norms[200:] *= 1.05
+    rule = GradNormSpikeDetector()
+    fired = [rule.update(t, float(x)) for t, x in enumerate(norms)]
+    zscore = [a for a in fired if a is not None and a.details.get("rule") == "zscore"]
+    expected = []
+    for t in range(63, len(norms)):
+        prev = norms[max(0, t - 128) : t]
+        z = (norms[t] - prev.mean()) / prev.std(ddof=1)
+        expected.append(z > 6.0)
+    flagged = {a.step for a in fired if a is not None}
+    assert {t for t, e in zip(range(63, len(norms)), expected, strict=True) if e} <= flagged
+    assert zscore and zscore[0].step == 200  # none before the step up
+    assert any(expected) and sum(expected) == len(zscore)
+    a = zscore[0]
+    prev = norms[max(0, a.step - 128) : a.step]
+    assert a.details["mean"] == pytest.approx(prev.mean(), rel=1e-12)
+    assert a.details["std"] == pytest.approx(prev.std(ddof=1), rel=1e-12)
+    off = GradNormSpikeDetector(zscore_window=0)
+    assert all(
+        a is None or a.details.get("rule") != "zscore"
+        for a in (off.update(t, float(x)) for t, x in enumerate(norms))
+    )
+
+
+def test_the_grad_norm_zscore_window_survives_a_resume() -> None:
+    norms = [1.0 + 0.01 * math.sin(t) for t in range(100)]
+    a, b = GradNormSpikeDetector(), GradNormSpikeDetector()
+    for t, x in enumerate(norms):
+        a.update(t, x)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert [a.update(100 + t, x) for t, x in enumerate([1.2, 1.0, 1.3])] == [
+        b.update(100 + t, x) for t, x in enumerate([1.2, 1.0, 1.3])
+    ]
+    assert list(a._window) == list(b._window)
