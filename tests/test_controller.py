@@ -937,7 +937,7 @@ def test_instability_after_a_re_warm_keeps_the_lr_at_the_backed_off_level() -> N
     c = WarmupController(warmup_steps=10, shape="linear", cooldown_steps=0)
     assert c.backoff == 0.5
     first = c.observe(12, [alert(12, K.LOSS_SPIKE)])  # at the peak: 1.0 -> 0.5, re-warm
-    assert c.ceiling is None and [a.kind for a in first][0] == K.LR_BACKOFF
+    assert c.ceiling is None and first[0].kind == K.LR_BACKOFF
     level = c.plan(20)  # re-warming: above 0.5
     assert 0.5 < level < 1.0
     second = c.observe(20, [alert(20, K.LOSS_SPIKE)])
