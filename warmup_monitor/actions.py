@@ -18,7 +18,6 @@ __all__ = [
     "RollbackRequest",
     "action_alerts",
     "exhausted_alert",
-    "finite_or",
     "recommend",
     "rollback_alert",
     "rollback_worthy",
@@ -260,15 +259,6 @@ def rollback_alert(
             **details,
         },
     )
-
-
-def finite_or(value: Any, default: float) -> float:
-    """``float(value)`` when finite, else ``default``."""
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return default
-    return out if math.isfinite(out) else default
 
 
 def recommend(unstable_lr: float | None, unstable_factor: float) -> tuple[float, str]:

@@ -51,13 +51,13 @@ from warmup_monitor.actions import (
     RollbackRequest,
     action_alerts,
     exhausted_alert,
-    finite_or,
     recommend,
     rollback_alert,
     rollback_worthy,
 )
 from warmup_monitor.alerts import INSTABILITY_KINDS, Alert, AlertKind
 from warmup_monitor.config import AdaptiveWarmup
+from warmup_monitor.detectors._common import finite_float
 from warmup_monitor.schedules import (
     SHAPES,
     RecordedRamp,
@@ -569,7 +569,7 @@ class WarmupController:
             bool(state.get(k)) for k in ("stop_requested", "exhausted")
         )
         for i, lr in enumerate(items("user_lrs")):
-            self._ramp.record(i, finite_or(lr, -1.0))
+            self._ramp.record(i, finite_float(lr, -1.0))
         for seg in items("segments"):
             try:
                 a, u, r = int(seg[0]), float(seg[1]), float(seg[2])
@@ -584,10 +584,10 @@ class WarmupController:
         self._causes = {str(k) for k in items("causes")}
         self._recent.extend(s for s in items("recent") if type(s) is int)
         factor = state.get("unstable_factor")
-        self._unstable_factor = None if factor is None else finite_or(factor, 1.0)
-        lr = finite_or(state.get("unstable_lr"), math.nan)
+        self._unstable_factor = None if factor is None else finite_float(factor, 1.0)
+        lr = finite_float(state.get("unstable_lr"), math.nan)
         self._unstable_lr = lr if math.isfinite(lr) else None
-        ceiling = finite_or(state.get("ceiling"), -1.0)
+        ceiling = finite_float(state.get("ceiling"), -1.0)
         self._ceiling = ceiling if ceiling > 0.0 else None
         for r in items("rollbacks"):
             try:
