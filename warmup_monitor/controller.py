@@ -123,7 +123,8 @@ class WarmupController:
        ``rewarm_from``; never below the first factor of the ramp), announced by an
        ``lr_backoff`` alert, and re-warms from there to the peak over an extended warmup: by
        ``extend_steps`` or ``extend_fraction`` x the planned length, past the current step, and
-       at least as slowly as the shape itself, announced by ``warmup_extended``.
+       at least as slowly as the shape itself, announced by ``warmup_extended``. A back-off
+       after an earlier action also sets :attr:`ceiling`: the plan stays at its new level.
     4. With ``rollback``, a severe episode (:func:`~warmup_monitor.actions.rollback_worthy`)
        also sets :attr:`rollback_request`: the adapter restores the last snapshot taken before
        the onset and calls :meth:`rolled_back`.
