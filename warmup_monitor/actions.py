@@ -91,24 +91,21 @@ def action_alerts(
     out = []
     if dropped:
         scaled = "" if lr is None else f" (lr {lr[0]:.3g} -> {lr[1]:.3g})"
-        note = (
-            f"; the caps leave no room to go down to {target:.3g}" if target < after - 1e-12 else ""
-        )
         ceiling = details.get("ceiling")
         if ceiling is not None:
-            note = f"; it broke again after a re-warm, so it stays at {ceiling:.3g} from now on"
+            then = f"; it broke again after a re-warm, so it stays at {ceiling:.3g} from now on"
+        else:
+            room = target >= after - 1e-12
+            then = f", and re-warms to the peak by step {full_step}" + (
+                "" if room else f"; the caps leave no room to go down to {target:.3g}"
+            )
         out.append(
             Alert(
                 step=step,
                 kind=AlertKind.LR_BACKOFF,
                 message=(
                     f"the {what} is lowered from {before:.3g} to {after:.3g}{scaled} after "
-                    f"{causes} since step {details['onset_step']}"
-                    + (
-                        note
-                        if ceiling is not None
-                        else f", and re-warms to the peak by step {full_step}{note}"
-                    )
+                    f"{causes} since step {details['onset_step']}{then}"
                 ),
                 value=after,
                 threshold=before,
