@@ -15,6 +15,14 @@ def check_int(name: str, value: Any, *, minimum: int) -> int:
     return value
 
 
+def check_int_or_off(name: str, value: Any, *, minimum: int) -> int:
+    """Return ``value`` if it is 0 (off) or an int >= ``minimum``, else raise."""
+    out = check_int(name, value, minimum=0)
+    if 0 < out < minimum:
+        raise ValueError(f"`{name}` must be 0 (off) or >= {minimum}, got {value!r}")
+    return out
+
+
 def check_float(
     name: str,
     value: Any,

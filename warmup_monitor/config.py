@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from warmup_monitor._checks import check_choice, check_float, check_int
+from warmup_monitor._checks import check_choice, check_float, check_int, check_int_or_off
 from warmup_monitor.schedules import SHAPES, Shape, shape_params
 
 __all__ = [
@@ -59,13 +59,6 @@ def _bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be a bool, got {value!r} ({type(value).__name__})")
     return value
-
-
-def _window(name: str, value: Any) -> int:
-    out = check_int(name, value, minimum=0)
-    if 0 < out < 8:
-        raise ValueError(f"`{name}` must be 0 (off) or >= 8, got {value!r}")
-    return out
 
 
 def _choice(*choices: str) -> Check:
@@ -173,7 +166,9 @@ class Detection(_Validated):
     grad_norm_early_ratio: float = _spec(3.0, _float(above=1.0))
     """Least ratio to the gradient-norm trend that makes a spike while the noise is unknown
     (> 1)."""
-    grad_norm_zscore_window: int = _spec(128, _window)
+    grad_norm_zscore_window: int = _spec(
+        128, lambda name, value: check_int_or_off(name, value, minimum=8)
+    )
     """OLMo-core's rule as well, on the gradient norm: once half this many norms are kept, a
     norm more than ``grad_norm_zscore_sigmas`` standard deviations above the mean of the last
     this many is a spike (0: off; else >= 8)."""

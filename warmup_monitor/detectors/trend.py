@@ -16,6 +16,7 @@ from typing import Any
 
 from warmup_monitor._checks import check_float as _check_float
 from warmup_monitor._checks import check_int as _check_int
+from warmup_monitor._checks import check_int_or_off
 from warmup_monitor.alerts import Alert, AlertKind
 from warmup_monitor.detectors._common import MAD_TO_SIGMA
 from warmup_monitor.detectors._common import finite_float as _finite_float
@@ -459,9 +460,7 @@ class GradNormSpikeDetector(_LogTrendSpike):
         zscore_window: int = 128,
         zscore_sigmas: float = 6.0,
     ) -> None:
-        self.zscore_window = _check_int("zscore_window", zscore_window, minimum=0)
-        if 0 < self.zscore_window < 8:
-            raise ValueError(f"`zscore_window` must be 0 (off) or >= 8, got {zscore_window!r}")
+        self.zscore_window = check_int_or_off("zscore_window", zscore_window, minimum=8)
         self.zscore_sigmas = _check_float("zscore_sigmas", zscore_sigmas, above=0.0)
         super().__init__(
             sigmas=sigmas,
@@ -474,6 +473,18 @@ class GradNormSpikeDetector(_LogTrendSpike):
     def reset(self) -> None:
         super().reset()
         self._window: deque[float] = deque(maxlen=max(self.zscore_window, 1))
+        self._resum()
+
+    def _resum(self) -> None:
+        """Sums of the window's deviations from its mean, the shift ``_ref`` (they are then kept
+        up to date per value, and redone each time the window has turned over). Plain float
+        sums: a huge norm makes them inf or NaN for a while (no alert), never an exception."""
+        kept = self._window
+        n = max(len(kept), 1)
+        self._ref = sum(v / n for v in kept)
+        self._sum = sum(v - self._ref for v in kept)
+        self._sq = sum((v - self._ref) * (v - self._ref) for v in kept)
+        self._fresh = 0  # values taken in since
 
     def update(self, step: int, value: float | None) -> Alert | None:
         """Feed one gradient norm at optimizer step ``step``; return an alert if it is a spike
@@ -502,15 +513,22 @@ class GradNormSpikeDetector(_LogTrendSpike):
         x = float(value)
         if not (math.isfinite(x) and x > 0.0):
             return None
-        kept = self._window
+        kept, ref = self._window, self._ref
         out = None
         if len(kept) + 1 >= self.zscore_window // 2:
             n = len(kept)
-            mean = math.fsum(kept) / n
-            std = math.sqrt(math.fsum((v - mean) ** 2 for v in kept) / (n - 1))
+            mean = ref + self._sum / n
+            std = math.sqrt(max(self._sq - self._sum * self._sum / n, 0.0) / (n - 1))
             if x > mean and (std == 0.0 or (x - mean) / std > self.zscore_sigmas):
                 out = (mean, std, math.inf if std == 0.0 else (x - mean) / std, n)
+        if len(kept) == kept.maxlen:
+            old = kept[0] - ref
+            self._sum, self._sq = self._sum - old, self._sq - old * old
         kept.append(x)
+        self._sum, self._sq = self._sum + (x - ref), self._sq + (x - ref) * (x - ref)
+        self._fresh += 1
+        if self._fresh >= self.zscore_window:
+            self._resum()
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -523,3 +541,4 @@ class GradNormSpikeDetector(_LogTrendSpike):
             self._window.extend(
                 float(v) for v in window if isinstance(v, (int, float)) and math.isfinite(v)
             )
+        self._resum()
