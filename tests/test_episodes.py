@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import math
 import random
 from typing import Any
@@ -45,7 +46,8 @@ def test_an_episode_opens_once_updates_silently_and_closes_with_its_summary() ->
     ratios = {s: 1.0 + (s % 7) * 2.5 for s in range(30)}  # peak 16.0 at step 13
     out: dict[int, list[Alert]] = {}
     for step in range(5, 30):
-        got = ep.observe(step, [alert(step, k) for k in flagged.get(step, [])], ratios[step])
+        alerts = [alert(step, k) for k in flagged.get(step, [])]
+        got = ep.observe(step, alerts, ratios[step], loss=2.0 * ratios[step], initial_loss=2.0)
         if got:
             out[step] = got
     assert sorted(out) == [10, 21]  # the opening, and the end 5 quiet steps after step 16
@@ -72,9 +74,16 @@ def test_an_episode_opens_once_updates_silently_and_closes_with_its_summary() ->
         },
         "peak_ratio": ratios[peak_step],
         "peak_step": peak_step,
-        "recovered": True,
+        "recovered": False,
+        "recovery": end.details["recovery"],
         "steps": [[10, 14], [16, 16]],
     }
+    # The recovery rule written out again: the quiet steps 17-20 against steps 5-9 before it.
+    after = statistics.median(2.0 * ratios[s] for s in range(17, 21))
+    before = statistics.median(2.0 * ratios[s] for s in range(5, 10))
+    assert after > 1.05 * before
+    assert end.details["recovery"].startswith(f"their median loss ({after:.4g}) stayed more")
+    assert "ended quiet but did not recover" in end.message
     assert end.value == ratios[peak_step]
     json.dumps(end.to_dict(), allow_nan=False)  # a JSONL line as it is
 
@@ -216,3 +225,24 @@ def test_a_long_excursion_above_ten_times_the_initial_loss_is_two_lines() -> Non
     }
     peak = max(loss / det.initial_loss for loss in losses)  # type: ignore[operator]
     assert max(e.details["peak_ratio"] for e in ends) == pytest.approx(peak)
+
+
+def test_an_episode_without_losses_ends_quiet_with_recovery_unknown() -> None:
+    ep = Episodes(quiet_steps=3)
+    ep.observe(1, [alert(1, K.LOSS_SPIKE)])
+    (end,) = ep.observe(4, [])
+    assert end.details["recovered"] is None
+    assert "ended quiet (no loss was seen after the last flagged step)" in end.message
+
+
+def test_a_quiet_episode_at_the_initial_loss_did_not_recover() -> None:
+    """Issue 20: a dead run (the loss sits at chance after a spike) printed "recovered"."""
+    ep = Episodes(quiet_steps=4)
+    for s in range(3):
+        ep.observe(s, [], loss=2.30 - 0.01 * s, initial_loss=2.30)
+    ep.observe(3, [alert(3, K.LOSS_SPIKE)], loss=40.0, initial_loss=2.30)
+    out = [a for s in range(4, 8) for a in ep.observe(s, [], loss=2.3026, initial_loss=2.30)]
+    (end,) = out
+    assert end.details["recovered"] is False
+    assert "not 5% below the initial loss (2.3): the run is not learning" in end.message
+    assert " recovered" not in end.message.replace("did not recover", "")

@@ -56,9 +56,9 @@ def test_every_verdict_states_its_rule() -> None:
     )
     assert stuck.verdict == UNSTABLE
     assert stuck.verdict_reason == (
-        "no instability alert after step 30, but the median loss of the last 40 logged steps (3) "
-        "stayed above the loss before the first instability (median 2 of the 5 logged before "
-        "step 30): not recovered"
+        "no instability alert in the last 40 logged steps (last one at step 30), but their median "
+        "loss (3) stayed more than 5% above the loss before the first instability (median 2 of "
+        "the 5 logged before step 30): not recovered"
     )
 
 
@@ -156,4 +156,4 @@ def test_a_loss_that_climbed_before_the_first_alert_does_not_set_the_bar() -> No
 
     r = summarize(synthetic_run(alerts=[_alert(30, "loss_spike")], loss=climbing))
     assert r.verdict == UNSTABLE
-    assert "stayed above the initial loss (2)" in r.verdict_reason
+    assert "is not 5% below the initial loss (2): the run is not learning" in r.verdict_reason

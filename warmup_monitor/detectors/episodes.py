@@ -8,6 +8,7 @@ it starts and one summary when it ends. :class:`Episodes` is that filter: pure, 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -16,6 +17,7 @@ from warmup_monitor._checks import check_int as _check_int
 from warmup_monitor.alerts import INSTABILITY_KINDS, Alert, AlertKind
 from warmup_monitor.detectors._common import finite_float as _finite_float
 from warmup_monitor.detectors._common import int_or as _int_or
+from warmup_monitor.verdict import BEFORE_STEPS, recovery
 
 __all__ = ["EPISODE_KINDS", "Episodes"]
 
@@ -31,6 +33,13 @@ def _kind(alert: Alert) -> str:
     return str(getattr(alert.kind, "value", alert.kind))
 
 
+def _floats(values: Any) -> list[float]:
+    """A list of floats from a state value (anything else: empty)."""
+    if not isinstance(values, (list, tuple)):
+        return []
+    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
 def _span(a: int, b: int) -> str:
     return f"step {a}" if a == b else f"steps {a}-{b}"
 
@@ -40,8 +49,12 @@ class Episodes:
 
     An **episode** opens at the first step with an alert of an instability kind
     (:data:`EPISODE_KINDS`) and stays open while such alerts keep coming; it ends after
-    ``quiet_steps`` steps without one (it *recovered*), or at :meth:`close` (the monitoring
-    ended while it was open: not recovered). Per call of :meth:`observe` (one optimizer step):
+    ``quiet_steps`` steps without one, or at :meth:`close` (the monitoring ended while it was
+    open: not recovered). An episode that ends quiet *recovered* when
+    :func:`warmup_monitor.verdict.recovery` holds over the losses of its quiet steps: the rule
+    of the report's verdict, so that the console, the records and the report agree (a run
+    quiet at its initial loss, or above the loss before the episode, did not recover). Per
+    call of :meth:`observe` (one optimizer step):
 
     - the step that **opens** an episode returns its first instability alert (in the order
       given), copied with ``episode`` set to the new id and ``details["episode_kinds"]`` listing
@@ -100,6 +113,8 @@ class Episodes:
     def reset(self) -> None:
         self._next_id = 1
         self._open: dict[str, Any] | None = None
+        self._before: deque[float] = deque(maxlen=BEFORE_STEPS)  # losses while none is open
+        self._initial: float | None = None
 
     @property
     def current(self) -> int | None:
@@ -107,7 +122,13 @@ class Episodes:
         return None if self._open is None else int(self._open["id"])
 
     def observe(
-        self, step: int, alerts: Sequence[Alert], loss_ratio: float | None = None
+        self,
+        step: int,
+        alerts: Sequence[Alert],
+        loss_ratio: float | None = None,
+        *,
+        loss: float | None = None,
+        initial_loss: float | None = None,
     ) -> list[Alert]:
         """Feed one step's alerts (all of them, in order); return those to dispatch.
 
@@ -115,11 +136,15 @@ class Episodes:
             step: The optimizer step the alerts are about.
             alerts: Every alert of that step, of any kind (the detectors' and the controller's).
             loss_ratio: That step's loss over the initial loss, if known (for the peak).
+            loss: That step's loss, if known (for the recovery rule).
+            initial_loss: The run's initial loss, once known (for the recovery rule).
         """
         out: list[Alert] = []
+        if initial_loss is not None and math.isfinite(initial_loss):
+            self._initial = float(initial_loss)
         ep = self._open
         if ep is not None and step - ep["last"] >= self.quiet_steps:
-            out.append(self._end(ep["last"] + self.quiet_steps, recovered=True))
+            out.append(self._end(ep["last"] + self.quiet_steps, recovered=None))
             ep = None
         flagged = [a for a in alerts if _kind(a) in EPISODE_KINDS]
         opening = None
@@ -129,6 +154,12 @@ class Episodes:
             else:
                 self._add(ep, step, flagged)
         ep = self._open
+        if loss is not None:
+            if ep is None:
+                if math.isfinite(loss):
+                    self._before.append(float(loss))
+            elif not flagged and len(ep["after"]) < self.quiet_steps:
+                ep["after"].append(float(loss))
         if ep is not None and loss_ratio is not None and math.isfinite(loss_ratio):
             peak = ep["peak_ratio"]
             if peak is None or loss_ratio > peak:
@@ -144,7 +175,7 @@ class Episodes:
         """End the open episode, if any, at ``step`` (not recovered); return its summary."""
         if self._open is None:
             return []
-        return [self._end(max(step, int(self._open["last"])), recovered=False)]
+        return [self._end(max(step, int(self._open["last"])), recovered=False, why="")]
 
     # ------------------------------------------------------------------ internals
 
@@ -162,7 +193,10 @@ class Episodes:
             "merged": False,
             "peak_ratio": None,
             "peak_step": None,
+            "before": list(self._before),
+            "after": [],
         }
+        self._before.clear()
         self._next_id += 1
         self._add(self._open, step, flagged)
         first = flagged[0]
@@ -190,6 +224,7 @@ class Episodes:
                     ranges[i : i + 2] = [[ranges[i][0], ranges[i + 1][1]]]
                     ep["merged"] = True
         ep["last"] = max(int(ep["last"]), step)
+        ep["after"] = []
         ep["alerts"] += len(flagged)
         counts: dict[str, int] = ep["kind_counts"]
         for kind in kinds:
@@ -197,17 +232,27 @@ class Episodes:
                 ep["kinds"].append(kind)
             counts[kind] = counts.get(kind, 0) + 1
 
-    def _end(self, step: int, *, recovered: bool) -> Alert:
+    def _end(self, step: int, *, recovered: bool | None, why: str = "") -> Alert:
+        """End the open episode; ``recovered=None``: it ended quiet, judge its quiet losses."""
         ep = self._open
         assert ep is not None  # internal: only called with an open episode
         self._open = None
         start, end = int(ep["start"]), int(ep["last"])
         peak = ep["peak_ratio"]
         kinds = ", ".join(ep["kinds"])
-        state = "recovered" if recovered else "was still open when monitoring ended"
+        self._before.extend(x for x in ep["after"] if math.isfinite(x))
+        if recovered is None and not ep["after"]:
+            why, state = "no loss was seen after the last flagged step", "ended quiet"
+        elif recovered is None:
+            recovered, why = recovery(ep["after"], ep["before"], self._initial, first_flagged=start)
+            state = "recovered" if recovered else "ended quiet but did not recover"
+        else:
+            state = "was still open when monitoring ended"
         message = (
             f"episode {ep['id']} ({_span(start, end)}, {ep['count']} flagged: {kinds}) {state}"
         )
+        if why and recovered is not True:
+            message += f" ({why})"
         if peak is not None:
             message += f"; peak loss {peak:.3g}x the initial at step {ep['peak_step']}"
         details: dict[str, Any] = {
@@ -224,6 +269,8 @@ class Episodes:
             "recovered": recovered,
             "steps": [list(r) for r in ep["ranges"]],
         }
+        if why:
+            details["recovery"] = why
         if ep["merged"]:
             details["steps_merged"] = True
         return Alert(
@@ -244,12 +291,22 @@ class Episodes:
         if ep is not None:
             ep = {**ep, "kinds": list(ep["kinds"]), "kind_counts": dict(ep["kind_counts"])}
             ep["ranges"] = [list(r) for r in self._open["ranges"]]  # type: ignore[index]
-        return {"next_id": self._next_id, "open": ep}
+            ep["before"] = list(self._open["before"])  # type: ignore[index]
+            ep["after"] = list(self._open["after"])  # type: ignore[index]
+        return {
+            "next_id": self._next_id,
+            "open": ep,
+            "before": list(self._before),
+            "initial": self._initial,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; a malformed open episode is dropped, not half-loaded."""
         self.reset()
         self._next_id = max(_int_or(state.get("next_id"), 1) or 1, 1)
+        self._before.extend(_floats(state.get("before")))
+        initial = state.get("initial")
+        self._initial = None if initial is None else _finite_float(initial, 0.0) or None
         ep = state.get("open")
         if not isinstance(ep, dict):
             return
@@ -270,6 +327,8 @@ class Episodes:
                 "merged": bool(ep.get("merged", False)),
                 "peak_ratio": None if peak is None else _finite_float(peak, 0.0),
                 "peak_step": None if peak_step is None else int(peak_step),
+                "before": _floats(ep.get("before")),
+                "after": _floats(ep.get("after")),
             }
         except (KeyError, TypeError, ValueError):
             self._open = None

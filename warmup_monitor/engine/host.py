@@ -69,7 +69,13 @@ def process(
     loss_ratio = w.detector.loss_ratio(loss_f) if loss_f is not None else None
     # The rules, the persistence rule and the controller see every flagged step; the sinks
     # get one line when an episode opens and one when it ends (``Detection.episodes``).
-    out = alerts if w.episodes is None else w.episodes.observe(step, alerts, loss_ratio)
+    out = (
+        alerts
+        if w.episodes is None
+        else w.episodes.observe(
+            step, alerts, loss_ratio, loss=loss_f, initial_loss=w.detector.initial_loss
+        )
+    )
     self.alert_count += len(out)
 
     if rec.log:

@@ -1,24 +1,13 @@
 """From a run's series and alerts to a summary, a verdict with its reason, and advice.
 
-Verdicts, checked in this order (:func:`verdict` returns the verdict and the sentence that says
-which rule produced it):
-
-* ``too short to judge``: the run ended during its warmup (last logged step below the effective
-  warmup length) without an instability alert.
-* ``healthy``: no instability alert. ``transient``, ``monitor``, ``episode_end`` and the
-  controller's actions (``warmup_extended``, ``lr_backoff``, ``rollback``) are not instability,
-  and neither are the alerts of an episode that a ``transient`` alert closed
-  (``details.episode_start``/``episode_steps``), except the :data:`SEVERE_KINDS`, which always
-  count.
-* ``unstable but recovered``: instability alerts, none in the last :data:`RECOVERY_STEPS` logged
-  steps (or the last 10 % of them, whichever is more), and the median loss over those steps is
-  finite and at or below the lower of the initial loss and the loss before the first instability
-  (the median of the :data:`BEFORE_STEPS` losses logged before it: a loss that was already
-  climbing before the first alert does not set the bar). A
-  ``warmup_exhausted`` alert is an instability alert at its step like any other: a run that
-  recovered after it is "recovered".
-* ``unstable``: instability alerts, and one of the two conditions above fails (the reason says
-  which); a run that ended during warmup with instability is unstable.
+The verdict is :func:`warmup_monitor.verdict.judge`, the one rule the console's episode lines
+and the Warmup tab follow too, over **flagged steps**: the steps of every instability alert,
+those folded into an episode included (an ``episode_end`` record lists them as ranges).
+``transient``, ``monitor``, ``episode_end`` and the controller's actions (``warmup_extended``,
+``lr_backoff``, ``rollback``) are not instability, and neither are the steps of an episode that
+a ``transient`` alert closed (``details.episode_start``/``episode_steps``), except the
+:data:`SEVERE_KINDS`, which always count. A ``warmup_exhausted`` alert is a flagged step like
+any other: a run that recovered after it is "recovered".
 
 Advice is built from the same numbers (:mod:`warmup_monitor.report.wording`); the lr it
 recommends comes from :func:`warmup_monitor.advice.recommend_peak_lr`, as in the controller's
@@ -41,6 +30,13 @@ from warmup_monitor.report.events import Series
 from warmup_monitor.report.runs import RunData
 from warmup_monitor.schema import INSTABILITY_KINDS as _ALERT_INSTABILITY_KINDS
 from warmup_monitor.schema import Alert, AlertKind
+from warmup_monitor.verdict import (
+    HEALTHY,
+    RECOVERED,
+    TOO_SHORT,
+    UNSTABLE,
+    judge,
+)
 
 __all__ = [
     "HEALTHY",
@@ -56,10 +52,6 @@ __all__ = [
     "verdict",
 ]
 
-HEALTHY = "healthy"
-RECOVERED = "unstable but recovered"
-UNSTABLE = "unstable"
-TOO_SHORT = "too short to judge"
 
 #: Alert kinds that count as instability for the verdict (values of
 #: :data:`warmup_monitor.schema.INSTABILITY_KINDS`, the one definition the monitor also uses).
@@ -74,10 +66,6 @@ SEVERE_KINDS = frozenset(
         AlertKind.WARMUP_EXHAUSTED,
     )
 )
-#: Quiet logged steps needed at the end of a run to call it recovered (or 10 % of the steps).
-RECOVERY_STEPS = 10
-#: Logged losses before the first instability whose median is the level to come back to.
-BEFORE_STEPS = 5
 _NEW_KEYS = ("new_warmup_steps", "new_warmup", "new", "warmup_steps", "new_end")
 _OLD_KEYS = ("old_warmup_steps", "old_warmup", "old", "previous_warmup_steps", "old_end")
 #: Healthy runs whose gradients aligned before this fraction of the planned warmup could warm up
@@ -241,61 +229,16 @@ def verdict(
     last_step: int | None,
     effective_warmup: int | None,
 ) -> tuple[str, str]:
-    """The verdict and the sentence that says which rule produced it (module docstring)."""
-    ended_in_warmup = (
-        last_step is not None and effective_warmup is not None and last_step < effective_warmup
-    )
-    where = (
-        f"the run ended at step {last_step}, during its {effective_warmup}-step warmup"
-        if ended_in_warmup
-        else ""
-    )
-    if not instability_steps:
-        if ended_in_warmup:
-            return TOO_SHORT, f"{where}, without an instability alert"
-        return HEALTHY, "no instability alert" + (
-            f" up to step {last_step}" if last_step is not None else ""
-        )
-    first, last_alert = instability_steps[0], instability_steps[-1]
-    if ended_in_warmup:
-        return UNSTABLE, f"{where}, with instability alerts (steps {first}-{last_alert})"
-    if loss is None or not len(loss):
-        return UNSTABLE, "instability alerts, and no loss logged to show a recovery"
-    quiet = max(RECOVERY_STEPS, len(loss) // 10)
-    tail_steps, tail = loss.steps[-quiet:], loss.values[-quiet:]
-    if last_alert >= int(tail_steps[0]):
-        return UNSTABLE, (
-            f"an instability alert at step {last_alert}, within the last {quiet} logged steps "
-            f"(from step {int(tail_steps[0])}): not recovered"
-        )
-    if not np.all(np.isfinite(tail)):
-        return UNSTABLE, f"the last {quiet} logged losses are not all finite"
-    median = float(np.median(tail))
-    before = loss.values[loss.steps < first]
-    before = before[np.isfinite(before)][-BEFORE_STEPS:]
-    levels: list[tuple[float, str]] = []
-    if before.size:
-        level = float(np.median(before))
-        levels.append(
-            (
-                level,
-                f"the loss before the first instability (median {level:.4g} of the {before.size} "
-                f"logged before step {first})",
-            )
-        )
-    if initial_loss is not None and math.isfinite(initial_loss):
-        levels.append((initial_loss, f"the initial loss ({initial_loss:.4g})"))
-    if not levels:
-        return UNSTABLE, "instability alerts, and no loss before them to come back to"
-    level, what = min(levels, key=lambda x: x[0])  # the lower; the loss before on a tie
-    if median > level:
-        return UNSTABLE, (
-            f"no instability alert after step {last_alert}, but the median loss of the last "
-            f"{quiet} logged steps ({median:.4g}) stayed above {what}: not recovered"
-        )
-    return RECOVERED, (
-        f"no instability alert in the last {quiet} logged steps (last one at step {last_alert}), "
-        f"and their median loss ({median:.4g}) came back to at most {what}"
+    """The verdict and the sentence that says which rule produced it: :func:`warmup_monitor.verdict.judge`
+    over the flagged steps and the logged losses."""
+    steps, values = (loss.steps, loss.values) if loss is not None else ((), ())
+    return judge(
+        instability_steps,
+        steps,
+        values,
+        initial_loss,
+        last_step=last_step,
+        effective_warmup=effective_warmup,
     )
 
 
@@ -328,15 +271,7 @@ def summarize(run: RunData) -> RunSummary:
     by_kind: dict[str, list[int]] = {}
     for a in sorted(run.alerts, key=lambda a: a.step):
         by_kind.setdefault(a.kind_name, []).append(a.step)
-    passing = transient_steps(run.alerts)
-    unstable_steps = sorted(
-        {
-            a.step
-            for a in run.alerts
-            if a.kind_name in SEVERE_KINDS
-            or (a.kind_name in INSTABILITY_KINDS and a.step not in passing)
-        }
-    )
+    unstable_steps = flagged_steps(run.alerts)
     if run.alerts_source == "none" and (u := s.get("unstable")) is not None:
         # No alert records: the per-step flag still tells where instability was.
         unstable_steps = u.steps[u.values > 0].astype(int).tolist()
@@ -441,6 +376,31 @@ def _lowest_unstable_lr(
 
 def _positive(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def flagged_steps(alerts: list[Alert]) -> list[int]:
+    """The run's flagged steps, sorted: the step of every instability alert and every step an
+    ``episode_end`` record lists in its ``steps`` ranges (alerts folded into an episode are
+    not on a line of their own), less the steps of episodes a ``transient`` alert says recovered
+    at once (:func:`transient_steps`), unless a :data:`SEVERE_KINDS` alert is on that step."""
+    passing = transient_steps(alerts)
+    severe = {a.step for a in alerts if a.kind_name in SEVERE_KINDS}
+    steps = {a.step for a in alerts if a.kind_name in INSTABILITY_KINDS}
+    for a in alerts:
+        if a.kind != AlertKind.EPISODE_END:
+            continue
+        ranges: Any = a.details.get("steps")
+        if not isinstance(ranges, list):
+            continue
+        for pair in ranges[:100_000]:
+            if (
+                isinstance(pair, (list, tuple))
+                and len(pair) == 2
+                and all(_is_int(x) for x in pair)
+                and 0 <= pair[1] - pair[0] <= 1_000_000
+            ):
+                steps.update(range(int(pair[0]), int(pair[1]) + 1))
+    return sorted(s for s in steps if s in severe or s not in passing)
 
 
 def transient_steps(alerts: list[Alert]) -> set[int]:
