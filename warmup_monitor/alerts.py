@@ -20,6 +20,7 @@ from warmup_monitor.schema import (
     ACTION_KINDS,
     ALERTS_FILENAME,
     INSTABILITY_KINDS,
+    NOTICE_KINDS,
     Alert,
     AlertKind,
     JsonlWriter,
@@ -32,6 +33,7 @@ from warmup_monitor.schema import (
 __all__ = [
     "ALERTS_FILENAME",
     "INSTABILITY_KINDS",
+    "NOTICE_KINDS",
     "Alert",
     "AlertDispatcher",
     "AlertKind",
@@ -115,7 +117,9 @@ class AlertDispatcher:
             return
         held = self._held.pop(kind, 0)
         suffix = f" ({held} more {kind} alerts since step {last}: {self._where()})" if held else ""
-        log.log(self.log_level, "warmup_monitor: %s%s", alert, suffix)
+        # A notice (a signal that predicts nothing by itself) is said at INFO, below a warning.
+        level = min(self.log_level, logging.INFO) if alert.kind in NOTICE_KINDS else self.log_level
+        log.log(level, "warmup_monitor: %s%s", alert, suffix)
         self._last_logged[kind] = alert.step
 
     def _where(self) -> str:

@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_PREFIX",
     "EPISODE_END_FIELDS",
     "INSTABILITY_KINDS",
+    "NOTICE_KINDS",
     "MAX_DEPTH",
     "MAX_STEP",
     "METRIC_NAMES",
@@ -168,17 +169,16 @@ class AlertKind(str, Enum):
         return self in INSTABILITY_KINDS
 
 
-#: The alert kinds that mean training is unstable: what drives warmup extension and the report's
-#: verdict. The others are informational: ``transient`` (an excursion that recovered at once),
-#: ``episode_end`` (a summary), the controller's actions (``warmup_extended``, ``lr_backoff``,
-#: ``rollback``) and ``monitor`` (the monitor's own trouble).
+#: The alert kinds that mean training is unstable: what drives warmup extension, the verdict and
+#: ``warmup/unstable``. The others are informational: the :data:`NOTICE_KINDS`, ``transient``
+#: (an excursion that recovered at once), ``episode_end`` (a summary), the controller's actions
+#: (``warmup_extended``, ``lr_backoff``, ``rollback``) and ``monitor`` (the monitor's own
+#: trouble).
 INSTABILITY_KINDS: frozenset[AlertKind] = frozenset(
     {
         AlertKind.LOSS_SPIKE,
         AlertKind.LOSS_TREND_SPIKE,
-        AlertKind.GRAD_NORM_SPIKE,
         AlertKind.LOSS_DIVERGENCE,
-        AlertKind.GRAD_NORM_RISE,
         AlertKind.NON_FINITE,
         AlertKind.OSCILLATION,
         AlertKind.PERSISTENT_INSTABILITY,
@@ -186,6 +186,13 @@ INSTABILITY_KINDS: frozenset[AlertKind] = frozenset(
         AlertKind.EDGE_OF_STABILITY,
     }
 )
+
+#: Signals that are shown but mean nothing by themselves: on the corpus of real runs
+#: (``benchmarks/README_corpus.md``) a gradient-norm spike or rise does not predict a worse
+#: outcome (the norm commonly rises during warmup while the loss falls). Logged, written to
+#: every sink and drawn, at INFO on the console; not counted by the verdict,
+#: ``warmup/unstable`` or the controller.
+NOTICE_KINDS: frozenset[AlertKind] = frozenset({AlertKind.GRAD_NORM_SPIKE, AlertKind.GRAD_NORM_RISE})
 
 #: What the adaptive controller did (and the end of an episode): said on the console every time.
 ACTION_KINDS: frozenset[AlertKind] = frozenset(

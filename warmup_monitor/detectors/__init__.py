@@ -35,7 +35,8 @@ from warmup_monitor.detectors.divergence import GradNormRiseDetector, LossDiverg
 from warmup_monitor.detectors.episodes import EPISODE_KINDS, Episodes
 from warmup_monitor.detectors.persistence import PersistenceDetector
 from warmup_monitor.detectors.rules import LossRatioDetector, NonFiniteDetector, OscillationDetector
-from warmup_monitor.detectors.trend import GradNormSpikeDetector, LossTrendDetector
+from warmup_monitor.detectors.loss_trend import LossTrendDetector
+from warmup_monitor.detectors.trend import GradNormSpikeDetector
 
 __all__ = [
     "EPISODE_KINDS",

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from warmup_monitor.alerts import Alert
+from warmup_monitor.alerts import INSTABILITY_KINDS, Alert
 from warmup_monitor.config import Detection
 from warmup_monitor.detectors._common import Detector
 from warmup_monitor.detectors.divergence import GradNormRiseDetector, LossDivergenceDetector
 from warmup_monitor.detectors.persistence import PersistenceDetector
 from warmup_monitor.detectors.rules import LossRatioDetector, NonFiniteDetector, OscillationDetector
-from warmup_monitor.detectors.trend import GradNormSpikeDetector, LossTrendDetector
+from warmup_monitor.detectors.loss_trend import LossTrendDetector
+from warmup_monitor.detectors.trend import GradNormSpikeDetector
 
 __all__ = ["InstabilityDetector"]
 
@@ -184,7 +185,7 @@ class InstabilityDetector:
             if found is not None:
                 alerts.append(found)
         if self.persistence:
-            kinds = tuple(a.kind_name for a in alerts)
+            kinds = tuple(a.kind_name for a in alerts if a.kind in INSTABILITY_KINDS)
             has_data = loss is not None or grad_norm is not None or grad_cosine is not None
             flagged = bool(kinds) if has_data else None
             found = self.persistence_rule.update(step, flagged, kinds)

@@ -24,7 +24,7 @@ from warmup_monitor.detectors._common import int_or as _int_or
 from warmup_monitor.detectors._common import log_positive as _log
 from warmup_monitor.detectors._common import safe_exp as _exp
 
-__all__ = ["GradNormSpikeDetector", "LossTrendDetector"]
+__all__ = ["GradNormSpikeDetector"]
 
 _LOG2 = math.log(2.0)
 
@@ -368,53 +368,6 @@ class _LogTrendSpike:
             ]
         self._drop = _floats(state.get("drop"), 3)
         self._shadow = _floats(state.get("shadow"), 4)
-
-
-class LossTrendDetector(_LogTrendSpike):
-    """Loss spike against the recent trend (``loss_trend_spike``), from the second update.
-
-    A loss above ``forecast * max(1 + k' sigma, rho)`` is a spike (two in a row above the
-    threshold for ``0.7 k``, too): ``k = sigmas`` (``k'`` a little wider while the noise scale
-    ``sigma`` is learned), ``rho = min_ratio``; for the first ``early_samples`` losses, a loss
-    above ``forecast * early_ratio``. The forecast is the best of three Holt trends on the log-loss
-    (slope never above 0). A spike never updates the forecasts or the noise scales; after
-    ``rebaseline_steps`` consecutive spikes the new level is accepted. Losses that are not
-    finite and > 0 are ignored. ``step`` may skip values (a loss fed every 10th step): the
-    slope is per step, the noise scale that of the values fed. The details of the rule:
-    ``_LogTrendSpike`` in this module.
-
-    Args:
-        sigmas: Robust noise scales above the forecast that make a spike (> 0).
-        min_ratio: The least ratio to the forecast that makes a spike (> 1).
-        early_ratio: The least ratio while the noise scale is unknown (> 1).
-        early_samples: Losses before the noise scale is trusted (>= 1).
-        rebaseline_steps: Consecutive spikes after which the new level is accepted (>= 1).
-
-    Raises:
-        ValueError: if an argument is out of range.
-        TypeError: if an argument has the wrong type.
-    """
-
-    kind = AlertKind.LOSS_TREND_SPIKE
-    what = "loss"
-    decreasing_only = True
-
-    def __init__(
-        self,
-        *,
-        sigmas: float = 5.7,
-        min_ratio: float = 1.1,
-        early_ratio: float = 2.0,
-        early_samples: int = 10,
-        rebaseline_steps: int = 20,
-    ) -> None:
-        super().__init__(
-            sigmas=sigmas,
-            min_ratio=min_ratio,
-            early_ratio=early_ratio,
-            early_samples=early_samples,
-            rebaseline_steps=rebaseline_steps,
-        )
 
 
 class GradNormSpikeDetector(_LogTrendSpike):
