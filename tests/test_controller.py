@@ -35,6 +35,10 @@ REPEAT = [K.LOSS_TREND_SPIKE]
 # Gradient-norm evidence counts only once a loss kind is in the episode.
 WEAK = [K.GRAD_NORM_SPIKE, K.GRAD_NORM_RISE, K.PERSISTENT_INSTABILITY]
 NEVER = [K.TRANSIENT, K.MONITOR, K.WARMUP_EXTENDED, K.WARMUP_EXHAUSTED]
+# Gradient-norm spikes and rises are notices by default (issue 20: on the corpus of real runs
+# they do not predict a worse outcome); a user who opts in gets the corroboration rules below.
+NOTICES = [K.GRAD_NORM_SPIKE, K.GRAD_NORM_RISE]
+WITH_GRAD = sorted(DEFAULT_TRIGGER_KINDS | {k.value for k in NOTICES})
 
 
 def classic(*, warmup_steps: int, **kwargs: Any) -> WarmupController:
@@ -270,7 +274,7 @@ def test_gradient_norm_evidence_alone_never_acts(kind: AlertKind) -> None:
 def test_gradient_norm_evidence_counts_once_a_loss_kind_is_in_the_episode(
     kind: AlertKind,
 ) -> None:
-    c = classic(warmup_steps=100)
+    c = classic(warmup_steps=100, trigger_kinds=WITH_GRAD)
     assert c.observe(5, [alert(5, kind)]) == []
     assert c.observe(6, [alert(6, K.LOSS_TREND_SPIKE)]) == []
     out = c.observe(7, [alert(7, kind)])
@@ -292,7 +296,7 @@ def test_the_window_counts_flagged_steps_not_alerts() -> None:
 
 def test_a_loss_kind_and_a_gradient_kind_on_one_step_act_at_once() -> None:
     # Two independent signals agree: no need to wait for a second step.
-    c = classic(warmup_steps=100)
+    c = classic(warmup_steps=100, trigger_kinds=WITH_GRAD)
     out = c.observe(5, [alert(5, K.LOSS_TREND_SPIKE), alert(5, K.GRAD_NORM_SPIKE)])
     assert kinds(out) == [(5, K.WARMUP_EXTENDED)]
     assert out[0].details["causes"] == ["grad_norm_spike", "loss_trend_spike"]
@@ -302,7 +306,7 @@ def test_a_loss_kind_and_a_gradient_kind_on_one_step_act_at_once() -> None:
 
 
 def test_min_alerts_and_window_steps_are_honoured() -> None:
-    c = classic(warmup_steps=100, min_alerts=3, window_steps=5)
+    c = classic(warmup_steps=100, min_alerts=3, window_steps=5, trigger_kinds=WITH_GRAD)
     assert c.observe(0, [alert(0, K.LOSS_TREND_SPIKE)]) == []
     assert c.observe(2, [alert(2, K.LOSS_TREND_SPIKE)]) == []
     assert c.observe(5, [alert(5, K.LOSS_TREND_SPIKE)]) == []  # step 0 left the window
@@ -344,7 +348,15 @@ def test_default_trigger_kinds() -> None:
     sustained = [K.LOSS_DIVERGENCE]
     assert {K(k) for k in DEFAULT_TRIGGER_KINDS} == set(
         SEVERE + ALSO_AT_ONCE + REPEAT + WEAK + sustained
-    )
+    ) - set(NOTICES)
+
+
+@pytest.mark.parametrize("kind", NOTICES)
+def test_notices_never_act_by_default(kind: AlertKind) -> None:
+    c = classic(warmup_steps=100, min_alerts=1, cooldown_steps=0)
+    steps = range(150)
+    assert all(c.observe(t, [alert(t, kind)]) == [] for t in steps)
+    assert c.extensions == 0
 
 
 def test_a_loss_divergence_acts_at_once() -> None:
@@ -355,7 +367,7 @@ def test_a_loss_divergence_acts_at_once() -> None:
 def test_a_grad_norm_rise_alone_never_acts_but_corroborates_a_loss_kind() -> None:
     # Healthy SGD runs raise their gradient norm 3x over their first tens of steps (the grid's
     # stable ResNet cells flag grad_norm_rise on consecutive steps inside the grace window).
-    c = classic(warmup_steps=20, cooldown_steps=0)
+    c = classic(warmup_steps=20, cooldown_steps=0, trigger_kinds=WITH_GRAD)
     assert all(c.observe(t, [alert(t, K.GRAD_NORM_RISE)]) == [] for t in range(4, 12))
     assert c.extensions == 0
     both = [alert(12, K.GRAD_NORM_RISE), alert(12, K.LOSS_TREND_SPIKE)]

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -75,49 +76,55 @@ def test_loss_ratio_detector_initial_loss_and_exact_alert() -> None:
 
 # ------------------------------------------------------------------------------ trend spikes
 
-# The trend rule's constants, written out again (``_LogTrendSpike`` and ``Detection``).
-K, PRIOR_SIGMA, GAMMA, EFFICIENCY, MIN_SCALE = 5.7, 0.2, 0.01, 0.88, 0.0005
-MAD = math.sqrt(math.pi / 2)
+
+def theil_sen_level(points: Sequence[tuple[int, float]], step: int) -> float:
+    """The loss rule's level, written out again with numpy: the median of the pairwise slopes
+    (at most 0) and the median of the points moved along it to ``step`` (capped at the window's
+    span past its last point)."""
+    if len(points) < 3:
+        return float(np.median([y for _, y in points]))
+    slopes = [
+        (y1 - y0) / (s1 - s0)
+        for i, (s0, y0) in enumerate(points)
+        for s1, y1 in points[i + 1 :]
+        if s1 > s0
+    ]
+    slope = min(float(np.median(slopes)), 0.0)
+    at = min(step, points[-1][0] + max(points[-1][0] - points[0][0], 1))
+    return float(np.median([y + slope * (at - s) for s, y in points]))
 
 
-def constant_threshold(
-    values: int, k: float = K, floor: float = 1.1, early: float = 2.0, early_samples: int = 10
-) -> float:
-    """The trend rule's limit ratio after ``values`` equal values (every error is 0).
-
-    The first value starts the forecasts; each later one is an error of 0, so the mean absolute
-    error decays from the prior as ``s_m = s_{m-1} (1 - max(1 / (m + 1), gamma))``.
-    """
-    scale = PRIOR_SIGMA / MAD
-    m = values - 1
-    for j in range(1, m + 1):
-        scale = max(scale * (1.0 - max(1.0 / (j + 1), GAMMA)), MIN_SCALE)
-    if values < early_samples:
-        return early  # the noise is not known yet: the early ratio alone
-    nu = EFFICIENCY * min(m + 1, 2.0 / GAMMA - 1.0)
-    k_eff = k + (k**3 + k) / (4.0 * nu)
-    return max(1.0 + k_eff * MAD * scale, floor)
-
-
-@pytest.mark.parametrize("values", [1, 3, 9, 10, 12, 30, 150])
-def test_trend_threshold_on_a_constant_loss_follows_the_formula(values: int) -> None:
-    limit = constant_threshold(values)
-    for factor, fires in [(1.001, True), (0.999, False)]:
-        rule = LossTrendDetector()
-        for step in range(values):
-            assert rule.update(step, 1.0) is None
-        alert = rule.update(values, limit * factor)
-        assert (alert is not None) is fires, (values, limit)
+def test_the_loss_threshold_follows_the_formula_on_a_noisy_loss() -> None:
+    """The limit after 60 noisy losses: ``max(k * Q_0.95(|r|), log 1.1)`` over the residuals
+    against the level, computed again here with numpy; a loss just above it, twice in a row,
+    is a spike, just below it is not."""
+    rng = np.random.default_rng(0)
+    losses = np.exp(rng.normal(0.0, 0.05, 60)) * np.linspace(3.0, 2.0, 60)
+    options = {"sigmas": 3.0, "min_ratio": 1.1, "early_samples": 10, "level_window": 16}
+    rule = LossTrendDetector(**options)
+    points: list[tuple[int, float]] = []
+    residuals: list[float] = []
+    for t, loss in enumerate(losses):
+        y = math.log(loss)
+        if points:
+            r = y - theil_sen_level(points[-16:], t)
+            if len(points) >= 10:
+                residuals.append(abs(r))
+        assert rule.update(t, float(loss)) is None
+        points.append((t, y))
+    tau = max(3.0 * float(np.quantile(residuals, 0.95)), math.log(1.1))
+    assert rule.threshold_log() == pytest.approx(tau, rel=1e-12)
+    level = theil_sen_level(points[-16:], 60)
+    assert rule.forecast(60) == pytest.approx(math.exp(level), rel=1e-12)
+    for factor, fires in [(1.01, True), (0.99, False)]:
+        probe = LossTrendDetector(**options)
+        probe.load_state_dict(rule.state_dict())
+        value = math.exp(level + 2.0 * tau) * factor  # above 2 tau: a spike at once
+        alert = probe.update(60, value)
+        assert (alert is not None) is fires
         if alert is not None:
-            assert alert.details["limit_ratio"] == pytest.approx(limit, rel=1e-9)
-            assert alert.details["trend"] == pytest.approx(1.0)
-            assert alert.threshold == pytest.approx(limit, rel=1e-9)
-
-
-def test_the_threshold_reaches_the_small_floor_once_the_noise_is_known() -> None:
-    # A quiet loss: after 30 equal values the noise term is below 10 %, the 1.1x floor decides.
-    assert constant_threshold(30) == pytest.approx(1.1)
-    assert constant_threshold(9) == pytest.approx(2.0)  # the early floor, before 10 values
+            assert alert.details["limit_ratio"] == pytest.approx(math.exp(tau))
+            assert alert.details["trend"] == pytest.approx(math.exp(level))
 
 
 def test_trend_spike_fires_from_the_second_update() -> None:
@@ -126,68 +133,60 @@ def test_trend_spike_fires_from_the_second_update() -> None:
     alert = rule.update(1, 2.5)
     assert alert is not None
     assert (alert.step, alert.kind, alert.value) == (1, "loss_trend_spike", 2.5)
-    # One value known: the early floor of 2x the trend decides.
+    # One value known: the early floor of 2x the level decides.
     assert alert.threshold == pytest.approx(2.0)
     assert alert.details["trend"] == pytest.approx(1.0)
     assert alert.details["ratio_to_trend"] == pytest.approx(2.5)
 
 
-def test_two_in_a_row_above_the_lower_threshold_make_a_spike() -> None:
-    # 12 equal values, no early phase, a negligible floor: the single-value limit and the one
-    # for two in a row (0.7 k) both come from the noise term.
-    options = {"min_ratio": 1.0001, "early_samples": 1}
-    single = constant_threshold(12, floor=1.0001, early_samples=1)
-    pair = constant_threshold(12, k=0.7 * K, floor=1.0001, early_samples=1)
-    assert pair < single
-    between = (pair + single) / 2
-    lone = LossTrendDetector(**options)
-    for step in range(12):
-        lone.update(step, 1.0)
-    assert lone.update(12, between) is None  # one value between the limits: not a spike
-    assert lone.update(13, 1.0) is None
-    rule = LossTrendDetector(**options)
-    for step in range(12):
-        rule.update(step, 1.0)
-    assert rule.update(12, between) is None
-    # The first value entered the forecasts (clipped at 3 sigma, which moved the fast one up):
-    # the second, at a clear margin above the pair limit, is the spike.
-    alert = rule.update(13, between * 1.05)
-    assert alert is not None and alert.step == 13
+def test_one_heavy_batch_is_not_a_spike_two_in_a_row_are() -> None:
+    """A single loss between the threshold and twice it is a heavy batch; the same twice in a
+    row is a spike (the first at ``pair_fraction`` of the threshold suffices)."""
+    rng = np.random.default_rng(1)
+    base = [float(x) for x in np.exp(rng.normal(0.0, 0.1, 80))]
+    rule = LossTrendDetector(sigmas=3.0)
+    for t, v in enumerate(base):
+        rule.update(t, v)
+    tau = rule.threshold_log()
+    level = math.log(rule.forecast(80) or 1.0)
+    between = math.exp(level + 1.5 * tau)
+    lone = LossTrendDetector(sigmas=3.0)
+    lone.load_state_dict(rule.state_dict())
+    assert lone.update(80, between) is None
+    assert lone.update(81, math.exp(level)) is None
+    pair = LossTrendDetector(sigmas=3.0)
+    pair.load_state_dict(rule.state_dict())
+    assert pair.update(80, between) is None
+    alert = pair.update(81, between)
+    assert alert is not None and alert.step == 81
 
 
-def test_trend_spike_exact_alerts_on_a_steep_power_law() -> None:
-    losses = power_law(60)
-    rule = LossTrendDetector()
-    for step, loss in enumerate(losses):
-        assert rule.update(step, loss) is None  # the steep fall is not a spike
-    # A noise-free but steep fall (17 % at the first step): the forecast errors of the first
-    # steps make the noise scale a few % (it is a mean over every error so far); the limit
-    # 1 + k' sigma (k' <= k + (k^3 + k) / (4 * 0.88 * 40) after 40 errors) stays under 1.5x.
-    k_wide = K + (K**3 + K) / (4 * EFFICIENCY * 40)
-    assert rule.sigma > 0.01 and 1.0 + k_wide * 1.2 * rule.sigma < 1.5
+def test_heavy_tailed_noise_that_grows_as_the_loss_falls_is_not_instability() -> None:
+    """Real mini-batch losses (issue 20): the relative noise grows from 5 % to 60 % as the loss
+    falls from 2.3 to 0.05, with Student-t tails (3 degrees of freedom). The rules of session 3
+    flagged such runs on most steps; this one stays quiet, and still sees a 4x jump that lasts."""
+    rng = np.random.default_rng(2)
+    n = 600
+    trend = 0.05 + 2.25 * np.exp(-np.arange(n) / 80.0)
+    noise = np.linspace(0.05, 0.6, n) * rng.standard_t(3, n) / math.sqrt(3.0)
+    losses = [float(x) for x in trend * np.exp(noise)]
+    det = InstabilityDetector()
+    flagged = [(s, k) for s, k in feed(det, losses) if is_instability(k)]
+    assert flagged == []
     spiky = list(losses)
-    spiky[3] = 3.0 * losses[3]  # during the steepest part of the fall: above the early 2x
-    spiky[30] = 1.05 * losses[30]  # under the 1.1x floor
-    spiky[40] = 1.5 * losses[40]
-    assert feed(InstabilityDetector(), spiky) == [
-        (3, "loss_trend_spike"),
-        (4, "transient"),
-        (40, "loss_trend_spike"),
-        (41, "transient"),
-    ]
+    spiky[500:504] = [4.0 * trend[500]] * 4
+    hits = [s for s, k in feed(InstabilityDetector(), spiky) if k == "loss_trend_spike"]
+    assert hits and 500 <= hits[0] <= 502
 
 
-def test_a_spike_does_not_move_the_running_statistics() -> None:
+def test_a_spike_does_not_move_the_level() -> None:
     rule = LossTrendDetector()
-    for step, loss in enumerate(power_law(20)):
+    for step, loss in enumerate(power_law(40)):
         rule.update(step, loss)
-    before = rule.state_dict()
-    assert rule.update(20, 1e6) is not None
+    level = rule.state_dict()["level"]
+    assert rule.update(40, 1e6) is not None
     after = rule.state_dict()
-    assert after.pop("above") == 1
-    assert after.pop("high") is True
-    before.pop("above"), before.pop("high")
-    assert after == before
+    assert after["level"] == level and after["above"] == 1
 
 
 def test_trend_accepts_a_new_level_after_rebaseline_steps() -> None:
@@ -196,26 +195,17 @@ def test_trend_accepts_a_new_level_after_rebaseline_steps() -> None:
     assert steps == [5, 6, 7]
 
 
-def test_trend_follows_a_sustained_drop_at_once() -> None:
+@pytest.mark.parametrize("every", [1, 10])
+def test_a_falling_loss_fed_with_gaps_is_measured_against_where_it_was_going(every: int) -> None:
+    # An exponential fall, 2 % per step, fed every `every` steps (a plain loop that logs every
+    # 10th step): no alerts, and a 1.3x jump that lasts is measured against the fallen level.
     rule = LossTrendDetector()
-    for step, loss in enumerate([10.0] * 5 + [1.0] * 5):
-        assert rule.update(step, loss) is None
-    # Restarted at the lower level: 2.5 is now a spike.
-    alert = rule.update(10, 2.5)
-    assert alert is not None and alert.details["trend"] == pytest.approx(1.0)
-
-
-def test_a_return_to_the_level_before_a_small_step_down_is_not_a_spike() -> None:
-    # A catapult: one step 3x up, then 10 % below the trend for 5 steps, then back at once.
-    losses = [2.0] * 150 + [6.0] + [1.8] * 5 + [2.0] * 5
-    assert constant_threshold(150) < 1.11  # 2.0 / 1.8 = 1.11 would be above the 1.1x floor
-    flagged = [s for s, k in feed(InstabilityDetector(), losses) if is_instability(k)]
-    assert flagged == [150]  # one flagged step: the persistence rule calls it transient
-    # A larger step down (more than halved) is a new level: a spike above it is one.
-    rule = LossTrendDetector()
-    for step, loss in enumerate([2.0] * 150 + [0.5] * 5):
-        rule.update(step, loss)
-    assert rule.update(155, 2.0) is not None
+    for step in range(0, 600, every):
+        assert rule.update(step, 5.0 * 0.98**step) is None
+    assert rule.forecast(600) == pytest.approx(5.0 * 0.98**600, rel=1e-9)
+    first = rule.update(600, 1.3 * 5.0 * 0.98**600)
+    second = rule.update(600 + every, 1.3 * 5.0 * 0.98 ** (600 + every))
+    assert (first or second) is not None
 
 
 def test_trend_ignores_values_it_cannot_use() -> None:
@@ -234,28 +224,6 @@ def test_grad_norm_spike_follows_a_rising_trend() -> None:
     assert alert is not None and alert.kind == "grad_norm_spike"
     # The forecast followed the 5 % growth per step: the ratio is that of the spike.
     assert alert.details["ratio_to_trend"] == pytest.approx(1.5, rel=0.03)
-
-
-@pytest.mark.parametrize("every", [1, 10])
-def test_steps_fed_with_gaps_extrapolate_the_trend_per_step(every: int) -> None:
-    # An exponential fall, 2 % per step, fed every `every` steps (a plain loop that logs every
-    # 10th step): no alerts, and a 1.3x spike is measured against the true trend.
-    rule = LossTrendDetector()
-    steps = list(range(0, 600, every))
-    for step in steps:
-        assert rule.update(step, 5.0 * 0.98**step) is None
-    alert = rule.update(600, 1.3 * 5.0 * 0.98**600)
-    assert alert is not None
-    assert alert.details["trend"] == pytest.approx(5.0 * 0.98**600, rel=0.01)
-
-
-def test_a_stale_trend_restarts_after_a_long_gap() -> None:
-    rule = LossTrendDetector()
-    for step in range(50):
-        rule.update(step, 4.0 * 0.99**step)
-    # 2,000 steps later (more than 20 usual gaps): nothing to compare with, no alert.
-    assert rule.update(2050, 0.5) is None
-    assert rule.forecast(2051) == pytest.approx(0.5)
 
 
 # ------------------------------------------------------------------------------ sustained rises
@@ -494,10 +462,9 @@ def test_composite_reads_grad_norm_and_cosine() -> None:
     assert out == [
         (4, "oscillation"),
         (5, "transient"),
-        (6, "grad_norm_spike"),
-        (7, "transient"),
+        (6, "grad_norm_spike"),  # a notice: persistence does not count it
         (9, "non_finite"),
-        (9, "persistent_instability"),  # the third episode within 100 steps
+        (10, "transient"),  # the second episode within 100 steps, not the third
     ]
 
 
@@ -521,14 +488,13 @@ def test_rules_turn_off_and_thresholds_apply() -> None:
     early = InstabilityDetector(trend_early_ratio=1.5, persistence=False)
     assert feed(early, [1.0] * 5 + [1.6]) == [(5, "loss_trend_spike")]
     assert feed(InstabilityDetector(persistence=False), [1.0] * 5 + [1.6]) == []
-    quick = InstabilityDetector(noise_samples=3, persistence=False)
-    assert feed(quick, [1.0] * 5 + [1.6]) == []  # 3 values: the noise term is still wide
-    # After 150 equal losses the floor decides: 1.2x is a spike at 1.1x, not at 1.3x.
-    assert constant_threshold(150, floor=1.3) == pytest.approx(1.3)
-    assert feed(InstabilityDetector(persistence=False), [1.0] * 150 + [1.2]) == [
-        (150, "loss_trend_spike")
+    quick = InstabilityDetector(noise_samples=3, trend_early_ratio=1.7, persistence=False)
+    assert feed(quick, [1.0] * 5 + [1.6]) == [(5, "loss_trend_spike")]  # the noise is known
+    # After 150 equal losses the floor decides: 1.2x twice is a spike at 1.1x, not at 1.3x.
+    assert feed(InstabilityDetector(persistence=False), [1.0] * 150 + [1.2, 1.2]) == [
+        (151, "loss_trend_spike")
     ]
-    assert feed(InstabilityDetector(trend_min_ratio=1.3), [1.0] * 150 + [1.2]) == []
+    assert feed(InstabilityDetector(trend_min_ratio=1.3), [1.0] * 150 + [1.2, 1.2]) == []
 
 
 @pytest.mark.parametrize(
@@ -646,7 +612,9 @@ DETECTORS: dict[str, tuple[Factory, Feed]] = {
         lambda: LossRatioDetector(initial_loss_steps=3),
         lambda d, s, v: d.update(s, v[0]),
     ),
-    "loss_trend": (LossTrendDetector, lambda d, s, v: d.update(s, v[0])),
+    # The median residual as the noise: this sequence's outliers (8 % of the steps) are above
+    # the 95th percentile's reach.
+    "loss_trend": (lambda: LossTrendDetector(quantile=0.5), lambda d, s, v: d.update(s, v[0])),
     "loss_divergence": (LossDivergenceDetector, lambda d, s, v: d.update(s, v[0])),
     "grad_norm_rise": (
         lambda: GradNormRiseDetector(min_ratio=1.5),

@@ -101,6 +101,19 @@ def test_a_run_resumed_into_a_new_version_is_not_healthy_while_it_lists_an_episo
     assert resumed.verdict != HEALTHY
     assert resumed.verdict == RECOVERED  # the loss falls again after the episode
     assert 10 in resumed.instability_steps
+    # The monitor wrote where the run came from: the report reads both halves as one run.
+    assert resumed.first_step == 0 and resumed.last_step == 59
+    assert any(
+        n.startswith(f"continues {first.log_dir} (resumed at step 14)") for n in resumed.notes
+    )
+    (episode,) = resumed.episodes  # the first half's close of the episode is not a second one
+    assert episode.recovered is True
+    # Without the first half on disk the resumed half is still not "healthy".
+    import shutil
+
+    shutil.rmtree(first.log_dir)
+    alone = summarize(load_run(second.log_dir))
+    assert alone.verdict == RECOVERED and alone.first_step == 14
 
 
 def test_a_gradient_norm_spike_alone_is_a_notice_not_instability(tmp_path: Path) -> None:

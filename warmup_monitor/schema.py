@@ -192,7 +192,9 @@ INSTABILITY_KINDS: frozenset[AlertKind] = frozenset(
 #: outcome (the norm commonly rises during warmup while the loss falls). Logged, written to
 #: every sink and drawn, at INFO on the console; not counted by the verdict,
 #: ``warmup/unstable`` or the controller.
-NOTICE_KINDS: frozenset[AlertKind] = frozenset({AlertKind.GRAD_NORM_SPIKE, AlertKind.GRAD_NORM_RISE})
+NOTICE_KINDS: frozenset[AlertKind] = frozenset(
+    {AlertKind.GRAD_NORM_SPIKE, AlertKind.GRAD_NORM_RISE}
+)
 
 #: What the adaptive controller did (and the end of an episode): said on the console every time.
 ACTION_KINDS: frozenset[AlertKind] = frozenset(

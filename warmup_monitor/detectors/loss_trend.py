@@ -8,11 +8,14 @@ measures the noise by a quantile of what the run itself showed lately:
 
 .. math::
 
-    r_t = \log x_t - \operatorname{median}(\log x_{t-W..t-1}), \qquad
+    r_t = \log x_t - \ell_t, \qquad
     s_t = Q_q\left(|r|\ \text{over the last } N \text{ steps}\right), \qquad
     \tau_t = \max(k\, s_t,\ \log \rho)
 
-and a loss is a spike when ``r_t > tau_t`` and the step before was already above ``c tau``
+where the level ``l_t`` is a robust line through the last ``W`` log-losses (Theil-Sen: the
+median of the pairwise slopes, never above 0, since a rising loss is not a trend to follow,
+and the median of the points moved along it to step ``t``): on a falling loss the level falls
+with it, so a spike is measured against where the loss was going. A loss is a spike when ``r_t > tau_t`` and the step before was already above ``c tau``
 (two in a row: a single heavy batch is not instability), or at once when ``r_t > 2 tau_t``.
 Before the first ``early_samples`` losses the threshold is ``log(early_ratio)`` alone.
 
@@ -39,10 +42,28 @@ from warmup_monitor.detectors._common import safe_exp as _exp
 __all__ = ["LossTrendDetector"]
 
 
-def _median(values: deque[float]) -> float:
+def _median(values: Any) -> float:
     s = sorted(values)
     n = len(s)
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def _level(points: deque[tuple[int, float]], step: int) -> float:
+    """The Theil-Sen line through ``points`` (``(step, log loss)``), slope at most 0, at
+    ``step`` (extrapolated by at most the window's own span past its last point)."""
+    if len(points) < 3:
+        return _median(y for _, y in points)
+    pts = list(points)
+    slopes = [
+        (y1 - y0) / (s1 - s0)
+        for i, (s0, y0) in enumerate(pts)
+        for s1, y1 in pts[i + 1 :]
+        if s1 > s0
+    ]
+    slope = min(_median(slopes), 0.0) if slopes else 0.0
+    last, first = pts[-1][0], pts[0][0]
+    at = min(step, last + max(last - first, 1))
+    return _median(y + slope * (at - s) for s, y in pts)
 
 
 def _quantile(values: deque[float], q: float) -> float:
@@ -105,7 +126,7 @@ class LossTrendDetector:
         self.reset()
 
     def reset(self) -> None:
-        self._level: deque[float] = deque(maxlen=self.level_window)
+        self._level: deque[tuple[int, float]] = deque(maxlen=self.level_window)
         self._noise: deque[float] = deque(maxlen=self.noise_window)
         self._n = 0  # losses accepted
         self._above = 0  # consecutive spikes
@@ -124,7 +145,7 @@ class LossTrendDetector:
 
     def forecast(self, step: int) -> float | None:
         """The level a loss is compared with (not its log), or ``None`` before the first."""
-        return _exp(_median(self._level)) if self._level else None
+        return _exp(_level(self._level, step)) if self._level else None
 
     def update(self, step: int, value: float | None) -> Alert | None:
         """Feed one loss at optimizer step ``step``; return an alert if it is a spike."""
@@ -132,10 +153,10 @@ class LossTrendDetector:
         if value is None or y is None:
             return None
         if not self._level:
-            self._level.append(y)
+            self._level.append((step, y))
             self._n = 1
             return None
-        level = _median(self._level)
+        level = _level(self._level, step)
         r = y - level
         tau = self.threshold_log()
         early = self._n < self.early_samples
@@ -149,11 +170,11 @@ class LossTrendDetector:
             alert = self._alert(step, value, level, r, tau)
             if self._above >= self.rebaseline_steps:
                 self._level.clear()
-                self._level.append(y)
+                self._level.append((step, y))
                 self._above = 0
             return alert
         self._above = 0
-        self._level.append(y)
+        self._level.append((step, y))
         self._n += 1
         return None
 
@@ -179,7 +200,7 @@ class LossTrendDetector:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "level": list(self._level),
+            "level": [list(p) for p in self._level],
             "noise": list(self._noise),
             "n": self._n,
             "above": self._above,
@@ -188,10 +209,12 @@ class LossTrendDetector:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reset()
-        for key, window in (("level", self._level), ("noise", self._noise)):
-            values = state.get(key, [])
-            if isinstance(values, (list, tuple)):
-                window.extend(_finite_float(v, 0.0) for v in values)
+        for pair in state.get("level", []) or []:
+            if isinstance(pair, (list, tuple)) and len(pair) == 2:
+                self._level.append((int(pair[0]), _finite_float(pair[1], 0.0)))
+        values = state.get("noise", [])
+        if isinstance(values, (list, tuple)):
+            self._noise.extend(_finite_float(v, 0.0) for v in values)
         self._n = max(int(state.get("n", len(self._level))), 0)
         self._above = max(int(state.get("above", 0)), 0)
         self._high = bool(state.get("high", False))

@@ -14,6 +14,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from warmup_monitor.report.events import (
     Series,
     event_files,
@@ -52,6 +54,7 @@ __all__ = [
     "find_run_dirs",
     "load_run",
     "read_alerts_jsonl",
+    "resumed_from",
 ]
 
 #: Exit codes of ``warmup-monitor report`` (several problems: the lowest code >= 3 wins).
@@ -216,8 +219,18 @@ def _alerts_from_text(rows: list[tuple[int, str]]) -> list[Alert]:
     return alerts
 
 
-def load_run(path: str, name: str | None = None, prefix: str | None = None) -> RunData:
+def load_run(
+    path: str,
+    name: str | None = None,
+    prefix: str | None = None,
+    *,
+    _seen: tuple[str, ...] = (),
+) -> RunData:
     """Load one run directory (one that holds event files).
+
+    A run the monitor resumed from a checkpoint written in another log directory (Lightning
+    writes a resumed fit to a new ``version_N``) says so in its alerts file; the run it
+    continues is then read too, and the two are one run (:func:`resumed_from`).
 
     Args:
         path: The run directory.
@@ -289,7 +302,7 @@ def load_run(path: str, name: str | None = None, prefix: str | None = None) -> R
                 "alerts were counted: the alert list below is incomplete"
             )
     alerts = _plausible(alerts, series, problems)
-    return RunData(
+    run = RunData(
         name=name,
         path=path,
         series=series,
@@ -301,6 +314,65 @@ def load_run(path: str, name: str | None = None, prefix: str | None = None) -> R
         prefix=prefix,
         extra=extra,
     )
+    return _with_earlier(run, _seen)
+
+
+#: How many earlier runs a chain of resumes is followed back.
+MAX_RESUMES = 16
+
+
+def resumed_from(alerts: list[Alert]) -> tuple[str, int] | None:
+    """The log directory a run was resumed from, and the step it was resumed at, from the
+    monitor's ``monitor`` record (``details.resumed_from``), or ``None``."""
+    for a in alerts:
+        prev = a.details.get("resumed_from")
+        if a.kind == AlertKind.MONITOR and isinstance(prev, str) and prev:
+            return prev, a.step
+    return None
+
+
+def _with_earlier(run: RunData, seen: tuple[str, ...]) -> RunData:
+    """A resumed run with the run it continues, when its log directory is still there: the
+    earlier run's scalars and alerts before the resume step, then the resumed run's (followed
+    back through a chain of resumes). The earlier run's ``episode_end`` of an episode the
+    resumed run continued (it closed it when its fit ended) is dropped."""
+    found = resumed_from(run.alerts)
+    if found is None:
+        return run
+    prev, at = found
+    here = os.path.realpath(run.path)
+    there = os.path.realpath(prev)
+    if there == here or there in seen or len(seen) >= MAX_RESUMES:
+        return run
+    if not os.path.isdir(prev):
+        run.notes.append(f"resumed at step {at} from {prev}, which is not there: judged alone")
+        return run
+    try:
+        earlier = load_run(prev, _seen=(*seen, here))
+    except ReportError as err:
+        run.problems.append(f"resumed at step {at} from {prev}, which could not be read: {err}")
+        return run
+    continued = {a.episode for a in run.alerts if a.episode is not None}
+    alerts = [
+        a
+        for a in earlier.alerts
+        if a.step < at and not (a.kind == AlertKind.EPISODE_END and a.episode in continued)
+    ]
+    series = dict(run.series)
+    for key, old in earlier.series.items():
+        keep = old.steps < at
+        new = run.series.get(key)
+        if new is None:
+            series[key] = Series(old.steps[keep], old.values[keep])
+        else:
+            steps = np.concatenate([old.steps[keep], new.steps[new.steps >= at]])
+            values = np.concatenate([old.values[keep], new.values[new.steps >= at]])
+            series[key] = Series(steps, values)
+    run.series = series
+    run.alerts = alerts + run.alerts
+    run.notes.append(f"continues {prev} (resumed at step {at}): the two are judged together")
+    run.problems.extend(f"{prev}: {p}" for p in earlier.problems)
+    return run
 
 
 def _plausible(alerts: list[Alert], series: dict[str, Series], problems: list[str]) -> list[Alert]:
