@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import statistics
 import math
 import random
+import statistics
 from typing import Any
 
 import pytest

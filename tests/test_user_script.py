@@ -18,12 +18,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from digits_run import run  # noqa: E402
+from digits_run import run
 
-from warmup_monitor import WarmupMonitor  # noqa: E402
-from warmup_monitor.alerts import is_instability  # noqa: E402
-from warmup_monitor.report import HEALTHY, summarize  # noqa: E402
-from warmup_monitor.report.runs import load_run  # noqa: E402
+from warmup_monitor import WarmupMonitor
+from warmup_monitor.alerts import is_instability
+from warmup_monitor.report import HEALTHY, summarize
+from warmup_monitor.report.runs import load_run
 
 pytest.importorskip("sklearn")
 

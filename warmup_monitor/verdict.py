@@ -110,12 +110,12 @@ def recovery(
             f"their median loss ({_g(median)}) stayed more than "
             f"{COME_BACK_TOLERANCE:.0%} above {what}"
         )
-    if initial_loss is not None and math.isfinite(initial_loss) and initial_loss > 0:
-        if median > initial_loss * (1 - MIN_PROGRESS):
-            return False, (
-                f"their median loss ({_g(median)}) is not {MIN_PROGRESS:.0%} below the initial "
-                f"loss ({_g(initial_loss)}): the run is not learning"
-            )
+    initial = initial_loss if initial_loss is not None and math.isfinite(initial_loss) else 0.0
+    if initial > 0 and median > initial * (1 - MIN_PROGRESS):
+        return False, (
+            f"their median loss ({_g(median)}) is not {MIN_PROGRESS:.0%} below the initial "
+            f"loss ({_g(initial)}): the run is not learning"
+        )
     return True, f"their median loss ({_g(median)}) came back to at most {what}"
 
 

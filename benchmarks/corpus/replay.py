@@ -37,12 +37,12 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from traces import Run, load_corpus  # noqa: E402
+from traces import Run, load_corpus
 
-from warmup_monitor import Detection, InstabilityDetector  # noqa: E402
-from warmup_monitor.alerts import is_instability  # noqa: E402
-from warmup_monitor.controller import WarmupController  # noqa: E402
-from warmup_monitor.verdict import HEALTHY, judge  # noqa: E402
+from warmup_monitor import Detection, InstabilityDetector
+from warmup_monitor.alerts import is_instability
+from warmup_monitor.controller import WarmupController
+from warmup_monitor.verdict import HEALTHY, judge
 
 
 @dataclass
@@ -221,7 +221,8 @@ def per_family(outcomes: list[Outcome]) -> str:
         si = [o for o in os_ if o.label == "silent"]
         lines.append(
             f"| {fam} | {len(h)} | {sum(o.alerts for o in h)} "
-            f"| {sum(o.verdict != HEALTHY for o in h)} | {sum(o.action_step is not None for o in h)} "
+            f"| {sum(o.verdict != HEALTHY for o in h)} "
+            f"| {sum(o.action_step is not None for o in h)} "
             f"| {len(f)} | {sum(o.caught for o in f)} | {len(si)} "
             f"| {sum(o.first_flagged is not None for o in si)} |"
         )

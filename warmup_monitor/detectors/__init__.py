@@ -33,9 +33,9 @@ from warmup_monitor.detectors._common import Detector
 from warmup_monitor.detectors.composite import InstabilityDetector
 from warmup_monitor.detectors.divergence import GradNormRiseDetector, LossDivergenceDetector
 from warmup_monitor.detectors.episodes import EPISODE_KINDS, Episodes
+from warmup_monitor.detectors.loss_trend import LossTrendDetector
 from warmup_monitor.detectors.persistence import PersistenceDetector
 from warmup_monitor.detectors.rules import LossRatioDetector, NonFiniteDetector, OscillationDetector
-from warmup_monitor.detectors.loss_trend import LossTrendDetector
 from warmup_monitor.detectors.trend import GradNormSpikeDetector
 
 __all__ = [

@@ -9,9 +9,9 @@ from warmup_monitor.alerts import INSTABILITY_KINDS, Alert
 from warmup_monitor.config import Detection
 from warmup_monitor.detectors._common import Detector
 from warmup_monitor.detectors.divergence import GradNormRiseDetector, LossDivergenceDetector
+from warmup_monitor.detectors.loss_trend import LossTrendDetector
 from warmup_monitor.detectors.persistence import PersistenceDetector
 from warmup_monitor.detectors.rules import LossRatioDetector, NonFiniteDetector, OscillationDetector
-from warmup_monitor.detectors.loss_trend import LossTrendDetector
 from warmup_monitor.detectors.trend import GradNormSpikeDetector
 
 __all__ = ["InstabilityDetector"]

@@ -15,8 +15,9 @@ measures the noise by a quantile of what the run itself showed lately:
 where the level ``l_t`` is a robust line through the last ``W`` log-losses (Theil-Sen: the
 median of the pairwise slopes, never above 0, since a rising loss is not a trend to follow,
 and the median of the points moved along it to step ``t``): on a falling loss the level falls
-with it, so a spike is measured against where the loss was going. A loss is a spike when ``r_t > tau_t`` and the step before was already above ``c tau``
-(two in a row: a single heavy batch is not instability), or at once when ``r_t > 2 tau_t``.
+with it, so a spike is measured against where the loss was going. A loss is a spike when
+``r_t > tau_t`` and the step before was already above ``c tau`` (two in a row: a single heavy
+batch is not instability), or at once when ``r_t > 2 tau_t``.
 Before the first ``early_samples`` losses the threshold is ``log(early_ratio)`` alone.
 
 Robustness: a spike does not move the level; it enters the noise window clipped at ``2 tau``,

@@ -229,9 +229,10 @@ def verdict(
     last_step: int | None,
     effective_warmup: int | None,
 ) -> tuple[str, str]:
-    """The verdict and the sentence that says which rule produced it: :func:`warmup_monitor.verdict.judge`
-    over the flagged steps and the logged losses."""
-    steps, values = (loss.steps, loss.values) if loss is not None else ((), ())
+    """The verdict and the sentence that says which rule produced it:
+    :func:`warmup_monitor.verdict.judge` over the flagged steps and the logged losses."""
+    steps = loss.steps.tolist() if loss is not None else []
+    values = loss.values.tolist() if loss is not None else []
     return judge(
         instability_steps,
         steps,
