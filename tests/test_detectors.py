@@ -80,8 +80,8 @@ def test_loss_ratio_detector_initial_loss_and_exact_alert() -> None:
 def theil_sen_level(points: Sequence[tuple[int, float]], step: int) -> float:
     """The loss rule's level, written out again with numpy: the median of the pairwise slopes
     (at most 0) and the median of the points moved along it to ``step`` (capped at the window's
-    span past its last point)."""
-    if len(points) < 3:
+    span past its last point); the plain median of fewer than 8 points."""
+    if len(points) < 8:
         return float(np.median([y for _, y in points]))
     slopes = [
         (y1 - y0) / (s1 - s0)

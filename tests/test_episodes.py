@@ -28,7 +28,7 @@ def alert(step: int, kind: Any, **details: Any) -> Alert:
 def test_episode_kinds_are_the_instability_kinds_but_the_controllers() -> None:
     expected = {k.value for k in INSTABILITY_KINDS} - {"warmup_exhausted"}
     assert expected == EPISODE_KINDS
-    assert {"loss_divergence", "grad_norm_rise"} <= EPISODE_KINDS
+    assert "loss_divergence" in EPISODE_KINDS and "grad_norm_rise" not in EPISODE_KINDS
     assert "transient" not in EPISODE_KINDS and "episode_end" not in EPISODE_KINDS
     assert not K.EPISODE_END.is_instability
 
@@ -39,7 +39,7 @@ def test_an_episode_opens_once_updates_silently_and_closes_with_its_summary() ->
         10: [K.LOSS_SPIKE, K.LOSS_TREND_SPIKE],
         11: [K.LOSS_SPIKE, K.LOSS_TREND_SPIKE],
         12: [K.LOSS_TREND_SPIKE],
-        13: [K.LOSS_TREND_SPIKE, K.GRAD_NORM_SPIKE],
+        13: [K.LOSS_TREND_SPIKE, K.OSCILLATION],
         14: [K.LOSS_TREND_SPIKE],
         16: [K.LOSS_DIVERGENCE],
     }
@@ -65,11 +65,11 @@ def test_an_episode_opens_once_updates_silently_and_closes_with_its_summary() ->
         "duration": 7,
         "count": 6,
         "alerts": sum(len(v) for v in flagged.values()),
-        "kinds": ["loss_spike", "loss_trend_spike", "grad_norm_spike", "loss_divergence"],
+        "kinds": ["loss_spike", "loss_trend_spike", "oscillation", "loss_divergence"],
         "kind_counts": {
             "loss_spike": 2,
             "loss_trend_spike": 5,
-            "grad_norm_spike": 1,
+            "oscillation": 1,
             "loss_divergence": 1,
         },
         "peak_ratio": ratios[peak_step],
@@ -90,13 +90,13 @@ def test_an_episode_opens_once_updates_silently_and_closes_with_its_summary() ->
 
 def test_the_raw_alerts_are_not_changed() -> None:
     ep = Episodes()
-    raw = [alert(3, K.LOSS_TREND_SPIKE, trend=1.0), alert(3, K.GRAD_NORM_SPIKE)]
+    raw = [alert(3, K.LOSS_TREND_SPIKE, trend=1.0), alert(3, K.LOSS_DIVERGENCE)]
     (opening,) = ep.observe(3, raw)
     assert opening is not raw[0] and opening.episode == 1
     assert raw[0].episode is None and raw[0].details == {"trend": 1.0}
     assert opening.details == {
         "trend": 1.0,
-        "episode_kinds": ["loss_trend_spike", "grad_norm_spike"],
+        "episode_kinds": ["loss_trend_spike", "loss_divergence"],
     }
 
 

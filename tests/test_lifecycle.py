@@ -582,6 +582,11 @@ def _run(
     if saver is not None and ckpt is None:
         assert os.path.exists(path), "the saver wrote no checkpoint"
     alerts = [a.to_dict() for a in hooked]
+    if ckpt is not None:  # the resumed half says which run it continues (and nothing else new)
+        (note,) = [a for a in alerts if "resumed_from" in a["details"]]
+        assert note["kind"] == "monitor" and note["step"] == SAVE_AT
+        alerts.remove(note)
+        jsonl = [a for a in jsonl if "resumed_from" not in a["details"]]
     return _Run(read_scalars(trainer.log_dir), alerts, jsonl, probe.lrs, marker.count)
 
 

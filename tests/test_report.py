@@ -371,9 +371,12 @@ def test_unstable_to_the_end() -> None:
     )
 
 
-def test_grad_norm_spikes_suggest_clipping() -> None:
+def test_a_gradient_norm_notice_alone_changes_neither_the_verdict_nor_the_advice() -> None:
+    """Issue 20: a gradient-norm spike predicts nothing on the corpus of real runs; the report
+    no longer advises clipping from it."""
     r = summarize(synthetic_run(alerts=[_alert(10, "grad_norm_spike")]))
-    assert any("gradient clipping at about" in a for a in r.advice)
+    assert r.verdict == HEALTHY
+    assert r.advice == summarize(synthetic_run()).advice
 
 
 def test_without_alert_records_the_unstable_flag_is_used() -> None:

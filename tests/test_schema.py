@@ -44,7 +44,10 @@ def test_old_import_paths_still_work() -> None:
 def test_new_kinds() -> None:
     assert AlertKind("episode_end") is AlertKind.EPISODE_END
     instability = {k.value for k in schema.INSTABILITY_KINDS}
-    assert {"loss_divergence", "grad_norm_rise"} <= instability
+    assert "loss_divergence" in instability
+    # Notices (issue 20): shown, never instability.
+    notices = {k.value for k in schema.NOTICE_KINDS}
+    assert notices == {"grad_norm_spike", "grad_norm_rise"} and not notices & instability
     assert not {"episode_end", "lr_backoff", "rollback", "transient"} & instability
     assert {AlertKind.LR_BACKOFF, AlertKind.ROLLBACK, AlertKind.EPISODE_END} <= schema.ACTION_KINDS
 

@@ -41,9 +41,30 @@ __all__ = [
     "is_instability",
     "read_alerts",
     "read_alerts_file",
+    "resumed_note",
 ]
 
 log = logging.getLogger("warmup_monitor")
+
+
+def resumed_note(step: int, previous: Any, current: str | None) -> Alert | None:
+    """The ``monitor`` record a resumed fit writes when its log directory is not the one its
+    checkpoint was written from (Lightning logs a resumed fit to a new ``version_N``): it names
+    the earlier directory (``details.resumed_from``), and the report reads the two as one run.
+    ``None`` when there is nothing to say."""
+    if not isinstance(previous, str) or not previous or not current:
+        return None
+    if os.path.realpath(previous) == os.path.realpath(current):
+        return None
+    return Alert(
+        step=step,
+        kind=AlertKind.MONITOR,
+        message=(
+            f"resumed at step {step} from a checkpoint of the run logged in {previous}: the "
+            "report judges the two together"
+        ),
+        details={"resumed_from": previous},
+    )
 
 
 class TextWriter(Protocol):

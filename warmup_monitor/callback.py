@@ -12,7 +12,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from warmup_monitor import _compat
-from warmup_monitor.alerts import ALERTS_FILENAME, Alert, AlertDispatcher, AlertKind
+from warmup_monitor.alerts import ALERTS_FILENAME, Alert, AlertDispatcher
 from warmup_monitor.config import (
     AdaptiveWarmup,
     CurvatureProbe,
@@ -118,7 +118,6 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         self._probe_batch: Any = None
         self._steps_at_batch_start = 0
         self._restored = False  # load_state_dict ran since the last fit started
-        self._previous_log_dir: str | None = None  # the log dir of the run a resume continues
         rollback = config.adaptive is not None and config.adaptive.rollback
         self._snapshots = Snapshots(config.adaptive.snapshot_device) if rollback else None  # type: ignore[union-attr]
 
@@ -173,8 +172,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         if trainer.global_step == 0 and not self._restored:
             self._engine.reset()  # a new Trainer (or a fresh run) starts a fresh watch
             self._probe_batch = None
-            self._previous_log_dir = None
-        resumed, self._restored = self._restored, False
+        self._restored = False
         metrics_sinks, alert_sinks = [], []
         if trainer.is_global_zero:
             prefix = self.config.log_key_prefix
@@ -189,26 +187,8 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
             )
             alert_sinks.append(self._dispatcher.dispatch)
             metrics_sinks.append(_compat.LoggersSink(trainer.loggers))
-            prev = self._previous_log_dir
-            if (
-                resumed
-                and prev
-                and self._log_dir
-                and os.path.realpath(prev) != os.path.realpath(self._log_dir)
-            ):
-                # One run in two log dirs: the report reads the earlier one too.
-                step = self._engine.steps_taken(0)
-                self._dispatcher.dispatch(
-                    Alert(
-                        step=step,
-                        kind=AlertKind.MONITOR,
-                        message=(
-                            f"resumed at step {step} from a checkpoint of the run logged in "
-                            f"{prev}: the report judges the two together"
-                        ),
-                        details={"resumed_from": prev},
-                    )
-                )
+        if (note := self._engine.continue_in(self._log_dir)) and self._dispatcher is not None:
+            self._dispatcher.dispatch(note)  # a resume into a new log dir: the report reads both
         optimizers = list(trainer.optimizers)
         self._engine.attach(
             optimizers,
@@ -290,7 +270,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue: step counts, counters, detector/controller states."""
-        return {"version": _STATE_VERSION, **self._engine.state_dict(), "log_dir": self._log_dir}
+        return {"version": _STATE_VERSION, **self._engine.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (the previous gradient is not saved: no cosine on the
@@ -298,8 +278,6 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         state = dict(state_dict)
         if "edge_rule" in state and "probe" not in state:  # version 1
             state["probe"] = {"edge_rule": state["edge_rule"]}
-        prev = state.pop("log_dir", None)
-        self._previous_log_dir = prev if isinstance(prev, str) else None
         self._engine.load_state_dict(state)
         self._restored = True
 

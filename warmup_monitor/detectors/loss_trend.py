@@ -49,10 +49,16 @@ def _median(values: Any) -> float:
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
+#: Points a slope needs: the first steps fall fast and then level off, and a line through a
+#: few of them projects the fall on (a plateau would look like a spike).
+MIN_SLOPE_POINTS = 8
+
+
 def _level(points: deque[tuple[int, float]], step: int) -> float:
     """The Theil-Sen line through ``points`` (``(step, log loss)``), slope at most 0, at
-    ``step`` (extrapolated by at most the window's own span past its last point)."""
-    if len(points) < 3:
+    ``step`` (extrapolated by at most the window's own span past its last point); their median
+    while there are fewer than :data:`MIN_SLOPE_POINTS`."""
+    if len(points) < MIN_SLOPE_POINTS:
         return _median(y for _, y in points)
     pts = list(points)
     slopes = [

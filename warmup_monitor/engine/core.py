@@ -114,6 +114,7 @@ class MonitorEngine:
         self.alert_count = 0
         self.skipped_steps = 0
         self.amp_skipped_steps = 0
+        self.log_dir: str | None = None  # where the run logs (:meth:`continue_in`)
         self._watches = []
         self._detector_states = {}
         self._episode_states = {}
@@ -345,6 +346,10 @@ class MonitorEngine:
                 self._complete(watch)
 
         return hook
+
+    def continue_in(self, log_dir: str | None) -> Alert | None:
+        """Note the run's log dir; a resume from elsewhere returns the record that says so."""
+        return state.continue_in(self, log_dir)
 
     def steps_taken(self, opt_idx: int = 0) -> int:
         """Optimizer steps optimizer ``opt_idx`` has taken (monitored or not)."""

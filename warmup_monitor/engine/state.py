@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from warmup_monitor.alerts import Alert, resumed_note
 from warmup_monitor.engine.watch import record_state, restore_record
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ def save(self: MonitorEngine) -> dict[str, Any]:
             **{w.index: w.episodes.state_dict() for w in self._watches if w.episodes is not None},
         },
         "kept": kept,
+        "log_dir": self.log_dir,
     }
     if self.prober is not None:
         state["probe"] = self.prober.state_dict()
@@ -66,6 +68,8 @@ def load(self: MonitorEngine, state: dict[str, Any]) -> None:
     if self.controller is not None and 0 in self._controller_states:
         self.controller.load_state_dict(self._controller_states[0])
     self.alert_count = int(state.get("alert_count", 0))
+    log_dir = state.get("log_dir")
+    self.log_dir = log_dir if isinstance(log_dir, str) else None
     self.skipped_steps = int(state.get("skipped_steps", 0))
     self.amp_skipped_steps = int(state.get("amp_skipped_steps", 0))
     self._detector_states = {int(k): v for k, v in state.get("detectors", {}).items()}
@@ -86,3 +90,12 @@ def load(self: MonitorEngine, state: dict[str, Any]) -> None:
         if w.episodes is not None and w.index in self._episode_states:
             w.episodes.load_state_dict(self._episode_states[w.index])
         w.stats.forget()
+
+
+def continue_in(self: MonitorEngine, log_dir: str | None) -> Alert | None:
+    """Note the log directory the run writes to now; when the state came from a run logged
+    elsewhere (Lightning logs a resumed fit to a new ``version_N``), return the ``monitor``
+    record that names it (:func:`~warmup_monitor.alerts.resumed_note`), to dispatch."""
+    note = resumed_note(self.steps_taken(0), self.log_dir, log_dir)
+    self.log_dir = log_dir or self.log_dir
+    return note
