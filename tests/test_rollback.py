@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import random
 import socket
@@ -18,6 +19,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import fit, ten_x_only, tiny_module_class
+from rollback_witness import witness_class
 
 from warmup_monitor import AdaptiveWarmup, Alert, WarmupMonitor
 from warmup_monitor.rollback import Snapshots
@@ -42,7 +44,7 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, seed:
         opt.step()
 
 
-def test_restore_brings_back_parameters_buffers_optimizer_state_and_rngs() -> None:
+def test_restore_brings_back_parameters_buffers_and_optimizer_state_not_the_rngs() -> None:
     model = _net()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     _train(model, opt, 3, seed=1)
@@ -53,9 +55,10 @@ def test_restore_brings_back_parameters_buffers_optimizer_state_and_rngs() -> No
     expected_model = copy.deepcopy(model.state_dict())
     expected_opt = copy.deepcopy(opt.state_dict()["state"])
     snap = snaps.take(3, model, [opt], {0: {"detector": 1}})
-    draws = (torch.rand(3), random.random(), np.random.rand())  # what comes next
     # The episode: training goes on, the RNGs move, the scheduler changes the lr.
+    torch.rand(3), random.random(), np.random.rand()
     _train(model, opt, 3, seed=2)
+    rngs = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
     for group in opt.param_groups:
         group["lr"] = 0.004
     assert not torch.equal(model[0].weight, expected_model["0.weight"])
@@ -70,8 +73,9 @@ def test_restore_brings_back_parameters_buffers_optimizer_state_and_rngs() -> No
         for name, value in entry.items():
             assert torch.equal(torch.as_tensor(state[idx][name]), torch.as_tensor(value))
     assert [g["lr"] for g in opt.param_groups] == [0.004]  # the schedule goes on
-    assert torch.equal(torch.rand(3), draws[0])
-    assert random.random() == draws[1] and np.random.rand() == draws[2]
+    # Time goes on: the random generators are not rewound (no replayed shuffle or dropout).
+    assert torch.equal(torch.get_rng_state(), rngs[0])
+    assert random.getstate() == rngs[1] and np.array_equal(np.random.get_state()[1], rngs[2])
     # The optimizer still updates the model's own parameters.
     before = model[0].weight.detach().clone()
     _train(model, opt, 1, seed=3)
@@ -261,3 +265,153 @@ def test_rollback_under_ddp_keeps_the_ranks_identical(tmp_path: Path) -> None:
         "episode_end",  # the spike's episode, closed when the episode went quiet or the fit ended
     ]
     assert ranks[1]["alerts"] == []  # files and hooks on rank zero only
+
+
+# ------------------------------------------------------------------------- issue 21, part A
+
+
+def _net_class(ns: Any) -> type:
+    """A small regression model with BatchNorm (buffers) as a LightningModule of ``ns``.
+
+    ``losses`` scripts the loss *value* at chosen optimizer steps (the gradients stay the real
+    ones); ``nan_grad_at`` fills every gradient with NaN at chosen steps, so that the update
+    really damages the weights.
+    """
+
+    class Net(ns.LightningModule):  # type: ignore[name-defined,misc]
+        def __init__(
+            self,
+            optimizer: str = "adam",
+            losses: dict[int, float] | None = None,
+            nan_grad_at: tuple[int, ...] = (),
+            lr: float = 0.02,
+        ) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(4, 16),
+                torch.nn.BatchNorm1d(16),
+                torch.nn.Tanh(),
+                torch.nn.Linear(16, 1),
+            )
+            self.optimizer_name, self.losses = optimizer, dict(losses or {})
+            self.nan_grad_at, self.lr = nan_grad_at, lr
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            value = self.losses.get(self.trainer.global_step)
+            return loss if value is None else loss - loss.detach() + value
+
+        def on_after_backward(self) -> None:
+            if self.trainer.global_step in self.nan_grad_at:
+                for p in self.parameters():
+                    p.grad.fill_(float("nan"))
+
+        def configure_optimizers(self) -> Any:
+            if self.optimizer_name == "adam":
+                return torch.optim.Adam(self.parameters(), lr=self.lr)
+            if self.optimizer_name == "adamw":
+                return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+    return Net
+
+
+def _adaptive_monitor(ns_adaptive: AdaptiveWarmup | None = None, **kwargs: Any) -> WarmupMonitor:
+    return WarmupMonitor(
+        warmup_steps=10,
+        schedule="linear",
+        adaptive=ns_adaptive or AdaptiveWarmup(),
+        detection=ten_x_only(),
+        alerts_file=None,
+        **kwargs,
+    )
+
+
+def _finite(module: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in module.state_dict().values())
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_repeated_rollbacks_restore_the_snapshot_as_it_was_taken(
+    ns: Any, optimizer: str, tmp_path: Path
+) -> None:
+    """Issue 21 item 1: three rollbacks; after each one the parameters, BatchNorm buffers and
+    every optimizer-state tensor (Adam's ``step`` included) equal an independent deep copy made
+    when the snapshot was taken, and the kept snapshots never change afterwards."""
+    monitor = _adaptive_monitor()  # AdaptiveWarmup() defaults: a snapshot before every update
+    witness = witness_class(ns)(monitor)
+    model = _net_class(ns)(optimizer, losses={6: 1e3, 13: math.nan, 20: 1e3})
+    fit(ns, tmp_path, [monitor, witness], model=model, max_steps=24, logger=False)
+    assert monitor.engine.controller is not None
+    assert monitor.engine.controller.rollbacks == [[6, 5], [13, 12], [20, 19]]
+    assert witness.checked == [[6, 5], [13, 12], [20, 19]]
+    assert witness.errors == []
+    assert witness.snapshot_checks >= 40  # two kept snapshots checked at nearly every step
+    if optimizer != "sgd":  # the step count came back too: 5 updates before snapshot 5, ...
+        steps = [float(s["step"]) for s in witness.copies[7]["opts"][0].values()]
+        assert steps and all(s == 5.0 for s in steps)
+
+
+def test_a_restored_optimizer_shares_no_storage_with_the_snapshot() -> None:
+    """Issue 21 item 1, at the unit level: after a restore, training does not write into the
+    snapshot, and a second restore brings back the snapshot's values, not the live ones."""
+    model = _net()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    _train(model, opt, 2, seed=1)
+    snaps = Snapshots("cpu")
+    snaps.take(2, model, [opt], {})
+    expected = copy.deepcopy(opt.state_dict()["state"])
+    expected_model = copy.deepcopy(model.state_dict())
+    for seed in (2, 3):
+        _train(model, opt, 3, seed=seed)
+        snap = snaps.restore(model, [opt], before=5)
+        assert snap is not None and snap.step == 2
+        for idx, entry in expected.items():
+            for name, value in entry.items():
+                assert torch.equal(opt.state_dict()["state"][idx][name], value), (seed, name)
+                assert torch.equal(snap.optimizers[0][idx][name], value), (seed, name)
+                live = opt.state_dict()["state"][idx][name]
+                assert live.data_ptr() != snap.optimizers[0][idx][name].data_ptr()
+        for key, value in expected_model.items():
+            assert torch.equal(model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("on_exhausted", ["stop", "warn", "raise"])
+def test_the_episode_that_exhausts_the_plan_is_rolled_back_too(
+    on_exhausted: str, tmp_path: Path
+) -> None:
+    """Issue 21 item 2: NaN gradients at steps 6 and 13 with ``max_extensions=1``: the second
+    episode exhausts the plan and is rolled back as well; no NaN weight is kept, and
+    ``ModelCheckpoint(save_last=True)`` writes the snapshot's finite weights."""
+    from warmup_monitor.controller import WarmupExhaustedError
+
+    adaptive = AdaptiveWarmup(max_extensions=1, on_exhausted=on_exhausted)  # type: ignore[arg-type]
+    monitor = _adaptive_monitor(adaptive)
+    witness = witness_class(pl)(monitor)
+    model = _net_class(pl)("adam", nan_grad_at=(6, 13))
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    if on_exhausted == "raise":
+        with pytest.raises(WarmupExhaustedError):
+            fit(pl, tmp_path, [monitor, witness], model=model, max_steps=20, logger=False)
+        assert _finite(model) and witness.errors == []
+        # The rollback came before the exception: the model is the snapshot before update 12.
+        for key, value in witness.copies[12]["model"].items():
+            assert torch.equal(model.state_dict()[key], value), key
+        return
+    trainer = fit(
+        pl, tmp_path, [monitor, witness, saver], model=model, max_steps=20, logger=False,
+        enable_checkpointing=True,
+    )  # fmt: skip
+    controller = monitor.engine.controller
+    assert controller is not None and controller.exhausted
+    assert controller.rollbacks == [[6, 5], [13, 12]]
+    assert witness.checked == [[6, 5], [13, 12]] and witness.errors == []
+    assert _finite(model)
+    assert trainer.global_step == (14 if on_exhausted == "stop" else 20)
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert all(bool(torch.isfinite(t).all()) for t in last["state_dict"].values())
+    if on_exhausted == "stop":  # stopped right after the rollback: the snapshot's weights
+        for key, value in witness.copies[12]["model"].items():
+            assert torch.equal(last["state_dict"][key], value), key

@@ -23,7 +23,7 @@ from warmup_monitor.config import (
     check_sinks,
 )
 from warmup_monitor.engine import MonitorEngine
-from warmup_monitor.rollback import Snapshots, carry_out
+from warmup_monitor.rollback import Snapshots, carry_out, restore_requested
 from warmup_monitor.schedules import Shape
 from warmup_monitor.tensorboard import write_layout
 
@@ -120,6 +120,8 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         self._restored = False  # load_state_dict ran since the last fit started
         rollback = config.adaptive is not None and config.adaptive.rollback
         self._snapshots = Snapshots(config.adaptive.snapshot_device) if rollback else None  # type: ignore[union-attr]
+        self._snapshots_loaded = False  # load_state_dict brought snapshots (a resume)
+        self._rollback_target: tuple[Any, list[Any]] | None = None  # module, optimizers
 
     @property
     def engine(self) -> MonitorEngine:
@@ -147,6 +149,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         self._setup(state["config"], state["on_alert"], state["alerts_file"])
         self.load_state_dict(state["state"])
         self._restored = False  # a copy is no checkpoint: the next Trainer decides (global_step)
+        self._snapshots_loaded = False
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -188,6 +191,10 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
             alert_sinks.append(self._dispatcher.dispatch)
             metrics_sinks.append(_compat.LoggersSink(trainer.loggers))
         optimizers = list(trainer.optimizers)
+        rollback = None
+        if self._snapshots is not None:
+            self._rollback_target = (pl_module, optimizers)
+            rollback = self._roll_back
         self._engine.attach(
             optimizers,
             # Automatic optimization steps one optimizer: its step count is the global step.
@@ -197,11 +204,22 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
             complete_on_step=True,
             metrics_sinks=metrics_sinks,
             alert_sinks=alert_sinks,
+            rollback=rollback,
         )
+
+    def _roll_back(self) -> None:
+        """Restore the snapshot the engine asks for, where it decides (the engine calls it in
+        the optimizer's step post-hook: no callback, scheduler or logger sees the damaged
+        weights first)."""
+        if self._snapshots is not None and self._rollback_target is not None:
+            module, optimizers = self._rollback_target
+            restore_requested(self._engine, self._snapshots, module, optimizers)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._snapshots is not None:  # the first snapshot: before the first update
-            self._snapshots.clear()
+            if not self._snapshots_loaded:  # a resume keeps the checkpoint's snapshots
+                self._snapshots.clear()
+            self._snapshots_loaded = False
             carry_out(self._engine, self._snapshots, pl_module, trainer.optimizers)
 
     def on_train_batch_start(
@@ -237,7 +255,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         stepped = step >= self._steps_at_batch_start
         if self._probe_batch is not None and stepped and self._engine.probe_due(step):
             self._probe(trainer, pl_module, step)
-        if self._snapshots is not None:  # restore when asked, snapshot when due
+        if self._snapshots is not None:  # restore if still asked (several optimizers), snapshot
             carry_out(self._engine, self._snapshots, pl_module, trainer.optimizers)
         if self._engine.stop_requested:
             trainer.should_stop = True  # every rank holds the same plan: all stop together
@@ -260,6 +278,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._engine.detach(close_episodes=True)
+            self._rollback_target = None
             self._restored = False  # a state loaded after on_fit_start (FSDP, DeepSpeed) is spent
         if self._dispatcher is not None:
             self._dispatcher.close()
@@ -267,8 +286,15 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue: step counts, counters, detector/controller states."""
-        return {"version": _STATE_VERSION, **self._engine.state_dict()}
+        """Everything needed to continue: step counts, counters, detector/controller states,
+        and, while a rollback can still be asked for, the kept snapshots (tensors: a resume
+        rolls back to them exactly as the uninterrupted run does; not with sharded
+        parameters, whose shards differ per rank)."""
+        state = {"version": _STATE_VERSION, **self._engine.state_dict()}
+        snapshots, engine = self._snapshots, self._engine
+        if snapshots and not engine.sharded and engine.rollback_possible():
+            state["snapshots"] = snapshots.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (the previous gradient is not saved: no cosine on the
@@ -278,6 +304,9 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
             state["probe"] = {"edge_rule": state["edge_rule"]}
         self._engine.load_state_dict(state)
         self._restored = True
+        if self._snapshots is not None:
+            self._snapshots.load_state_dict(state.get("snapshots") or {})
+            self._snapshots_loaded = True
 
     def _alerts_path(self) -> str | None:
         if self.alerts_file is None:
