@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import fit, ten_x_only, tiny_module_class
+from conftest import fit, make_data, ten_x_only, tiny_module_class
 from rollback_witness import witness_class
 
 from warmup_monitor import AdaptiveWarmup, Alert, WarmupMonitor
@@ -415,3 +415,124 @@ def test_the_episode_that_exhausts_the_plan_is_rolled_back_too(
     if on_exhausted == "stop":  # stopped right after the rollback: the snapshot's weights
         for key, value in witness.copies[12]["model"].items():
             assert torch.equal(last["state_dict"][key], value), key
+
+
+def test_a_weight_averaging_callback_listed_first_never_sees_the_damaged_weights(
+    ns: Any, tmp_path: Path
+) -> None:
+    """Issue 21 item 3: Lightning's own ``EMAWeightAveraging`` listed *before* the monitor
+    updates its average in ``on_train_batch_end``; the rollback happens earlier, in the
+    optimizer's step post-hook, so the average takes in the restored weights, not the NaN
+    ones, and the model it writes back at the end of training is the EMA of the weights the
+    witness saw after every step (computed here independently)."""
+    decay = 0.8
+    ema = ns.callbacks.EMAWeightAveraging(decay=decay, use_buffers=False)
+    monitor = _adaptive_monitor()
+    witness = witness_class(ns)(monitor)
+    model = _net_class(ns)("adamw", nan_grad_at=(6,))
+    fit(ns, tmp_path, [ema, monitor, witness], model=model, max_steps=10, logger=False)
+    assert monitor.engine.controller is not None
+    assert monitor.engine.controller.rollbacks == [[6, 5]]
+    names = [n for n, _ in model.named_parameters()]
+    expected = {n: witness.copies[1]["model"][n].clone() for n in names}
+    for step in range(2, 11):  # the weights after each update, as the witness copied them
+        for n in names:
+            expected[n] = decay * expected[n] + (1 - decay) * witness.copies[step]["model"][n]
+    for n, p in model.named_parameters():
+        assert torch.isfinite(p).all(), n
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-6, atol=1e-7)
+    assert witness.errors == []
+
+
+def test_a_resume_between_the_last_snapshot_and_the_episode_rolls_back_the_same(
+    tmp_path: Path,
+) -> None:
+    """Issue 21 item 7: snapshots before updates 4 and 8, a checkpoint at step 10, a spike at
+    step 11. The checkpoint holds the kept snapshots (a rollback can still come), so the
+    resumed run restores the snapshot before update 8 as the uninterrupted run does, and both
+    end with the same weights and AdamW state."""
+    ckpt_dir = tmp_path / "ckpt"
+
+    def model() -> Any:
+        return tiny_module_class(pl)(
+            lr=0.05, scripted=lambda s: 20.0 if s == 11 else 1.0, batch_from_step=True,
+            optimizer="adamw",
+        )  # fmt: skip
+
+    def monitor() -> WarmupMonitor:
+        return _adaptive_monitor(AdaptiveWarmup(snapshot_every_n_steps=4))
+
+    whole_monitor, whole = monitor(), model()
+    saver = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=10, save_top_k=-1)
+    whole_trainer = fit(
+        pl, tmp_path / "a", [whole_monitor, saver], model=whole, max_steps=16,
+        enable_checkpointing=True, logger=False,
+    )  # fmt: skip
+    assert whole_monitor.engine.controller is not None
+    assert whole_monitor.engine.controller.rollbacks == [[11, 8]]
+    (ckpt,) = [p for p in ckpt_dir.iterdir() if "step=10" in p.name]
+
+    resumed_monitor, resumed = monitor(), model()
+    resumed_trainer = fit(
+        pl, tmp_path / "b", [resumed_monitor], model=resumed, max_steps=16, ckpt_path=str(ckpt),
+        logger=False,
+    )  # fmt: skip
+    assert resumed_monitor.engine.controller is not None
+    assert resumed_monitor.engine.controller.rollbacks == [[11, 8]]
+    for p, q in zip(resumed.parameters(), whole.parameters(), strict=True):
+        assert torch.equal(p, q)
+    a = resumed_trainer.optimizers[0].state_dict()["state"]
+    b = whole_trainer.optimizers[0].state_dict()["state"]
+    for idx, entry in b.items():
+        for name, value in entry.items():
+            assert torch.equal(a[idx][name], value), (idx, name)
+    # What made it so: the checkpoint holds the two kept snapshots (a weights-only load).
+    saved = torch.load(ckpt, weights_only=True)["callbacks"]
+    (state,) = [v for k, v in saved.items() if "WarmupMonitor" in k]
+    assert [s["step"] for s in state["snapshots"]["snapshots"]] == [4, 8]
+
+
+def test_after_the_window_no_snapshot_goes_into_the_checkpoint(tmp_path: Path) -> None:
+    """The snapshots' cost in checkpoints ends with the window in which a rollback can act."""
+    monitor = _adaptive_monitor(AdaptiveWarmup(grace_steps=0))
+    fit(pl, tmp_path, [monitor], max_steps=4, logger=False)
+    assert "snapshots" in monitor.state_dict()  # step 4 of a 10-step warmup: it can still act
+    late = _adaptive_monitor(AdaptiveWarmup(grace_steps=0))
+    fit(pl, tmp_path, [late], max_steps=12, logger=False)
+    assert late._snapshots is not None and len(late._snapshots) == 2
+    assert "snapshots" not in late.state_dict()
+
+
+class Batches(pl.Callback):
+    """The first input row of every batch, in order."""
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, idx: int) -> None:
+        self.rows.append(batch[0][0].clone())
+
+
+def test_after_a_rollback_the_data_goes_on_and_no_epoch_replays_another(tmp_path: Path) -> None:
+    """Issue 21 item 8: a spike on the first step of epoch 2 rolls back to the snapshot before
+    update 15 (epoch 1). The batches that follow are exactly those of the same run without
+    rollback (the shuffle of epoch 3 is its own, not epoch 2's again)."""
+    loader_seed = 123
+
+    def run(rollback: bool, root: Path) -> tuple[list[torch.Tensor], Any]:
+        pl.seed_everything(loader_seed)
+        batches = Batches()
+        monitor = _adaptive_monitor(AdaptiveWarmup(rollback=rollback, snapshot_every_n_steps=1))
+        model = _net_class(pl)("sgd", losses={16: 1e3})
+        loader = torch.utils.data.DataLoader(make_data(32), batch_size=4, shuffle=True)
+        fit(pl, root, [monitor, batches], model=model, max_steps=32, loader=loader, logger=False)
+        return batches.rows, monitor
+
+    rows, monitor = run(True, tmp_path / "a")
+    assert monitor.engine.controller.rollbacks == [[16, 15]]
+    plain, _ = run(False, tmp_path / "b")
+    assert len(rows) == len(plain) == 32
+    for step, (got, expected) in enumerate(zip(rows, plain, strict=True)):
+        assert torch.equal(got, expected), step
+    epochs = [torch.stack(rows[e * 8 : (e + 1) * 8]) for e in range(4)]
+    assert not torch.equal(epochs[3], epochs[2])  # not a replay of the epoch of the episode
