@@ -536,3 +536,61 @@ def test_after_a_rollback_the_data_goes_on_and_no_epoch_replays_another(tmp_path
         assert torch.equal(got, expected), step
     epochs = [torch.stack(rows[e * 8 : (e + 1) * 8]) for e in range(4)]
     assert not torch.equal(epochs[3], epochs[2])  # not a replay of the epoch of the episode
+
+
+REPEATED = Path(__file__).parent / "scripts" / "rollback_repeated_run.py"
+RUNS = {
+    "ddp-adam": ["--strategy", "ddp", "--optimizer", "adam"],
+    "ddp-adamw": ["--strategy", "ddp", "--optimizer", "adamw"],
+    "ddp-sgd": ["--strategy", "ddp", "--optimizer", "sgd"],
+    "fsdp-adamw": ["--strategy", "fsdp", "--optimizer", "adamw"],
+}
+
+
+@pytest.fixture(scope="module")
+def repeated_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    root = tmp_path_factory.mktemp("repeated")
+    procs = {}
+    for name, args in RUNS.items():
+        out = root / name
+        out.mkdir()
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        env.pop("LOCAL_RANK", None)
+        procs[name] = subprocess.Popen(
+            [sys.executable, str(REPEATED), "--out", str(out), *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    results = {}
+    for name, proc in procs.items():
+        try:
+            output, _ = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"{name} did not finish in 300 s (deadlock?)")
+        assert proc.returncode == 0, f"{name} failed:\n{output[-3000:]}"
+        results[name] = [json.loads(p.read_text()) for p in sorted((root / name).glob("r*.json"))]
+    return results
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("run", list(RUNS))
+def test_repeated_rollbacks_under_ddp_and_fsdp2_restore_the_snapshot_on_every_rank(
+    repeated_runs: dict[str, list[dict[str, Any]]], run: str
+) -> None:
+    """Issue 21 items 1 and 4, 2 processes (gloo, CPU): three rollbacks with DDP (Adam, AdamW,
+    SGD momentum) and with FSDP2 (``fully_shard``, ``AdaptiveWarmup()`` defaults, snapshots of
+    DTensor shards in host memory). On every rank, after each rollback, the parameters (shards),
+    buffers and optimizer state equal the independent witness's copy of the snapshot's step,
+    and every kept snapshot equals the copy of its step at every later step."""
+    ranks = repeated_runs[run]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for r in ranks:
+        assert r["rollbacks"] == r["checked"] == [[6, 5], [13, 12], [20, 19]]
+        assert r["errors"] == []
+        assert r["snapshot_checks"] >= 40
+        if "sgd" not in run:  # Adam's step count is the snapshot's: 5 updates before 5 ...
+            assert r["steps"] and set(r["steps"]) == {5.0}
+    assert ranks[0]["alerts"].count("rollback") == 3 and ranks[1]["alerts"] == []
+    if run.startswith("fsdp"):  # the parameters were shards, and the ranks held different ones
+        assert all(all(r["dtensor"]) for r in ranks)
+        assert ranks[0]["shard_numel"] != ranks[1]["shard_numel"]
