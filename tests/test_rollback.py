@@ -444,23 +444,30 @@ def test_a_weight_averaging_callback_listed_first_never_sees_the_damaged_weights
     assert witness.errors == []
 
 
+@pytest.mark.parametrize(
+    ("every", "spike", "saved", "restored"),
+    [(4, 11, [8], 8), (1, 10, [9], 9)],
+    ids=["snapshot-every-4", "snapshot-every-step"],
+)
 def test_a_resume_between_the_last_snapshot_and_the_episode_rolls_back_the_same(
-    tmp_path: Path,
+    tmp_path: Path, every: int, spike: int, saved: list[int], restored: int
 ) -> None:
-    """Issue 21 item 7: snapshots before updates 4 and 8, a checkpoint at step 10, a spike at
-    step 11. The checkpoint holds the kept snapshots (a rollback can still come), so the
-    resumed run restores the snapshot before update 8 as the uninterrupted run does, and both
-    end with the same weights and AdamW state."""
+    """Issue 21 item 7: a checkpoint at step 10, after the last snapshot before the episode
+    (before update 8 with a snapshot every 4 steps, a spike at 11; before update 9 with one
+    every step, a spike at 10). The checkpoint holds that snapshot (a rollback can still come),
+    so the resumed run restores it as the uninterrupted run does, and both end with the same
+    weights and AdamW state. (With a snapshot every step, the snapshot before update 10 is the
+    checkpoint's own state: left out, the resumed run takes it again.)"""
     ckpt_dir = tmp_path / "ckpt"
 
     def model() -> Any:
         return tiny_module_class(pl)(
-            lr=0.05, scripted=lambda s: 20.0 if s == 11 else 1.0, batch_from_step=True,
+            lr=0.05, scripted=lambda s: 20.0 if s == spike else 1.0, batch_from_step=True,
             optimizer="adamw",
         )  # fmt: skip
 
     def monitor() -> WarmupMonitor:
-        return _adaptive_monitor(AdaptiveWarmup(snapshot_every_n_steps=4))
+        return _adaptive_monitor(AdaptiveWarmup(snapshot_every_n_steps=every))
 
     whole_monitor, whole = monitor(), model()
     saver = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=10, save_top_k=-1)
@@ -469,7 +476,7 @@ def test_a_resume_between_the_last_snapshot_and_the_episode_rolls_back_the_same(
         enable_checkpointing=True, logger=False,
     )  # fmt: skip
     assert whole_monitor.engine.controller is not None
-    assert whole_monitor.engine.controller.rollbacks == [[11, 8]]
+    assert whole_monitor.engine.controller.rollbacks == [[spike, restored]]
     (ckpt,) = [p for p in ckpt_dir.iterdir() if "step=10" in p.name]
 
     resumed_monitor, resumed = monitor(), model()
@@ -478,7 +485,7 @@ def test_a_resume_between_the_last_snapshot_and_the_episode_rolls_back_the_same(
         logger=False,
     )  # fmt: skip
     assert resumed_monitor.engine.controller is not None
-    assert resumed_monitor.engine.controller.rollbacks == [[11, 8]]
+    assert resumed_monitor.engine.controller.rollbacks == [[spike, restored]]
     for p, q in zip(resumed.parameters(), whole.parameters(), strict=True):
         assert torch.equal(p, q)
     a = resumed_trainer.optimizers[0].state_dict()["state"]
@@ -486,21 +493,31 @@ def test_a_resume_between_the_last_snapshot_and_the_episode_rolls_back_the_same(
     for idx, entry in b.items():
         for name, value in entry.items():
             assert torch.equal(a[idx][name], value), (idx, name)
-    # What made it so: the checkpoint holds the two kept snapshots (a weights-only load).
-    saved = torch.load(ckpt, weights_only=True)["callbacks"]
-    (state,) = [v for k, v in saved.items() if "WarmupMonitor" in k]
-    assert [s["step"] for s in state["snapshots"]["snapshots"]] == [4, 8]
+    # What made it so: the checkpoint holds the snapshot a rollback can still restore (an
+    # older one could only serve an onset before it: none can come, every step up to 9 was
+    # processed and no episode is open). A weights-only load.
+    callbacks = torch.load(ckpt, weights_only=True)["callbacks"]
+    (state,) = [v for k, v in callbacks.items() if "WarmupMonitor" in k]
+    assert [s["step"] for s in state["snapshots"]["snapshots"]] == saved
 
 
 def test_after_the_window_no_snapshot_goes_into_the_checkpoint(tmp_path: Path) -> None:
-    """The snapshots' cost in checkpoints ends with the window in which a rollback can act."""
+    """The snapshots' cost in checkpoints ends with the window in which a rollback can act
+    (a 10-step warmup, no grace window), and with the fit."""
     monitor = _adaptive_monitor(AdaptiveWarmup(grace_steps=0))
-    fit(pl, tmp_path, [monitor], max_steps=4, logger=False)
-    assert "snapshots" in monitor.state_dict()  # step 4 of a 10-step warmup: it can still act
-    late = _adaptive_monitor(AdaptiveWarmup(grace_steps=0))
-    fit(pl, tmp_path, [late], max_steps=12, logger=False)
-    assert late._snapshots is not None and len(late._snapshots) == 2
-    assert "snapshots" not in late.state_dict()
+    seen: list[list[int] | None] = []
+
+    def look(*args: Any) -> None:
+        state = monitor.state_dict()
+        snaps = state.get("snapshots")
+        seen.append(None if snaps is None else [s["step"] for s in snaps["snapshots"]])
+
+    spy = type("Spy", (pl.Callback,), {"on_train_batch_end": lambda self, *a: look()})()
+    fit(pl, tmp_path, [monitor, spy], max_steps=12, logger=False)
+    # After update t (t + 1 updates taken): the snapshot before update t, the one a rollback
+    # of an onset at t + 1 restores (the one before t + 1 is the current state).
+    assert seen == [[t] for t in range(9)] + [None] * 3
+    assert "snapshots" not in monitor.state_dict()  # the fit is over
 
 
 class Batches(pl.Callback):
@@ -594,3 +611,28 @@ def test_repeated_rollbacks_under_ddp_and_fsdp2_restore_the_snapshot_on_every_ra
     if run.startswith("fsdp"):  # the parameters were shards, and the ranks held different ones
         assert all(all(r["dtensor"]) for r in ranks)
         assert ranks[0]["shard_numel"] != ranks[1]["shard_numel"]
+
+
+def test_the_checkpoint_keeps_the_older_snapshot_while_an_open_episode_may_need_it() -> None:
+    """Which snapshots a checkpoint holds: the last one before the earliest onset a rollback
+    can still have (an open episode's onset, or the first step not yet processed)."""
+    from warmup_monitor.alerts import AlertKind
+    from warmup_monitor.controller import WarmupController
+
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snaps = Snapshots("cpu")
+    for step in (4, 8):
+        snaps.take(step, model, [opt], {})
+    assert [s["step"] for s in snaps.state_dict()["snapshots"]] == [4, 8]
+    assert [s["step"] for s in snaps.state_dict(onset_from=10)["snapshots"]] == [8]
+    assert [s["step"] for s in snaps.state_dict(onset_from=8)["snapshots"]] == [4, 8]
+    assert [s["step"] for s in snaps.state_dict(onset_from=3)["snapshots"]] == [4, 8]
+    # The snapshot of the current state is in the checkpoint anyway (the model, the optimizer).
+    assert [s["step"] for s in snaps.state_dict(onset_from=8, current=8)["snapshots"]] == [4]
+    c = WarmupController(warmup_steps=100, min_alerts=2, window_steps=20)
+    assert c.earliest_onset(10) == 10
+    # A trend spike at step 8 opens an episode that a second one could still act on.
+    c.observe(8, [Alert(8, AlertKind.LOSS_TREND_SPIKE, "trend")])
+    assert c.rollback_request is None and c.earliest_onset(10) == 8
+    assert c.earliest_onset(40) == 40  # the episode is over: a new one starts later

@@ -142,8 +142,10 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
     # Pickling (ddp_spawn, deepcopy): the configuration and the state travel, the live wiring
     # (optimizer hooks, loggers, open files) does not; the next fit wires it again.
     def __getstate__(self) -> dict[str, Any]:
+        state = self.state_dict()
+        state.pop("snapshots", None)  # a copy is no checkpoint: it starts without snapshots
         return {"config": self.config, "on_alert": self.on_alert,
-                "alerts_file": self.alerts_file, "state": self.state_dict()}  # fmt: skip
+                "alerts_file": self.alerts_file, "state": state}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._setup(state["config"], state["on_alert"], state["alerts_file"])
@@ -287,13 +289,19 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue: step counts, counters, detector/controller states,
-        and, while a rollback can still be asked for, the kept snapshots (tensors: a resume
-        rolls back to them exactly as the uninterrupted run does; not with sharded
-        parameters, whose shards differ per rank)."""
+        and, during a fit while a rollback can still be asked for, the kept snapshots a
+        rollback could still restore, less the one of the current state (tensors: a resume
+        rolls back to them exactly as the uninterrupted run does; one snapshot at most,
+        usually; not with sharded parameters, whose shards differ per rank)."""
         state = {"version": _STATE_VERSION, **self._engine.state_dict()}
         snapshots, engine = self._snapshots, self._engine
-        if snapshots and not engine.sharded and engine.rollback_possible():
-            state["snapshots"] = snapshots.state_dict()
+        fitting = self._rollback_target is not None
+        if snapshots and fitting and not engine.sharded and engine.rollback_possible():
+            # The snapshot of the current state (taken before the next update) is left out:
+            # the resumed run takes it again from the restored model and optimizers.
+            state["snapshots"] = snapshots.state_dict(
+                onset_from=engine.earliest_onset(), current=engine.updates_taken()
+            )
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -352,6 +352,16 @@ class WarmupController:
             and self.in_grace(steps_taken)
         )
 
+    def earliest_onset(self, first_unseen: int) -> int:
+        """The earliest step a rollback could still restore to before, when the steps from
+        ``first_unseen`` on are not yet observed: the onset of an episode a later flagged step
+        would continue (within ``window_steps`` of its last flagged step), else
+        ``first_unseen``. Only the last snapshot before it can be needed."""
+        last, onset = self._last_flagged, self._onset
+        if onset is not None and last is not None and first_unseen - last <= self.window_steps:
+            return min(onset, first_unseen)
+        return first_unseen
+
     # ------------------------------------------------------------------ the policy
 
     def observe(

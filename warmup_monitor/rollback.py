@@ -296,14 +296,28 @@ class Snapshots:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(
+        self, *, onset_from: int | None = None, current: int | None = None
+    ) -> dict[str, Any]:
         """The kept snapshots, for a checkpoint: steps, tensors and detector states. The
         tensors are the snapshots' own buffers (serialize the result before training goes
-        on, as a checkpoint does)."""
+        on, as a checkpoint does).
+
+        Args:
+            onset_from: The earliest onset a rollback can still have: snapshots older than
+                the last one before it are left out (they can no longer be restored).
+            current: The updates taken now: a snapshot of that step holds the current state,
+                which the checkpoint holds anyway; it is left out (take it again on resume).
+        """
+        ring = self._ring
+        if onset_from is not None:
+            older = [i for i, s in enumerate(ring) if s.step < onset_from]
+            ring = ring[older[-1] :] if older else ring
+        ring = [s for s in ring if s.step != current]
         return {
             "snapshots": [
                 {"step": s.step, "model": s.model, "optimizers": s.optimizers, "monitor": s.monitor}
-                for s in self._ring
+                for s in ring
             ]
         }
 

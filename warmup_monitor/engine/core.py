@@ -184,6 +184,19 @@ class MonitorEngine:
         first = w.records[0].progress if w.records else w.progress
         return not c.exhausted and c.in_grace(first)
 
+    def updates_taken(self) -> int:
+        """Updates optimizer 0 has taken (steps a gradient scaler skipped not counted): the
+        step numbering of snapshots and of the plan."""
+        return self._watches[0].progress if self._watches else self._progress.get(0, 0)
+
+    def earliest_onset(self) -> int:
+        """The earliest onset a rollback of optimizer 0 can still have (steps not yet
+        processed, or an episode still open): snapshots older than the last one before it
+        can no longer be restored."""
+        w = self._watches[0]
+        first = w.records[0].progress if w.records else w.progress
+        return first if w.controller is None else w.controller.earliest_onset(first)
+
     def snapshot_state(self) -> tuple[int, dict[int, Any]]:
         """``(updates taken by optimizer 0, the detectors' states)`` for a snapshot; steps
         still kept on the device are processed first."""
