@@ -636,3 +636,40 @@ def test_the_checkpoint_keeps_the_older_snapshot_while_an_open_episode_may_need_
     c.observe(8, [Alert(8, AlertKind.LOSS_TREND_SPIKE, "trend")])
     assert c.rollback_request is None and c.earliest_onset(10) == 8
     assert c.earliest_onset(40) == 40  # the episode is over: a new one starts later
+
+
+def test_with_several_optimizers_a_weight_averaging_callback_listed_first_is_warned_of(
+    ns: Any, tmp_path: Path
+) -> None:
+    """With several optimizers (manual optimization) the rollback comes after the batch, in
+    the monitor's ``on_train_batch_end``: an averaging callback listed first gets a warning
+    naming the fix; listed after the monitor, no warning."""
+
+    class TwoOptimizers(ns.LightningModule):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+            self.automatic_optimization = False
+
+        def training_step(self, batch: Any, idx: int) -> None:
+            x, y = batch
+            for opt in self.optimizers():
+                loss = torch.nn.functional.mse_loss(self.b(self.a(x).tanh()), y)
+                opt.zero_grad()
+                self.manual_backward(loss)
+                opt.step()
+
+        def configure_optimizers(self) -> Any:
+            return [torch.optim.SGD(self.a.parameters(), lr=0.01),
+                    torch.optim.SGD(self.b.parameters(), lr=0.01)]  # fmt: skip
+
+    ema = ns.callbacks.EMAWeightAveraging
+    with pytest.warns(UserWarning, match="EMAWeightAveraging is listed before the monitor"):
+        fit(ns, tmp_path, [ema(), _adaptive_monitor()], model=TwoOptimizers(), max_steps=2)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(ns, tmp_path, [_adaptive_monitor(), ema()], model=TwoOptimizers(), max_steps=2)
+    assert not [w for w in caught if "listed before the monitor" in str(w.message)]

@@ -197,6 +197,8 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         if self._snapshots is not None:
             self._rollback_target = (pl_module, optimizers)
             rollback = self._roll_back
+            if len(optimizers) > 1:
+                self._warn_averaging_first(trainer)
         self._engine.attach(
             optimizers,
             # Automatic optimization steps one optimizer: its step count is the global step.
@@ -208,6 +210,20 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
             alert_sinks=alert_sinks,
             rollback=rollback,
         )
+
+    def _warn_averaging_first(self, trainer: pl.Trainer) -> None:
+        """With several optimizers the rollback comes in ``on_train_batch_end``: a weight-
+        averaging callback listed before the monitor would average the damaged weights."""
+        callbacks = list(trainer.callbacks)
+        mine = next((i for i, c in enumerate(callbacks) if c is self), len(callbacks))
+        for cb in callbacks[:mine]:
+            if any("WeightAveraging" in k.__name__ for k in type(cb).__mro__):
+                _compat.rank_zero_warn(
+                    f"WarmupMonitor: {type(cb).__name__} is listed before the monitor and there "
+                    "are several optimizers, so a rollback comes in on_train_batch_end, after "
+                    "that callback averaged the damaged weights: list WarmupMonitor first"
+                )
+                return
 
     def _roll_back(self) -> None:
         """Restore the snapshot the engine asks for, where it decides (the engine calls it in
