@@ -310,8 +310,8 @@ class AdaptiveWarmup(_Validated):
     benchmark, a back-off alone once turned a spike into a divergence that rollback prevented.
     Costs two copies of the model and optimizer state in host memory
     (``snapshot_device="cpu"``; with AdamW 3x the parameters' bytes each, 6x in all) during
-    warmup and its grace window, also in checkpoints taken then; carried out by the Lightning
-    callback (``LoopMonitor`` does not roll back)."""
+    warmup and its grace window, and one snapshot in each checkpoint taken then; carried out
+    by the Lightning callback (``LoopMonitor`` does not roll back)."""
     snapshot_every_n_steps: int | None = _spec(None, _optional(_int(1)))
     """With ``rollback``: a snapshot every this many optimizer steps during warmup and its grace
     window; the last two are kept (>= 1; default ``max(1, warmup_steps // 10)``)."""
