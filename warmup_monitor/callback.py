@@ -214,7 +214,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
     def _warn_averaging_first(self, trainer: pl.Trainer) -> None:
         """With several optimizers the rollback comes in ``on_train_batch_end``: a weight-
         averaging callback listed before the monitor would average the damaged weights."""
-        callbacks = list(trainer.callbacks)
+        callbacks = list(getattr(trainer, "callbacks", []))
         mine = next((i for i, c in enumerate(callbacks) if c is self), len(callbacks))
         for cb in callbacks[:mine]:
             if any("WeightAveraging" in k.__name__ for k in type(cb).__mro__):
