@@ -673,3 +673,44 @@ def test_with_several_optimizers_a_weight_averaging_callback_listed_first_is_war
         warnings.simplefilter("always")
         fit(ns, tmp_path, [_adaptive_monitor(), ema()], model=TwoOptimizers(), max_steps=2)
     assert not [w for w in caught if "listed before the monitor" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "row", "states"), [("adamw", "AdamW", 2), ("sgd", "SGD, momentum", 1)]
+)
+def test_the_readme_states_the_snapshot_memory_snapshots_hold(
+    optimizer: str, row: str, states: int, tmp_path: Path
+) -> None:
+    """Issue 21 item 11: one snapshot holds the parameters and the optimizer's state (AdamW:
+    two moments and a step per tensor: 3x; SGD momentum: 2x), two are kept (6x, 4x); the
+    README's Rollback section states these, with the figures of
+    ``benchmarks/results/snapshot_memory.json`` and the command that measured them."""
+    monitor = _adaptive_monitor(AdaptiveWarmup(snapshot_every_n_steps=1))
+    model = tiny_module_class(pl)(optimizer=optimizer)
+    fit(pl, tmp_path, [monitor], model=model, max_steps=3, logger=False)
+    assert monitor._snapshots is not None
+    kept = monitor._snapshots._ring
+    params = list(model.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    steps = 4 * len(params) if optimizer == "adamw" else 0  # one float32 `step` per tensor
+    assert [s.nbytes for s in kept] == [(1 + states) * param_bytes + steps] * 2
+    assert monitor._snapshots.nbytes == 2 * (1 + states) * param_bytes + 2 * steps
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Rollback") : readme.index("## Curvature probe")]
+    assert "benchmarks/snapshot_memory.py" in section
+    results = Path(__file__).parent.parent / "benchmarks" / "results" / "snapshot_memory.json"
+    runs = json.loads(results.read_text())["runs"]
+    on, off = (next(r for r in runs if r["optimizer"] == optimizer and r["rollback"] is b)
+               for b in (True, False))  # fmt: skip
+    mib = 2.0**20
+    assert round(on["per_snapshot_x_params"], 2) == 1 + states
+    assert round(on["total_x_params"], 2) == 2 * (1 + states)
+    expected = (
+        f"| {row} | {on['param_bytes'] / mib:.0f} MiB "
+        f"| {on['snapshot_bytes'] / mib:.0f} MiB ({1 + states}x) "
+        f"| {on['snapshots_total_bytes'] / mib:.0f} MiB ({2 * (1 + states)}x) "
+        f"| {(on['rss_end_bytes'] - off['rss_end_bytes']) / mib:+.0f} MiB "
+        f"| {on['checkpoint_bytes'] / mib:.0f} MiB instead of {off['checkpoint_bytes'] / mib:.0f} |"
+    )
+    assert expected in section
