@@ -21,7 +21,7 @@ import torch
 from conftest import fit, make_data, ten_x_only, tiny_module_class
 from rollback_witness import witness_class
 
-from warmup_monitor import AdaptiveWarmup, Alert, WarmupMonitor
+from warmup_monitor import AdaptiveWarmup, Alert, WarmupMonitor, Window
 from warmup_monitor.rollback import Snapshots
 
 # ------------------------------------------------------------------------- snapshots
@@ -714,3 +714,24 @@ def test_the_readme_states_the_snapshot_memory_snapshots_hold(
         f"| {on['checkpoint_bytes'] / mib:.0f} MiB instead of {off['checkpoint_bytes'] / mib:.0f} |"
     )
     assert expected in section
+
+
+def test_a_rollback_decided_by_a_deferred_read_is_carried_out_at_once(tmp_path: Path) -> None:
+    """With ``check_every_n_steps=5`` the spike of step 6 is read when the snapshot before
+    update 8 is due (its steps are processed first): the rollback to the snapshot before
+    update 4 happens right there, after update 7, not one update later; the witness sees the
+    snapshot's state exactly."""
+    monitor = WarmupMonitor(
+        warmup_steps=20,
+        schedule="linear",
+        adaptive=AdaptiveWarmup(snapshot_every_n_steps=4),
+        detection=ten_x_only(),
+        window=Window(check_every_n_steps=5, log_every_n_steps=5),
+        alerts_file=None,
+    )
+    witness = witness_class(pl)(monitor)
+    model = _net_class(pl)("adam", losses={6: 1e3})
+    fit(pl, tmp_path, [monitor, witness], model=model, max_steps=12, logger=False)
+    assert monitor.engine.controller is not None
+    assert monitor.engine.controller.rollbacks == [[7, 4]]
+    assert witness.checked == [[7, 4]] and witness.errors == []

@@ -367,6 +367,8 @@ def carry_out(
     """
     restore_requested(engine, snapshots, model, optimizers)
     if engine.snapshot_due():
-        step, monitor = engine.snapshot_state()
-        if engine.rollback_request is None and step not in snapshots.steps:
+        step, monitor = engine.snapshot_state()  # processes the steps kept on the device
+        if restore_requested(engine, snapshots, model, optimizers):
+            return  # they decided a rollback: carried out now, before the next batch
+        if step not in snapshots.steps:
             snapshots.take(step, model, optimizers, monitor)
