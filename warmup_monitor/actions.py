@@ -237,10 +237,10 @@ def rollback_alert(
         )
     else:
         message = (
-            f"model, optimizer state, RNG states and detectors restored to the snapshot taken "
+            f"model, optimizer state and detectors restored to the snapshot taken "
             f"before step {snapshot_step} (episode of {causes} since step {onset}); "
-            f"{step + 1 - snapshot_step} step(s) of progress undone, the data stream and the "
-            "lr schedule go on"
+            f"{step + 1 - snapshot_step} step(s) of progress undone, the data stream, the "
+            "random generators and the lr schedule go on"
         )
     return Alert(
         step=step,

@@ -304,13 +304,14 @@ class AdaptiveWarmup(_Validated):
     ``record_user_lr``."""
     rollback: bool = _spec(True, _bool)
     """On a severe episode (non-finite values, a loss far above its trend, persistent
-    instability, a sustained loss rise), also restore the model, the optimizer state, the RNG
-    states and the detectors to the last snapshot taken before the episode began (the step
-    count, the lr schedule and the data stream go on). On by default: in the benchmark, a
-    back-off alone once turned a spike into a divergence that rollback prevented. Costs two
-    copies of the model and optimizer state in host memory (``snapshot_device="cpu"``) during
-    warmup and its grace window; carried out by the Lightning callback (``LoopMonitor`` does
-    not roll back)."""
+    instability, a sustained loss rise), also restore the model, the optimizer state and the
+    detectors to the last snapshot taken before the episode began (the step count, the lr
+    schedule, the data stream and the random generators go on). On by default: in the
+    benchmark, a back-off alone once turned a spike into a divergence that rollback prevented.
+    Costs two copies of the model and optimizer state in host memory
+    (``snapshot_device="cpu"``; with AdamW 3x the parameters' bytes each, 6x in all) during
+    warmup and its grace window, and one snapshot in each checkpoint taken then; carried out
+    by the Lightning callback (``LoopMonitor`` does not roll back)."""
     snapshot_every_n_steps: int | None = _spec(None, _optional(_int(1)))
     """With ``rollback``: a snapshot every this many optimizer steps during warmup and its grace
     window; the last two are kept (>= 1; default ``max(1, warmup_steps // 10)``)."""

@@ -127,7 +127,7 @@ class WarmupController:
        after an earlier action also sets :attr:`ceiling`: the plan stays at its new level.
     4. With ``rollback``, a severe episode (:func:`~warmup_monitor.actions.rollback_worthy`)
        also sets :attr:`rollback_request`: the adapter restores the last snapshot taken before
-       the onset and calls :meth:`rolled_back`.
+       the onset and calls :meth:`rolled_back`; the episode that exhausts the plan (5.) too.
     5. When no action can help (``max_extensions`` used, ``max_warmup_steps`` reached, or the
        factor already 1 with no back-off configured), one ``warmup_exhausted`` alert
        recommends a peak lr (:func:`~warmup_monitor.actions.recommend`) and carries
@@ -352,6 +352,16 @@ class WarmupController:
             and self.in_grace(steps_taken)
         )
 
+    def earliest_onset(self, first_unseen: int) -> int:
+        """The earliest step a rollback could still restore to before, when the steps from
+        ``first_unseen`` on are not yet observed: the onset of an episode a later flagged step
+        would continue (within ``window_steps`` of its last flagged step), else
+        ``first_unseen``. Only the last snapshot before it can be needed."""
+        last, onset = self._last_flagged, self._onset
+        if onset is not None and last is not None and first_unseen - last <= self.window_steps:
+            return min(onset, first_unseen)
+        return first_unseen
+
     # ------------------------------------------------------------------ the policy
 
     def observe(
@@ -415,7 +425,8 @@ class WarmupController:
         nxt = step + 1 if next_step is None else next_step
         anchor = max(step, nxt - 1, self._segments[-1][0] if self._segments else 0)
         out = self._extend(step, anchor, causes, cause_steps, lr if good_lr else None)
-        if self.rollback and "_rollback" in self._causes and not self.exhausted:
+        # The episode that exhausts the plan rolls back too: what it damaged is not kept.
+        if self.rollback and "_rollback" in self._causes:
             onset = self._onset if self._onset is not None else step
             self.rollback_request = RollbackRequest(step, onset, tuple(causes))
         return out

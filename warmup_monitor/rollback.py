@@ -5,19 +5,22 @@ With ``AdaptiveWarmup(rollback=True)`` the adapter keeps :class:`Snapshots`: eve
 
 - the model's ``state_dict()`` (parameters and buffers, e.g. BatchNorm statistics),
 - each optimizer's per-parameter state (Adam's moments and step counts, SGD's momentum),
-- the RNG states of torch (CPU and every CUDA device), Python's ``random`` and NumPy,
 - the monitor's detector states,
 
 into buffers allocated once (on the CPU, pinned when CUDA is available, or on each tensor's own
-device with ``snapshot_device="same"``) and reused: the two most recent snapshots are kept.
+device with ``snapshot_device="same"``) and reused: the two most recent snapshots are kept. A
+``DTensor`` (FSDP2) is kept as the shard this rank holds.
 
 When the controller asks for a rollback (:attr:`~warmup_monitor.engine.MonitorEngine.
-rollback_request`), :meth:`Snapshots.restore` copies back the last snapshot taken before the
-episode's onset, in place (the optimizer keeps its parameters). **Time goes on:** the step
-count, the lr schedule (the scheduler and the optimizer's param-group hyperparameters such as
-``lr``) and the data stream are not rewound: the batches after the rollback are new ones (as
-PaLM skipped the batches around a spike), and the controller's back-off and longer re-warm
-apply from the next update. Under data parallelism every rank holds the same parameters and
+rollback_request`), :meth:`Snapshots.restore` copies the last snapshot taken before the
+episode's onset **into** the live tensors (the model's parameters and buffers, the optimizer's
+state; a shard into its shard): the snapshot never shares storage with what training updates,
+so it stays as it was taken until it is dropped. **Time goes on:** the step count, the lr
+schedule (the scheduler and the optimizer's param-group hyperparameters such as ``lr``), the
+data stream and the random generators are not rewound: the batches after the rollback are the
+ones that come next (as PaLM skipped the batches around a spike; a later epoch's shuffle is a
+new one, not a replay), and the controller's back-off and longer re-warm apply from the next
+update. Under data parallelism every rank holds the same parameters (or its own shards) and
 takes the same decision at the same step (the decision is a function of all-reduced values),
 so every rank restores the same snapshot without a collective.
 
@@ -26,32 +29,38 @@ This module imports no Lightning.
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Snapshot", "Snapshots", "carry_out"]
+__all__ = ["Snapshot", "Snapshots", "carry_out", "restore_requested"]
+
+_DTENSOR: Any = None
 
 
-def _numpy_state() -> Any:
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        return None
-    return np.random.get_state()
+def _dtensor_class() -> Any:
+    """``torch.distributed.tensor.DTensor``, or ``None`` where torch has no distributed."""
+    global _DTENSOR
+    if _DTENSOR is None:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - builds without torch.distributed
+            _DTENSOR = False
+        else:
+            _DTENSOR = DTensor
+    return _DTENSOR or None
 
 
-def _set_numpy_state(state: Any) -> None:
-    if state is None:
-        return
-    import numpy as np
-
-    np.random.set_state(state)
+def _local(t: Tensor) -> Tensor:
+    """The part of ``t`` this rank holds: a ``DTensor``'s local shard, else ``t`` itself."""
+    cls = _dtensor_class()
+    if cls is not None and isinstance(t, cls):
+        return t.to_local()
+    return t
 
 
 @dataclass
@@ -60,9 +69,8 @@ class Snapshot:
 
     Attributes:
         step: Updates taken when it was taken (its parameters produce the loss of ``step``).
-        model: The model's ``state_dict()`` copy.
+        model: The model's ``state_dict()`` copy (a ``DTensor`` as this rank's shard).
         optimizers: Each optimizer's per-parameter ``state`` copy.
-        rng: The RNG states.
         monitor: The detectors' states.
         nbytes: Bytes held by its tensors.
         seconds: Wall time of the last copy into it.
@@ -71,16 +79,15 @@ class Snapshot:
     step: int
     model: dict[str, Tensor]
     optimizers: list[dict[int, dict[str, Any]]]
-    rng: dict[str, Any]
     monitor: dict[int, Any]
     nbytes: int = 0
     seconds: float = 0.0
-    _valid: bool = field(default=True, repr=False)
 
 
 def _copy_into(dst: Tensor | None, src: Tensor, device: str) -> Tensor:
-    """``src`` copied into ``dst`` when it fits (no allocation), else into a new buffer."""
-    src = src.detach()
+    """``src`` (this rank's shard of it) copied into ``dst`` when it fits (no allocation),
+    else into a new buffer. The result never shares storage with ``src``."""
+    src = _local(src.detach())
     if dst is not None and dst.shape == src.shape and dst.dtype == src.dtype:
         dst.copy_(src, non_blocking=dst.is_pinned())
         return dst
@@ -108,6 +115,82 @@ def _nbytes(tree: Any) -> int:
     if isinstance(tree, (list, tuple)):
         return sum(_nbytes(v) for v in tree)
     return 0
+
+
+def _fits(live: Any, saved: Any) -> bool:
+    """Whether ``saved`` can be copied into ``live`` in place."""
+    if isinstance(saved, Tensor):
+        if not isinstance(live, Tensor):
+            return False
+        target = _local(live)
+        return target.shape == saved.shape and target.dtype == saved.dtype
+    return not isinstance(live, Tensor)
+
+
+def _restore_model(model: nn.Module, saved: Mapping[str, Tensor]) -> None:
+    """Copy ``saved`` into the model's own parameters and buffers (a shard into its shard)."""
+    live = model.state_dict()  # detached views of the live tensors
+    if live.keys() == saved.keys() and all(_fits(live[k], v) for k, v in saved.items()):
+        for key, value in saved.items():
+            _local(live[key]).copy_(value)
+        return
+    # The model changed shape since the snapshot (rare): load a copy, never the buffers.
+    model.load_state_dict({k: v.clone() for k, v in saved.items()})
+
+
+def _new_state_value(param: Tensor, key: str, value: Any, group: Mapping[str, Any]) -> Any:
+    """A fresh copy of a saved per-parameter state value, placed as the optimizer keeps it
+    (torch's own rule: ``step`` stays where it was unless ``capturable``/``fused``; the rest
+    on the parameter's device, floating values in its dtype; a shard of a ``DTensor``
+    parameter becomes a ``DTensor`` again)."""
+    if not isinstance(value, Tensor):
+        return value
+    local = _local(param)
+    if key == "step":
+        if group.get("capturable") or group.get("fused"):
+            return value.to(dtype=torch.float32, device=param.device, copy=True)
+        return value.clone()
+    out = value.to(device=local.device, copy=True)
+    if param.is_floating_point() and out.is_floating_point():
+        out = out.to(dtype=local.dtype)
+    cls = _dtensor_class()
+    if cls is not None and isinstance(param, cls) and out.shape == local.shape:
+        return cls.from_local(
+            out, param.device_mesh, param.placements, run_check=False,
+            shape=param.shape, stride=param.stride(),
+        )  # fmt: skip
+    return out
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, saved: Mapping[int, Mapping[str, Any]]) -> None:
+    """Copy ``saved`` (per-parameter state by index, as ``state_dict()`` numbers them) into the
+    optimizer's own state; the param groups (lr and the other hyperparameters) stay as they
+    are. State that did not exist at the snapshot is dropped; state that no longer exists is
+    created from a copy."""
+    index = 0
+    for group in opt.param_groups:
+        for param in group["params"]:
+            entry = saved.get(index)
+            index += 1
+            live = opt.state.get(param)
+            if entry is None:
+                if live is not None:
+                    del opt.state[param]
+                continue
+            if (
+                live is not None
+                and live.keys() == entry.keys()
+                and all(_fits(live[k], v) for k, v in entry.items())
+            ):
+                for key, value in entry.items():
+                    if isinstance(value, Tensor):
+                        _local(live[key]).copy_(value)
+                    else:
+                        live[key] = value
+            else:
+                opt.state[param] = {
+                    k: _new_state_value(param, k, v, group) for k, v in entry.items()
+                }
 
 
 class Snapshots:
@@ -143,6 +226,11 @@ class Snapshots:
         return [s.step for s in self._ring]
 
     @property
+    def snapshots(self) -> list[Snapshot]:
+        """The kept snapshots, oldest first (read them; they are the monitor's buffers)."""
+        return list(self._ring)
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by the kept snapshots (and the buffer being reused)."""
         spare = self._spare.nbytes if self._spare is not None else 0
@@ -176,17 +264,9 @@ class Snapshots:
             )
             for i, opt in enumerate(optimizers)
         ]
-        if any(t.is_cuda for t in model_state.values() if isinstance(t, Tensor)) and (
-            self.device == "cpu"
-        ):
+        if self.device == "cpu" and torch.cuda.is_available():
             torch.cuda.synchronize()  # the non-blocking copies must land before training goes on
-        rng = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(),
-            "numpy": _numpy_state(),
-        }
-        snap = Snapshot(step, model_state, opt_states, rng, monitor)
+        snap = Snapshot(step, model_state, opt_states, monitor)
         snap.nbytes = _nbytes(model_state) + _nbytes(opt_states)
         snap.seconds = time.perf_counter() - start
         self._ring.append(snap)
@@ -197,8 +277,9 @@ class Snapshots:
         self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], *, before: int
     ) -> Snapshot | None:
         """Restore the last snapshot taken before update ``before`` (its step < ``before``)
-        in place; ``None`` (nothing changed) if none is kept. Newer snapshots are dropped:
-        they hold the episode."""
+        by copying it into the live model and optimizer state; ``None`` (nothing changed) if
+        none is kept. Newer snapshots are dropped: they hold the episode. The random
+        generators are left alone (time goes on; the module docstring)."""
         older = [s for s in self._ring if s.step < before]
         if not older:
             return None
@@ -208,19 +289,71 @@ class Snapshots:
         if newer:
             self._spare = newer[0]  # its buffers serve the next snapshot
         with torch.no_grad():
-            model.load_state_dict(snap.model)
-        for opt, state in zip(optimizers, snap.optimizers, strict=False):
-            # The per-parameter state goes back; the param groups (lr and the other
-            # hyperparameters the scheduler set) stay as they are now.
-            current = opt.state_dict()
-            opt.load_state_dict({"state": state, "param_groups": current["param_groups"]})
-        rng = snap.rng
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        random.setstate(rng["python"])
-        _set_numpy_state(rng["numpy"])
+            _restore_model(model, snap.model)
+            for opt, state in zip(optimizers, snap.optimizers, strict=False):
+                _restore_optimizer(opt, state)
         return snap
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(
+        self, *, onset_from: int | None = None, current: int | None = None
+    ) -> dict[str, Any]:
+        """The kept snapshots, for a checkpoint: steps, tensors and detector states. The
+        tensors are the snapshots' own buffers (serialize the result before training goes
+        on, as a checkpoint does).
+
+        Args:
+            onset_from: The earliest onset a rollback can still have: snapshots older than
+                the last one before it are left out (they can no longer be restored).
+            current: The updates taken now: a snapshot of that step holds the current state,
+                which the checkpoint holds anyway; it is left out (take it again on resume).
+        """
+        ring = self._ring
+        if onset_from is not None:
+            older = [i for i, s in enumerate(ring) if s.step < onset_from]
+            ring = ring[older[-1] :] if older else ring
+        ring = [s for s in ring if s.step != current]
+        return {
+            "snapshots": [
+                {"step": s.step, "model": s.model, "optimizers": s.optimizers, "monitor": s.monitor}
+                for s in ring
+            ]
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Keep the snapshots of :meth:`state_dict` (their tensors become the buffers)."""
+        self.clear()
+        for entry in state.get("snapshots", []):
+            model, opts = (
+                dict(entry["model"]),
+                [{int(k): dict(v) for k, v in o.items()} for o in entry["optimizers"]],
+            )
+            monitor = {int(k): v for k, v in dict(entry.get("monitor", {})).items()}
+            snap = Snapshot(int(entry["step"]), model, opts, monitor)
+            snap.nbytes = _nbytes(model) + _nbytes(opts)
+            self._ring.append(snap)
+        self._ring = self._ring[-self.keep :]
+
+
+def restore_requested(
+    engine: Any,
+    snapshots: Snapshots,
+    model: nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+) -> bool:
+    """Carry out the rollback the engine asks for, if any (restore, then tell the engine);
+    whether one was pending. ``engine`` is a :class:`~warmup_monitor.engine.MonitorEngine`."""
+    request = engine.rollback_request
+    if request is None:
+        return False
+    snap = snapshots.restore(model, optimizers, before=request.onset)
+    if snap is None:
+        engine.rolled_back(None, None, snapshot_bytes=snapshots.nbytes)
+    else:
+        # No wall time in the alert: the alerts of a run are reproducible, bit for bit.
+        engine.rolled_back(snap.step, snap.monitor, snapshot_bytes=snap.nbytes)
+    return True
 
 
 def carry_out(
@@ -232,15 +365,10 @@ def carry_out(
     """The adapter's side of rollback, after a batch: restore when the engine asks, then take
     a snapshot when one is due. ``engine`` is a :class:`~warmup_monitor.engine.MonitorEngine`.
     """
-    request = engine.rollback_request
-    if request is not None:
-        snap = snapshots.restore(model, optimizers, before=request.onset)
-        if snap is None:
-            engine.rolled_back(None, None, snapshot_bytes=snapshots.nbytes)
-        else:
-            # No wall time in the alert: the alerts of a run are reproducible, bit for bit.
-            engine.rolled_back(snap.step, snap.monitor, snapshot_bytes=snap.nbytes)
+    restore_requested(engine, snapshots, model, optimizers)
     if engine.snapshot_due():
-        step, monitor = engine.snapshot_state()
-        if engine.rollback_request is None and step not in snapshots.steps:
+        step, monitor = engine.snapshot_state()  # processes the steps kept on the device
+        if restore_requested(engine, snapshots, model, optimizers):
+            return  # they decided a rollback: carried out now, before the next batch
+        if step not in snapshots.steps:
             snapshots.take(step, model, optimizers, monitor)

@@ -122,6 +122,7 @@ class MonitorEngine:
         self._steps = {}
         self._progress = {}
         self._kept: dict[int, list[dict[str, Any]]] = {}  # loaded records, not yet attached
+        self._rollback_handler: Callable[[], Any] | None = None
         self.losses = Losses()
         self._warned: set[str] = set()
         self._released = True
@@ -170,6 +171,33 @@ class MonitorEngine:
         w = self._watches[0] if self._watches else None
         return w is not None and w.controller is not None and w.controller.snapshot_due(w.progress)
 
+    def rollback_possible(self) -> bool:
+        """Whether a rollback can still be asked for: rollback is on, the plan of optimizer 0
+        is not exhausted, and a step not yet processed can still act (warmup or its grace
+        window), or a request is pending. Snapshots matter (and go into checkpoints) only
+        then."""
+        w = self._watches[0] if self._watches else None
+        c = w.controller if w is not None else None
+        if w is None or c is None or not c.rollback:
+            return False
+        if c.rollback_request is not None:
+            return True
+        first = w.records[0].progress if w.records else w.progress
+        return not c.exhausted and c.in_grace(first)
+
+    def updates_taken(self) -> int:
+        """Updates optimizer 0 has taken (steps a gradient scaler skipped not counted): the
+        step numbering of snapshots and of the plan."""
+        return self._watches[0].progress if self._watches else self._progress.get(0, 0)
+
+    def earliest_onset(self) -> int:
+        """The earliest onset a rollback of optimizer 0 can still have (steps not yet
+        processed, or an episode still open): snapshots older than the last one before it
+        can no longer be restored."""
+        w = self._watches[0]
+        first = w.records[0].progress if w.records else w.progress
+        return first if w.controller is None else w.controller.earliest_onset(first)
+
     def snapshot_state(self) -> tuple[int, dict[int, Any]]:
         """``(updates taken by optimizer 0, the detectors' states)`` for a snapshot; steps
         still kept on the device are processed first."""
@@ -213,6 +241,7 @@ class MonitorEngine:
         complete_on_step: bool = False,
         metrics_sinks: Sequence[MetricsSink] = (),
         alert_sinks: Sequence[AlertSink] = (),
+        rollback: Callable[[], Any] | None = None,
     ) -> None:
         """Start watching ``optimizers`` (again): the one call that wires the engine.
 
@@ -230,6 +259,12 @@ class MonitorEngine:
                 the step were added before it); otherwise :meth:`after_step` completes it.
             metrics_sinks: Receive the scalars of each logging step.
             alert_sinks: Receive each alert.
+            rollback: Carries out :attr:`rollback_request` (restores a snapshot and calls
+                :meth:`rolled_back`). The engine calls it where the request is decided: in
+                the step post-hook of a single optimizer, right after ``optimizer.step``
+                and before anything else (the scheduler, other callbacks) sees the damaged
+                weights; and before ``on_exhausted="raise"`` raises. With several optimizers
+                the adapter carries it out after the batch.
         """
         self.detach()
         self.world_size = world_size
@@ -291,6 +326,7 @@ class MonitorEngine:
                     len(groups) == 1 and dist.get_world_size(groups[0]) == dist.get_world_size()
                 )
         self.losses.clear()
+        self._rollback_handler = rollback
         self._released = False
 
     def detach(self, *, close_episodes: bool = False) -> None:
@@ -318,6 +354,7 @@ class MonitorEngine:
             self._detector_states[w.index] = w.detector.state_dict()
             if w.controller is not None:
                 self._controller_states[w.index] = w.controller.state_dict()
+        self._rollback_handler = None
         self._release()
 
     def _post_hook(self, watch: Watch) -> Callable[..., None]:
@@ -344,12 +381,22 @@ class MonitorEngine:
                 return
             if self.complete_on_step:
                 self._complete(watch)
+                if len(self._watches) == 1:  # several: the other optimizers' steps follow
+                    self.roll_back_now()
 
         return hook
 
     def continue_in(self, log_dir: str | None) -> Alert | None:
         """Note the run's log dir; a resume from elsewhere returns the record that says so."""
         return state.continue_in(self, log_dir)
+
+    def roll_back_now(self) -> bool:
+        """Carry out a pending :attr:`rollback_request` now with the adapter's ``rollback``
+        (:meth:`attach`); whether one was carried out."""
+        if self._rollback_handler is None or self.rollback_request is None:
+            return False
+        self._rollback_handler()
+        return True
 
     def steps_taken(self, opt_idx: int = 0) -> int:
         """Optimizer steps optimizer ``opt_idx`` has taken (monitored or not)."""

@@ -113,4 +113,5 @@ def dispatch(self: MonitorEngine, alerts: Sequence[Alert], opt_idx: int) -> None
             alert_sink(alert)
     for alert in alerts:
         if alert.kind == AlertKind.WARMUP_EXHAUSTED and alert.details.get("action") == "raise":
+            self.roll_back_now()  # the episode's damage is not left in the model
             raise WarmupExhaustedError(alert.message)
