@@ -180,7 +180,6 @@ INSTABILITY_KINDS: frozenset[AlertKind] = frozenset(
         AlertKind.LOSS_TREND_SPIKE,
         AlertKind.LOSS_DIVERGENCE,
         AlertKind.NON_FINITE,
-        AlertKind.OSCILLATION,
         AlertKind.PERSISTENT_INSTABILITY,
         AlertKind.WARMUP_EXHAUSTED,
         AlertKind.EDGE_OF_STABILITY,
@@ -188,8 +187,10 @@ INSTABILITY_KINDS: frozenset[AlertKind] = frozenset(
 )
 
 #: Signals that are shown but mean nothing by themselves: on the corpus of real runs
-#: (``benchmarks/README_corpus.md``) a gradient-norm spike or rise does not predict a worse
-#: outcome (the norm commonly rises during warmup while the loss falls). Logged, written to
+#: (``benchmarks/README_corpus.md``) a gradient-norm spike or rise, and consecutive gradients
+#: that point against each other, do not predict a worse outcome (the norm commonly rises during
+#: warmup while the loss falls; plain SGD near its stability limit flips its gradients while the
+#: loss falls). Logged, written to
 #: every sink and drawn, at INFO on the console; not counted by the verdict,
 #: ``warmup/unstable`` or the controller.
 NOTICE_KINDS: frozenset[AlertKind] = frozenset(

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from traces import Run, load_corpus
 
 from warmup_monitor import Detection, InstabilityDetector
-from warmup_monitor.alerts import is_instability
+from warmup_monitor.alerts import NOTICE_KINDS, is_instability
 from warmup_monitor.controller import WarmupController
 from warmup_monitor.verdict import HEALTHY, judge
 
@@ -92,7 +92,7 @@ def replay(run: Run, detection: Detection) -> Outcome:
         for a in alerts:
             if is_instability(a.kind):
                 kinds[a.kind_name] += 1
-            elif a.kind_name in ("grad_norm_spike", "grad_norm_rise"):
+            elif a.kind in NOTICE_KINDS:
                 notices += 1
         if unstable:
             flagged.append(t)
