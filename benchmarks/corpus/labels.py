@@ -110,7 +110,10 @@ def label_one(final: float, best: float, diverged: bool, visible: bool) -> tuple
         if visible:
             return "failing", f"final loss {ratio:.4f} x best arm (> {WORSE_RATIO}) and a spike"
         return "silent", f"final loss {ratio:.4f} x best arm (> {WORSE_RATIO}), no spike"
-    return "unclear", f"final loss {ratio:.4f} x best arm (between {HEALTHY_RATIO} and {WORSE_RATIO})"
+    return (
+        "unclear",
+        f"final loss {ratio:.4f} x best arm (between {HEALTHY_RATIO} and {WORSE_RATIO})",
+    )
 
 
 def assign_labels(
