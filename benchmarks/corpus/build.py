@@ -760,6 +760,38 @@ def summary(records: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def family_table(records: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table: per family its data, parameter count, steps, cells and schedulers."""
+    lines = [
+        "| family | data | params | steps | cells: optimizer, batch, peak lr, scheduler |",
+        "|---|---|---|---|---|",
+    ]
+    for fam in sorted({r["family"] for r in records}, key=list(FAMILIES).index):
+        rs = [r for r in records if r["family"] == fam]
+        cells = sorted({(r["optimizer"], r["batch_size"], r["lr"], r["scheduler"]) for r in rs})
+        text = "; ".join(f"{o} bs{b} lr {lr:g} {sc}" for o, b, lr, sc in cells)
+        lines.append(
+            f"| {fam} | {rs[0]['data']} | {rs[0]['n_params']:,} | {rs[0]['steps']} | {text} |"
+        )
+    return "\n".join(lines)
+
+
+def cell_table(records: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table: per cell and seed, each arm's label (h/f/s/u) and final loss."""
+    abbrev = {"healthy": "h", "failing": "f", "silent": "s", "unclear": "u"}
+    lines = ["| cell | seed | none | short | long |", "|---|---|---|---|---|"]
+    rows: dict[tuple[str, int], dict[str, str]] = {}
+    for r in records:
+        fl = r["final_loss"]
+        text = (
+            f"{abbrev[r['label']]} {fl:.3f}" if math.isfinite(fl) else f"{abbrev[r['label']]} div"
+        )
+        rows.setdefault((r["cell"], r["seed"]), {})[r["warmup_arm"]] = text
+    for (cell, seed), arms in rows.items():
+        lines.append(f"| {cell} | {seed} | " + " | ".join(arms.get(a, "") for a in ARMS) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT}")
@@ -767,8 +799,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=list(FAMILIES), default=None)
     ap.add_argument("--quick", action="store_true", help=f"a few short runs, to {QUICK_OUT}")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="(for tuning)")
+    ap.add_argument(
+        "--summary", action="store_true", help="print the tables of an existing index; no training"
+    )
     args = ap.parse_args(argv)
     out: Path = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    if args.summary:
+        records = json.loads((out / "index.json").read_text())
+        print(family_table(records), summary(records), cell_table(records), sep="\n\n")
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     specs = make_specs(args.only, quick=args.quick, seeds=args.seeds)
