@@ -742,7 +742,7 @@ INDEX_ORDER = (
 
 
 def summary(records: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown tables: runs per label (total, per split, per family)."""
+    """Markdown table: runs per label (total, per split, per family and per family and split)."""
     labels = ("healthy", "failing", "silent", "unclear")
     lines = ["| | runs | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
 
@@ -755,8 +755,12 @@ def summary(records: Sequence[Mapping[str, Any]]) -> str:
         row(f"split {split}", [r for r in records if r["split"] == split])
     for fam in sorted({r["family"] for r in records}, key=list(FAMILIES).index):
         rs = [r for r in records if r["family"] == fam]
-        splits = sorted({r["split"] for r in rs})
-        row(f"{fam} ({'/'.join(splits)})", rs)
+        row(fam, rs)
+        for split in ("calibrate", "report"):
+            part = [r for r in rs if r["split"] == split]
+            if part:
+                seeds = ",".join(str(s) for s in sorted({r["seed"] for r in part}))
+                row(f"&nbsp; {fam} {split} (seeds {seeds})", part)
     return "\n".join(lines)
 
 
