@@ -508,7 +508,7 @@ def make_specs(
     seeds: Sequence[int] = SEEDS,
 ) -> list[dict[str, Any]]:
     """One record (without outcome fields) per run, in a fixed order: family, cell, seed, arm.
-    All arms of a cell share its scheduler; ``quick``: 40-step runs of one cell of three
+    All arms of a cell share its scheduler; ``quick``: 30-step runs of one cell of three
     families, seed 0."""
     specs: list[dict[str, Any]] = []
     for family, fam in FAMILIES.items():
@@ -516,7 +516,7 @@ def make_specs(
             if families and family not in families:
                 continue
             cell = cell_id(family, optimizer, batch, lr, scheduler)
-            steps = 40 if quick else fam.steps
+            steps = 30 if quick else fam.steps
             for seed in (0,) if quick else seeds:
                 for arm in ARMS:
                     rid = f"{cell}__{arm}__s{seed}"
@@ -538,8 +538,8 @@ def make_specs(
                             "cell": cell,
                         }
                     )
-    if quick:  # the second cell of three families, seed 0: 9 runs of 40 steps
-        keep = set(families) if families else {"mlp_digits", "preln_lm", "hf_gpt2"}
+    if quick:  # the second cell of three families, seed 0: 9 runs of 30 steps
+        keep = set(families) if families else {"mlp_digits", "cnn_bn_digits", "hf_gpt2"}
         second = {f: cell_id(f, *FAMILIES[f].cells[1]) for f in keep}
         specs = [
             s for s in specs if s["family"] in keep and s["cell"].startswith(second[s["family"]])
