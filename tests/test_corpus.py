@@ -18,7 +18,7 @@ sys.path.insert(0, str(CORPUS))
 import labels  # noqa: E402
 from traces import load_corpus  # noqa: E402
 
-LABELS = ("healthy", "failing", "silent", "unclear")
+LABELS = ("healthy", "spiky", "failing", "silent", "unclear")
 
 
 def _run(rid: str, loss: list[float], seed: int = 0, cell: str = "c", family: str = "f") -> Any:
@@ -73,9 +73,10 @@ def test_label_rules() -> None:
     assert out["spiky"]["deadline_step"] == 7 and out["ten_pct"]["deadline_step"] is None
     # final loss = the mean of the last 5 % of the planned steps (1 of 20 here).
     assert out["three_pct"]["final_loss"] == pytest.approx(1.03)
-    # A spike that recovers within 2 % of the best arm is still healthy.
+    # A spike that recovers within 2 % of the best arm is not healthy: spiky (the cell is
+    # unstable at every warmup).
     assert _label({"a": [*base, 1.0], "b": [1.0] * 5 + [2.5] * 14 + [1.01]})["b"]["label"] == (
-        "healthy"
+        "spiky"
     )
 
 

@@ -743,7 +743,7 @@ INDEX_ORDER = (
 
 def summary(records: Sequence[Mapping[str, Any]]) -> str:
     """Markdown table: runs per label (total, per split, per family and per family and split)."""
-    labels = ("healthy", "failing", "silent", "unclear")
+    labels = ("healthy", "spiky", "failing", "silent", "unclear")
     lines = ["| | runs | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
 
     def row(name: str, rs: Sequence[Mapping[str, Any]]) -> None:
@@ -782,7 +782,7 @@ def family_table(records: Sequence[Mapping[str, Any]]) -> str:
 
 def cell_table(records: Sequence[Mapping[str, Any]]) -> str:
     """Markdown table: per cell and seed, each arm's label (h/f/s/u) and final loss."""
-    abbrev = {"healthy": "h", "failing": "f", "silent": "s", "unclear": "u"}
+    abbrev = {"healthy": "h", "spiky": "k", "failing": "f", "silent": "s", "unclear": "u"}
     lines = ["| cell | seed | none | short | long |", "|---|---|---|---|---|"]
     rows: dict[tuple[str, int], dict[str, str]] = {}
     for r in records:
@@ -806,8 +806,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--summary", action="store_true", help="print the tables of an existing index; no training"
     )
+    ap.add_argument(
+        "--relabel",
+        action="store_true",
+        help="label an existing index again (labels.py); no training",
+    )
     args = ap.parse_args(argv)
     out: Path = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    if args.relabel:
+        records = json.loads((out / "index.json").read_text())
+        stored: dict[str, dict[str, np.ndarray]] = {}
+        for r in records:
+            with np.load(out / r["file"]) as z:
+                stored[r["id"]] = {"loss": z["loss"], "grad_norm": z["grad_norm"]}
+        records = [{k: r.get(k) for k in INDEX_ORDER} for r in assign_labels(records, stored)]
+        (out / "index.json").write_text(json.dumps(records, indent=1) + "\n")
+        args.summary = True
     if args.summary:
         records = json.loads((out / "index.json").read_text())
         print(family_table(records), summary(records), cell_table(records), sep="\n\n")

@@ -4,7 +4,13 @@ A run is compared with the best warmup arm of its own cell and seed: the arm wit
 final loss (the mean training loss of the last 5 % of the planned steps; ``inf`` for a run that
 diverged). The rules, word for word as in ``README_corpus.md``:
 
-- **healthy**: no non-finite value, and final loss within 2 % of the best arm (<= 1.02 x best);
+- **healthy**: no non-finite value, final loss within 2 % of the best arm (<= 1.02 x best), and
+  no spike/divergence visible in the trace;
+- **spiky**: final loss within 2 % of the best arm, but a spike/divergence visible in the
+  trace: the whole cell is unstable at every warmup (every arm blew up alike, e.g. a loss 10x
+  its initial value); not an ordinary healthy run, and instability the monitor must report
+  (the issue's rules, taken literally, would call these healthy: ``README_corpus.md`` gives
+  the figures both ways);
 - **failing**: diverged (non-finite), or final loss > 1.05 x best **and** a spike/divergence
   visible in the trace;
 - **silent**: final loss > 1.05 x best and no spike/divergence visible;
@@ -104,6 +110,8 @@ def label_one(final: float, best: float, diverged: bool, visible: bool) -> tuple
     if diverged or not math.isfinite(final):
         return "failing", "diverged (non-finite loss or gradient)"
     ratio = final / best
+    if ratio <= HEALTHY_RATIO and visible:
+        return "spiky", f"final loss {ratio:.4f} x best arm (<= {HEALTHY_RATIO}), but a spike"
     if ratio <= HEALTHY_RATIO:
         return "healthy", f"final loss {ratio:.4f} x best arm (<= {HEALTHY_RATIO})"
     if ratio > WORSE_RATIO:
