@@ -25,6 +25,7 @@ __all__ = [
     "silenced_logging",
     "tensorboard_writers",
     "unscaled",
+    "warn_averaging_before",
 ]
 
 log = logging.getLogger("warmup_monitor")
@@ -84,6 +85,22 @@ def log_dir(trainer: Any) -> str:
 def is_fsdp1(trainer: Any) -> bool:
     """Whether gradients are FSDP1 flat shards on each rank (``FSDPStrategy``, GPU only)."""
     return type(trainer.strategy).__name__ == "FSDPStrategy"
+
+
+def warn_averaging_before(trainer: Any, callback: Any) -> None:
+    """Warn when a weight-averaging callback is listed before ``callback``: with several
+    optimizers a rollback comes in ``on_train_batch_end``, after that callback averaged the
+    damaged weights."""
+    callbacks = list(getattr(trainer, "callbacks", []))
+    mine = next((i for i, c in enumerate(callbacks) if c is callback), len(callbacks))
+    for cb in callbacks[:mine]:
+        if any("WeightAveraging" in k.__name__ for k in type(cb).__mro__):
+            rank_zero_warn(
+                f"WarmupMonitor: {type(cb).__name__} is listed before the monitor and there "
+                "are several optimizers, so a rollback comes in on_train_batch_end, after "
+                "that callback averaged the damaged weights: list WarmupMonitor first"
+            )
+            return
 
 
 def unscaled(trainer: Any, loss: Tensor) -> Tensor:

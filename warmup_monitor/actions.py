@@ -2,7 +2,8 @@
 
 :class:`~warmup_monitor.controller.WarmupController` decides; this module says it: the
 ``warmup_exhausted`` recommendation and the ``rollback`` record (and the request a rollback
-starts from). This module imports neither torch nor Lightning.
+starts from); and which alert kinds act how (at once, only with loss evidence, worth a
+rollback). This module imports neither torch nor Lightning.
 """
 
 from __future__ import annotations
@@ -15,14 +16,30 @@ from typing import Any
 from warmup_monitor.alerts import Alert, AlertKind
 
 __all__ = [
+    "GRAD_KINDS",
+    "LOSS_KINDS",
+    "SEVERE_KINDS",
+    "WEAK_KINDS",
     "RollbackRequest",
     "action_alerts",
+    "acts_at_once",
     "exhausted_alert",
+    "level_name",
     "recommend",
     "rollback_alert",
     "rollback_worthy",
 ]
 
+#: Kinds that act on their own: they already mean persistence (oscillation is five flips in a
+#: row; a divergence is sustained), a blow-up or a broken step.
+SEVERE_KINDS = frozenset({"loss_spike", "non_finite", "oscillation", "persistent_instability"})
+SEVERE_KINDS |= {"edge_of_stability", "loss_divergence"}
+#: Gradient-norm evidence: it counts once a loss kind is in the episode (the controller's
+#: docstring).
+WEAK_KINDS = frozenset({"grad_norm_spike", "grad_norm_rise", "persistent_instability"})
+#: Findings on the loss and on the gradients: both on one step act at once (they agree).
+LOSS_KINDS = frozenset({"loss_spike", "loss_trend_spike", "loss_divergence"})
+GRAD_KINDS = frozenset({"grad_norm_spike", "grad_norm_rise", "oscillation", "non_finite"})
 #: Kinds whose episode damaged the model itself: with ``rollback``, restore a snapshot.
 ROLLBACK_KINDS = frozenset(
     {"non_finite", "loss_spike", "persistent_instability", "loss_divergence"}
@@ -46,6 +63,12 @@ def rollback_worthy(alerts: Sequence[Alert], loss_ratio: float) -> bool:
     return False
 
 
+def acts_at_once(kinds: set[str]) -> bool:
+    """Whether a step flagged with ``kinds`` acts without waiting for ``min_alerts`` flagged
+    steps: a kind of :data:`SEVERE_KINDS`, or a loss kind and a gradient kind together."""
+    return bool(kinds & SEVERE_KINDS) or (bool(kinds & LOSS_KINDS) and bool(kinds & GRAD_KINDS))
+
+
 @dataclass(frozen=True)
 class RollbackRequest:
     """A rollback the controller asks for: restore the last snapshot taken before ``onset``.
@@ -60,6 +83,14 @@ class RollbackRequest:
     step: int
     onset: int
     causes: tuple[str, ...]
+
+
+def level_name(*, owns_warmup: bool, recorded: bool) -> str:
+    """What the controller's levels are, for the messages: a factor of the monitor's own
+    shape, of the user's recorded ramp (``recorded``), or a fraction of the peak."""
+    if recorded:
+        return "lr factor (on your scheduler's lr)"
+    return "lr factor" if owns_warmup else "warmup factor (fraction of the peak)"
 
 
 def action_alerts(
@@ -162,8 +193,6 @@ def exhausted_alert(
     max_warmup_steps: int,
     level: float,
     lr: float | None,
-    recommended: float,
-    advice: str,
     action: str,
 ) -> Alert:
     """The one ``warmup_exhausted`` alert: why nothing more can be done, and the advice.
@@ -172,11 +201,11 @@ def exhausted_alert(
         reason: ``"caps"`` (extensions or length used up) or ``"at_one"`` (at the peak, with
             no back-off configured).
         level: The lowest fraction of the peak at which instability was acted on.
-        lr: The effective lr there, if known.
-        recommended: The recommended peak lr (or fraction of the peak, without ``lr``).
-        advice: The recommendation's sentence.
+        lr: The effective lr there, if known (the recommendation is half of it, or of
+            ``level`` without it: :func:`recommend`).
         action: ``on_exhausted``.
     """
+    recommended, advice = recommend(lr, level)
     if reason == "caps":
         why = (
             f"after {extensions} extension(s) and a warmup of {warmup_steps} steps "

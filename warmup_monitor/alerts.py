@@ -38,6 +38,7 @@ __all__ = [
     "AlertDispatcher",
     "AlertKind",
     "TextWriter",
+    "alerts_path",
     "is_instability",
     "read_alerts",
     "read_alerts_file",
@@ -65,6 +66,16 @@ def resumed_note(step: int, previous: Any, current: str | None) -> Alert | None:
         ),
         details={"resumed_from": previous},
     )
+
+
+def alerts_path(alerts_file: str | None, log_dir: str | None) -> str | None:
+    """Where the alerts JSONL goes: ``alerts_file`` relative to the run's ``log_dir`` (the
+    working directory without one); an absolute path as is; ``None``: no file."""
+    if alerts_file is None:
+        return None
+    if os.path.isabs(alerts_file):
+        return alerts_file
+    return os.path.join(log_dir or os.getcwd(), alerts_file)
 
 
 class TextWriter(Protocol):

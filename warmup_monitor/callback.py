@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -12,7 +11,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from warmup_monitor import _compat
-from warmup_monitor.alerts import ALERTS_FILENAME, Alert, AlertDispatcher
+from warmup_monitor.alerts import ALERTS_FILENAME, Alert, AlertDispatcher, alerts_path
 from warmup_monitor.config import (
     AdaptiveWarmup,
     CurvatureProbe,
@@ -23,7 +22,7 @@ from warmup_monitor.config import (
     check_sinks,
 )
 from warmup_monitor.engine import MonitorEngine
-from warmup_monitor.rollback import Snapshots, carry_out, restore_requested
+from warmup_monitor.rollback import Snapshots
 from warmup_monitor.schedules import Shape
 from warmup_monitor.tensorboard import write_layout
 
@@ -118,15 +117,16 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         self._probe_batch: Any = None
         self._steps_at_batch_start = 0
         self._restored = False  # load_state_dict ran since the last fit started
-        rollback = config.adaptive is not None and config.adaptive.rollback
-        self._snapshots = Snapshots(config.adaptive.snapshot_device) if rollback else None  # type: ignore[union-attr]
-        self._snapshots_loaded = False  # load_state_dict brought snapshots (a resume)
-        self._rollback_target: tuple[Any, list[Any]] | None = None  # module, optimizers
 
     @property
     def engine(self) -> MonitorEngine:
         """The Lightning-free engine doing the work."""
         return self._engine
+
+    @property
+    def _snapshots(self) -> Snapshots | None:
+        """The engine's snapshots (``None`` without rollback), read by tests and benchmarks."""
+        return self._engine.snapshots
 
     def __repr__(self) -> str:
         c = self.config
@@ -151,7 +151,6 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         self._setup(state["config"], state["on_alert"], state["alerts_file"])
         self.load_state_dict(state["state"])
         self._restored = False  # a copy is no checkpoint: the next Trainer decides (global_step)
-        self._snapshots_loaded = False
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -185,7 +184,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
             for writer in writers:
                 write_layout(writer, prefix)
             self._dispatcher = AlertDispatcher(
-                jsonl_path=self._alerts_path(),
+                jsonl_path=alerts_path(self.alerts_file, self._log_dir),
                 text_writers=writers,
                 on_alert=self.on_alert,
                 text_tag=f"{prefix}alerts",
@@ -195,12 +194,8 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         if (note := self._engine.continue_in(self._log_dir)) and self._dispatcher is not None:
             self._dispatcher.dispatch(note)  # a resume into a new log dir: the report reads both
         optimizers = list(trainer.optimizers)
-        rollback = None
-        if self._snapshots is not None:
-            self._rollback_target = (pl_module, optimizers)
-            rollback = self._roll_back
-            if len(optimizers) > 1:
-                self._warn_averaging_first(trainer)
+        if self._snapshots is not None and len(optimizers) > 1:
+            _compat.warn_averaging_before(trainer, self)  # the rollback comes after the batch
         self._engine.attach(
             optimizers,
             # Automatic optimization steps one optimizer: its step count is the global step.
@@ -210,37 +205,11 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
             complete_on_step=True,
             metrics_sinks=metrics_sinks,
             alert_sinks=alert_sinks,
-            rollback=rollback,
+            model=pl_module,  # what a rollback restores, with the optimizers
         )
 
-    def _warn_averaging_first(self, trainer: pl.Trainer) -> None:
-        """With several optimizers the rollback comes in ``on_train_batch_end``: a weight-
-        averaging callback listed before the monitor would average the damaged weights."""
-        callbacks = list(getattr(trainer, "callbacks", []))
-        mine = next((i for i, c in enumerate(callbacks) if c is self), len(callbacks))
-        for cb in callbacks[:mine]:
-            if any("WeightAveraging" in k.__name__ for k in type(cb).__mro__):
-                _compat.rank_zero_warn(
-                    f"WarmupMonitor: {type(cb).__name__} is listed before the monitor and there "
-                    "are several optimizers, so a rollback comes in on_train_batch_end, after "
-                    "that callback averaged the damaged weights: list WarmupMonitor first"
-                )
-                return
-
-    def _roll_back(self) -> None:
-        """Restore the snapshot the engine asks for, where it decides (the engine calls it in
-        the optimizer's step post-hook: no callback, scheduler or logger sees the damaged
-        weights first)."""
-        if self._snapshots is not None and self._rollback_target is not None:
-            module, optimizers = self._rollback_target
-            restore_requested(self._engine, self._snapshots, module, optimizers)
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._snapshots is not None:  # the first snapshot: before the first update
-            if not self._snapshots_loaded:  # a resume keeps the checkpoint's snapshots
-                self._snapshots.clear()
-            self._snapshots_loaded = False
-            carry_out(self._engine, self._snapshots, pl_module, trainer.optimizers)
+        self._engine.rollback_point(start=True)  # the first snapshot: before the first update
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -275,8 +244,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         stepped = step >= self._steps_at_batch_start
         if self._probe_batch is not None and stepped and self._engine.probe_due(step):
             self._probe(trainer, pl_module, step)
-        if self._snapshots is not None:  # restore if still asked (several optimizers), snapshot
-            carry_out(self._engine, self._snapshots, pl_module, trainer.optimizers)
+        self._engine.rollback_point()  # restore if still asked (several optimizers), snapshot
         if self._engine.stop_requested:
             trainer.should_stop = True  # every rank holds the same plan: all stop together
 
@@ -298,7 +266,6 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._engine.detach(close_episodes=True)
-            self._rollback_target = None
             self._restored = False  # a state loaded after on_fit_start (FSDP, DeepSpeed) is spent
         if self._dispatcher is not None:
             self._dispatcher.close()
@@ -311,16 +278,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         rollback could still restore, less the one of the current state (tensors: a resume
         rolls back to them exactly as the uninterrupted run does; one snapshot at most,
         usually; not with sharded parameters, whose shards differ per rank)."""
-        state = {"version": _STATE_VERSION, **self._engine.state_dict()}
-        snapshots, engine = self._snapshots, self._engine
-        fitting = self._rollback_target is not None
-        if snapshots and fitting and not engine.sharded and engine.rollback_possible():
-            # The snapshot of the current state (taken before the next update) is left out:
-            # the resumed run takes it again from the restored model and optimizers.
-            state["snapshots"] = snapshots.state_dict(
-                onset_from=engine.earliest_onset(), current=engine.updates_taken()
-            )
-        return state
+        return {"version": _STATE_VERSION, **self._engine.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (the previous gradient is not saved: no cosine on the
@@ -328,15 +286,5 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         state = dict(state_dict)
         if "edge_rule" in state and "probe" not in state:  # version 1
             state["probe"] = {"edge_rule": state["edge_rule"]}
-        self._engine.load_state_dict(state)
+        self._engine.load_state_dict(state)  # and the snapshots it holds, for the next fit
         self._restored = True
-        if self._snapshots is not None:
-            self._snapshots.load_state_dict(state.get("snapshots") or {})
-            self._snapshots_loaded = True
-
-    def _alerts_path(self) -> str | None:
-        if self.alerts_file is None:
-            return None
-        if os.path.isabs(self.alerts_file):
-            return self.alerts_file
-        return os.path.join(self._log_dir or os.getcwd(), self.alerts_file)

@@ -48,10 +48,13 @@ from typing import Any, Literal
 
 from warmup_monitor._checks import check_choice, check_int
 from warmup_monitor.actions import (
+    LOSS_KINDS,
+    WEAK_KINDS,
     RollbackRequest,
     action_alerts,
+    acts_at_once,
     exhausted_alert,
-    recommend,
+    level_name,
     rollback_alert,
     rollback_worthy,
 )
@@ -83,15 +86,6 @@ K = AlertKind
 DEFAULT_TRIGGER_KINDS: frozenset[str] = frozenset(
     k.value for k in INSTABILITY_KINDS if k is not K.WARMUP_EXHAUSTED
 )
-#: Kinds that act on their own: they already mean persistence (oscillation is five flips in a
-#: row; a divergence is sustained), a blow-up or a broken step.
-_SEVERE = frozenset({"loss_spike", "non_finite", "oscillation", "persistent_instability"})
-_SEVERE |= {"edge_of_stability", "loss_divergence"}
-#: Gradient-norm evidence: it counts once a loss kind is in the episode (class docstring).
-_WEAK = frozenset({"grad_norm_spike", "grad_norm_rise", "persistent_instability"})
-#: Findings on the loss and on the gradients: both on one step act at once (they agree).
-_LOSS_KINDS = frozenset({"loss_spike", "loss_trend_spike", "loss_divergence"})
-_GRAD_KINDS = frozenset({"grad_norm_spike", "grad_norm_rise", "oscillation", "non_finite"})
 
 
 class WarmupExhaustedError(RuntimeError):
@@ -213,7 +207,7 @@ class WarmupController:
         self.trigger_kinds: frozenset[str] = (
             DEFAULT_TRIGGER_KINDS if c.trigger_kinds is None else frozenset(c.trigger_kinds)
         )
-        self._corroborable = bool(self.trigger_kinds & _LOSS_KINDS)
+        self._corroborable = bool(self.trigger_kinds & LOSS_KINDS)
         self.reset()
 
     # ------------------------------------------------------------------ the plan
@@ -405,14 +399,13 @@ class WarmupController:
         done = self._last_extension
         if done is not None and (step <= done or step - done < self.cooldown_steps):
             return []
-        if kinds <= _WEAK and self._causes.isdisjoint(_LOSS_KINDS) and self._corroborable:
+        if kinds <= WEAK_KINDS and self._causes.isdisjoint(LOSS_KINDS) and self._corroborable:
             return []
         if not self._recent or self._recent[-1] != step:
             self._recent.append(step)
         while self._recent and self._recent[0] <= step - self.window_steps:
             self._recent.popleft()
-        acts = bool(kinds & _SEVERE) or (bool(kinds & _LOSS_KINDS) and bool(kinds & _GRAD_KINDS))
-        if not acts and len(self._recent) < self.config.min_alerts:
+        if not acts_at_once(kinds) and len(self._recent) < self.config.min_alerts:
             return []
 
         level = self.plan(step)
@@ -474,12 +467,9 @@ class WarmupController:
         # Levels as factors: of the peak, or (a recorded ramp's levels are lrs) of the user's lr.
         unit = (self._ramp.value(min(a, self._full)) if self._recorded else 1.0) or 1.0
         frac_before, frac_after, frac_target = before / unit, after / unit, target / unit
-        what = "lr factor" if self.shape is not None else "warmup factor (fraction of the peak)"
-        if self._recorded:
-            what = "lr factor (on your scheduler's lr)"
         return action_alerts(
             step,
-            what=what,
+            what=level_name(owns_warmup=self.shape is not None, recorded=self._recorded),
             levels=(frac_before, frac_after, frac_target),
             lr=None if lr is None else (lr, lr * after / before),
             plan=(old_end, new_end, t_new, self.max_warmup_steps),
@@ -503,7 +493,6 @@ class WarmupController:
         level = 1.0 if self._unstable_factor is None else self._unstable_factor
         if self._recorded:  # the plan's level is an lr: say it as a fraction of the peak
             level = level / max(self._f(self._full), 1e-300)
-        recommended, advice = recommend(self._unstable_lr, level)
         return [
             exhausted_alert(
                 step,
@@ -516,8 +505,6 @@ class WarmupController:
                 max_warmup_steps=self.max_warmup_steps,
                 level=level,
                 lr=self._unstable_lr,
-                recommended=recommended,
-                advice=advice,
                 action=self.config.on_exhausted,
             )
         ]

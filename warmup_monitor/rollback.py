@@ -1,6 +1,7 @@
 """In-memory snapshots of training, and the rollback that restores one.
 
-With ``AdaptiveWarmup(rollback=True)`` the adapter keeps :class:`Snapshots`: every
+With ``AdaptiveWarmup(rollback=True)`` the engine keeps :class:`Snapshots` (when to take and
+restore them: :mod:`warmup_monitor.engine.rollback`): every
 ``snapshot_every_n_steps`` optimizer steps during warmup and its grace window it copies
 
 - the model's ``state_dict()`` (parameters and buffers, e.g. BatchNorm statistics),
@@ -11,7 +12,7 @@ into buffers allocated once (on the CPU, pinned when CUDA is available, or on ea
 device with ``snapshot_device="same"``) and reused: the two most recent snapshots are kept. A
 ``DTensor`` (FSDP2) is kept as the shard this rank holds.
 
-When the controller asks for a rollback (:attr:`~warmup_monitor.engine.MonitorEngine.
+When the controller asks for a rollback (:attr:`~warmup_monitor.controller.WarmupController.
 rollback_request`), :meth:`Snapshots.restore` copies the last snapshot taken before the
 episode's onset **into** the live tensors (the model's parameters and buffers, the optimizer's
 state; a shard into its shard): the snapshot never shares storage with what training updates,
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Snapshot", "Snapshots", "carry_out", "restore_requested"]
+__all__ = ["Snapshot", "Snapshots"]
 
 _DTENSOR: Any = None
 
@@ -334,41 +335,3 @@ class Snapshots:
             snap.nbytes = _nbytes(model) + _nbytes(opts)
             self._ring.append(snap)
         self._ring = self._ring[-self.keep :]
-
-
-def restore_requested(
-    engine: Any,
-    snapshots: Snapshots,
-    model: nn.Module,
-    optimizers: Sequence[torch.optim.Optimizer],
-) -> bool:
-    """Carry out the rollback the engine asks for, if any (restore, then tell the engine);
-    whether one was pending. ``engine`` is a :class:`~warmup_monitor.engine.MonitorEngine`."""
-    request = engine.rollback_request
-    if request is None:
-        return False
-    snap = snapshots.restore(model, optimizers, before=request.onset)
-    if snap is None:
-        engine.rolled_back(None, None, snapshot_bytes=snapshots.nbytes)
-    else:
-        # No wall time in the alert: the alerts of a run are reproducible, bit for bit.
-        engine.rolled_back(snap.step, snap.monitor, snapshot_bytes=snap.nbytes)
-    return True
-
-
-def carry_out(
-    engine: Any,
-    snapshots: Snapshots,
-    model: nn.Module,
-    optimizers: Sequence[torch.optim.Optimizer],
-) -> None:
-    """The adapter's side of rollback, after a batch: restore when the engine asks, then take
-    a snapshot when one is due. ``engine`` is a :class:`~warmup_monitor.engine.MonitorEngine`.
-    """
-    restore_requested(engine, snapshots, model, optimizers)
-    if engine.snapshot_due():
-        step, monitor = engine.snapshot_state()  # processes the steps kept on the device
-        if restore_requested(engine, snapshots, model, optimizers):
-            return  # they decided a rollback: carried out now, before the next batch
-        if step not in snapshots.steps:
-            snapshots.take(step, model, optimizers, monitor)

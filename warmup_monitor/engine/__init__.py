@@ -19,8 +19,9 @@ ranks holding shards. Both reductions go into one small all-reduce per step. Eve
 holds the same numbers and takes the same decisions without further communication.
 
 Layout: :class:`MonitorEngine` (``core``: the device side of a step and the wiring), what is
-kept per optimizer (``watch``), the host side (``host``: detectors, plan, sinks) and the
-checkpoint state (``state``).
+kept per optimizer (``watch``), the host side (``host``: detectors, plan, sinks), rollback
+(``rollback``: the snapshots, when they are taken and restored) and the checkpoint state
+(``state``).
 """
 
 from warmup_monitor.engine.core import AlertSink, MetricsSink, MonitorEngine

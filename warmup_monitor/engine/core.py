@@ -9,15 +9,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from warmup_monitor import schema
 from warmup_monitor.alerts import Alert
 from warmup_monitor.config import MonitorConfig
-from warmup_monitor.controller import RollbackRequest, WarmupController
+from warmup_monitor.controller import WarmupController
 from warmup_monitor.curvature.probe import CurvatureProber
 from warmup_monitor.detectors import InstabilityDetector
-from warmup_monitor.engine import host, state
+from warmup_monitor.engine import host, rollback, state
 from warmup_monitor.engine.watch import (
     Losses,
     Pending,
@@ -30,6 +30,7 @@ from warmup_monitor.engine.watch import (
     restore_record,
 )
 from warmup_monitor.lr_factor import LrFactor
+from warmup_monitor.rollback import Snapshots
 from warmup_monitor.stats import GradientStats, UpdateRatio
 
 __all__ = ["AlertSink", "MetricsSink", "MonitorEngine"]
@@ -54,6 +55,8 @@ class MonitorEngine:
       (``complete_on_step=True``), or by :meth:`after_step` when the loss is only known later;
     - :meth:`end_batch` at the end of each batch (completes a step a ``GradScaler`` skipped);
     - :meth:`probe` after a step, with the probe's loss, when :meth:`probe_due` says so;
+    - :meth:`rollback_point` at the start of training and after each batch, when ``attach``
+      was given the model (with rollback: restore if asked, snapshot when due);
     - :meth:`detach` at the end (flushes what is kept and removes the hooks).
 
     A step's loss is the mean of the losses added since the previous optimizer step of any
@@ -87,6 +90,14 @@ class MonitorEngine:
                 adaptive=config.adaptive if config.adaptive is not None else False,
             )
         self.prober = None if config.curvature is None else CurvatureProber(config.curvature)
+        adaptive = config.adaptive
+        #: The snapshots a rollback restores (``AdaptiveWarmup(rollback=True)``), or ``None``.
+        self.snapshots = (
+            Snapshots(adaptive.snapshot_device)
+            if adaptive is not None and adaptive.rollback
+            else None
+        )
+        self.snapshots_loaded = False  # load_state_dict brought snapshots (a resume)
         self._watches: list[Watch] = []
         self._released = True
         self._steps: dict[int, int] = {}
@@ -122,7 +133,7 @@ class MonitorEngine:
         self._steps = {}
         self._progress = {}
         self._kept: dict[int, list[dict[str, Any]]] = {}  # loaded records, not yet attached
-        self._rollback_handler: Callable[[], Any] | None = None
+        self._rollback_target: tuple[nn.Module, list[Any]] | None = None  # model, optimizers
         self.losses = Losses()
         self._warned: set[str] = set()
         self._released = True
@@ -159,66 +170,10 @@ class MonitorEngine:
 
     # ------------------------------------------------------------------ rollback
 
-    @property
-    def rollback_request(self) -> RollbackRequest | None:
-        """A rollback the controller of optimizer 0 asks for (the adapter carries it out with
-        :class:`~warmup_monitor.rollback.Snapshots`, then calls :meth:`rolled_back`)."""
-        w = self._watches[0] if self._watches else None
-        return None if w is None or w.controller is None else w.controller.rollback_request
-
-    def snapshot_due(self) -> bool:
-        """Whether a snapshot is due now, before the next update of optimizer 0."""
-        w = self._watches[0] if self._watches else None
-        return w is not None and w.controller is not None and w.controller.snapshot_due(w.progress)
-
-    def rollback_possible(self) -> bool:
-        """Whether a rollback can still be asked for: rollback is on, the plan of optimizer 0
-        is not exhausted, and a step not yet processed can still act (warmup or its grace
-        window), or a request is pending. Snapshots matter (and go into checkpoints) only
-        then."""
-        w = self._watches[0] if self._watches else None
-        c = w.controller if w is not None else None
-        if w is None or c is None or not c.rollback:
-            return False
-        if c.rollback_request is not None:
-            return True
-        first = w.records[0].progress if w.records else w.progress
-        return not c.exhausted and c.in_grace(first)
-
-    def updates_taken(self) -> int:
-        """Updates optimizer 0 has taken (steps a gradient scaler skipped not counted): the
-        step numbering of snapshots and of the plan."""
-        return self._watches[0].progress if self._watches else self._progress.get(0, 0)
-
-    def earliest_onset(self) -> int:
-        """The earliest onset a rollback of optimizer 0 can still have (steps not yet
-        processed, or an episode still open): snapshots older than the last one before it
-        can no longer be restored."""
-        w = self._watches[0]
-        first = w.records[0].progress if w.records else w.progress
-        return first if w.controller is None else w.controller.earliest_onset(first)
-
-    def snapshot_state(self) -> tuple[int, dict[int, Any]]:
-        """``(updates taken by optimizer 0, the detectors' states)`` for a snapshot; steps
-        still kept on the device are processed first."""
-        self.flush()
-        return self._watches[0].progress, {w.index: w.detector.state_dict() for w in self._watches}
-
-    def rolled_back(
-        self, snapshot_step: int | None, detectors: dict[int, Any] | None, **details: Any
-    ) -> None:
-        """The adapter restored the snapshot taken before update ``snapshot_step`` (``None``:
-        none was kept): restore the detectors, forget the previous gradients, and record the
-        fact with a ``rollback`` alert."""
-        w = self._watches[0]
-        assert w.controller is not None
-        for watch in self._watches:
-            if detectors is not None and watch.index in detectors:
-                watch.detector.load_state_dict(detectors[watch.index])
-            watch.stats.forget()
-        alert = w.controller.rolled_back(w.progress - 1, snapshot_step, **details)
-        self.alert_count += 1
-        self._dispatch([alert], 0)
+    def rollback_point(self, *, start: bool = False) -> None:
+        """Between two updates (the start of training, the end of each batch): carry out a
+        pending rollback, then take a snapshot if one is due (:mod:`.rollback`)."""
+        rollback.rollback_point(self, start=start)
 
     @property
     def stop_requested(self) -> bool:
@@ -241,7 +196,7 @@ class MonitorEngine:
         complete_on_step: bool = False,
         metrics_sinks: Sequence[MetricsSink] = (),
         alert_sinks: Sequence[AlertSink] = (),
-        rollback: Callable[[], Any] | None = None,
+        model: nn.Module | None = None,
     ) -> None:
         """Start watching ``optimizers`` (again): the one call that wires the engine.
 
@@ -259,12 +214,9 @@ class MonitorEngine:
                 the step were added before it); otherwise :meth:`after_step` completes it.
             metrics_sinks: Receive the scalars of each logging step.
             alert_sinks: Receive each alert.
-            rollback: Carries out :attr:`rollback_request` (restores a snapshot and calls
-                :meth:`rolled_back`). The engine calls it where the request is decided: in
-                the step post-hook of a single optimizer, right after ``optimizer.step``
-                and before anything else (the scheduler, other callbacks) sees the damaged
-                weights; and before ``on_exhausted="raise"`` raises. With several optimizers
-                the adapter carries it out after the batch.
+            model: The model a rollback restores into, with ``optimizers``; ``None``: no
+                rollback. With snapshots on, the engine restores where the request is decided
+                (:mod:`warmup_monitor.engine.rollback`) and snapshots at :meth:`rollback_point`.
         """
         self.detach()
         self.world_size = world_size
@@ -326,7 +278,8 @@ class MonitorEngine:
                     len(groups) == 1 and dist.get_world_size(groups[0]) == dist.get_world_size()
                 )
         self.losses.clear()
-        self._rollback_handler = rollback
+        if model is not None and self.snapshots is not None:
+            self._rollback_target = (model, list(optimizers))
         self._released = False
 
     def detach(self, *, close_episodes: bool = False) -> None:
@@ -354,7 +307,7 @@ class MonitorEngine:
             self._detector_states[w.index] = w.detector.state_dict()
             if w.controller is not None:
                 self._controller_states[w.index] = w.controller.state_dict()
-        self._rollback_handler = None
+        self._rollback_target = None
         self._release()
 
     def _post_hook(self, watch: Watch) -> Callable[..., None]:
@@ -382,21 +335,13 @@ class MonitorEngine:
             if self.complete_on_step:
                 self._complete(watch)
                 if len(self._watches) == 1:  # several: the other optimizers' steps follow
-                    self.roll_back_now()
+                    rollback.roll_back_now(self)
 
         return hook
 
     def continue_in(self, log_dir: str | None) -> Alert | None:
         """Note the run's log dir; a resume from elsewhere returns the record that says so."""
         return state.continue_in(self, log_dir)
-
-    def roll_back_now(self) -> bool:
-        """Carry out a pending :attr:`rollback_request` now with the adapter's ``rollback``
-        (:meth:`attach`); whether one was carried out."""
-        if self._rollback_handler is None or self.rollback_request is None:
-            return False
-        self._rollback_handler()
-        return True
 
     def steps_taken(self, opt_idx: int = 0) -> int:
         """Optimizer steps optimizer ``opt_idx`` has taken (monitored or not)."""
@@ -613,7 +558,8 @@ class MonitorEngine:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """Step counts, counters, detector, controller and probe states (primitives only).
+        """Step counts, counters, detector, controller and probe states (primitives only), and
+        during a fit, while a rollback can still come, the snapshots it may restore.
 
         Steps still kept on the device are saved as they are, unprocessed (one host read): a
         run resumed from the state processes them at its next read, exactly where the run
@@ -622,8 +568,8 @@ class MonitorEngine:
         return state.save(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the previous gradients are not restored (no cosine on
-        the first step after)."""
+        """Restore :meth:`state_dict` (its snapshots are kept for the next fit); the previous
+        gradients are not restored (no cosine on the first step after)."""
         state.load(self, state_dict)
 
     # ------------------------------------------------------------------ internals

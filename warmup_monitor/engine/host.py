@@ -15,6 +15,7 @@ import torch
 
 from warmup_monitor.alerts import Alert, AlertKind, is_instability
 from warmup_monitor.controller import WarmupExhaustedError
+from warmup_monitor.engine import rollback
 from warmup_monitor.engine.watch import Record, Watch
 
 if TYPE_CHECKING:
@@ -113,5 +114,5 @@ def dispatch(self: MonitorEngine, alerts: Sequence[Alert], opt_idx: int) -> None
             alert_sink(alert)
     for alert in alerts:
         if alert.kind == AlertKind.WARMUP_EXHAUSTED and alert.details.get("action") == "raise":
-            self.roll_back_now()  # the episode's damage is not left in the model
+            rollback.roll_back_now(self)  # the episode's damage is not left in the model
             raise WarmupExhaustedError(alert.message)

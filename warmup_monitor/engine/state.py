@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from warmup_monitor.alerts import Alert, resumed_note
+from warmup_monitor.engine import rollback
 from warmup_monitor.engine.watch import record_state, restore_record
 
 if TYPE_CHECKING:
@@ -14,7 +15,9 @@ if TYPE_CHECKING:
 
 
 def save(self: MonitorEngine) -> dict[str, Any]:
-    """Step counts, counters, detector, controller and probe states (primitives only).
+    """Step counts, counters, detector, controller and probe states (primitives only), and,
+    during a fit while a rollback can still come, the snapshots it may restore (tensors,
+    :func:`.rollback.save`).
 
     Steps still kept on the device are saved as they are, unprocessed (one host read): a
     run resumed from the state processes them at its next read, exactly where the run
@@ -56,6 +59,7 @@ def save(self: MonitorEngine) -> dict[str, Any]:
     }
     if self.prober is not None:
         state["probe"] = self.prober.state_dict()
+    state.update(rollback.save(self))  # during a fit, the snapshots a rollback may restore
     return state
 
 
@@ -90,6 +94,7 @@ def load(self: MonitorEngine, state: dict[str, Any]) -> None:
         if w.episodes is not None and w.index in self._episode_states:
             w.episodes.load_state_dict(self._episode_states[w.index])
         w.stats.forget()
+    rollback.load(self, state)
 
 
 def continue_in(self: MonitorEngine, log_dir: str | None) -> Alert | None:
