@@ -30,14 +30,14 @@ K = AlertKind
 SEVERE = [K.LOSS_SPIKE, K.NON_FINITE]
 # Documented as acting at once too (controller docstring, README "adaptive=True"): oscillation
 # already means five flipped gradients in a row; edge_of_stability is a measured limit.
-ALSO_AT_ONCE = [K.OSCILLATION, K.EDGE_OF_STABILITY]
+ALSO_AT_ONCE = [K.EDGE_OF_STABILITY]
 REPEAT = [K.LOSS_TREND_SPIKE]
 # Gradient-norm evidence counts only once a loss kind is in the episode.
 WEAK = [K.GRAD_NORM_SPIKE, K.GRAD_NORM_RISE, K.PERSISTENT_INSTABILITY]
 NEVER = [K.TRANSIENT, K.MONITOR, K.WARMUP_EXTENDED, K.WARMUP_EXHAUSTED]
 # Gradient-norm spikes and rises are notices by default (issue 20: on the corpus of real runs
 # they do not predict a worse outcome); a user who opts in gets the corroboration rules below.
-NOTICES = [K.GRAD_NORM_SPIKE, K.GRAD_NORM_RISE]
+NOTICES = [K.GRAD_NORM_SPIKE, K.GRAD_NORM_RISE, K.OSCILLATION]
 WITH_GRAD = sorted(DEFAULT_TRIGGER_KINDS | {k.value for k in NOTICES})
 
 
@@ -349,6 +349,9 @@ def test_default_trigger_kinds() -> None:
     assert {K(k) for k in DEFAULT_TRIGGER_KINDS} == set(
         SEVERE + ALSO_AT_ONCE + REPEAT + WEAK + sustained
     ) - set(NOTICES)
+    # A user who opts in to oscillation gets it acting at once, as before.
+    c = classic(warmup_steps=20, extend_steps=10, trigger_kinds=WITH_GRAD)
+    assert kinds(c.observe(4, [alert(4, K.OSCILLATION)], next_step=5)) == [(4, K.WARMUP_EXTENDED)]
 
 
 @pytest.mark.parametrize("kind", NOTICES)

@@ -130,13 +130,14 @@ def test_the_loss_threshold_follows_the_formula_on_a_noisy_loss() -> None:
 def test_trend_spike_fires_from_the_second_update() -> None:
     rule = LossTrendDetector()
     assert rule.update(0, 1.0) is None
-    alert = rule.update(1, 2.5)
+    alert = rule.update(1, 3.5)
     assert alert is not None
-    assert (alert.step, alert.kind, alert.value) == (1, "loss_trend_spike", 2.5)
-    # One value known: the early floor of 2x the level decides.
-    assert alert.threshold == pytest.approx(2.0)
+    assert (alert.step, alert.kind, alert.value) == (1, "loss_trend_spike", 3.5)
+    # One value known: the early floor of 3x the level decides (the corpus's healthy runs
+    # reach 2.3x their first loss in their first steps).
+    assert alert.threshold == pytest.approx(3.0)
     assert alert.details["trend"] == pytest.approx(1.0)
-    assert alert.details["ratio_to_trend"] == pytest.approx(2.5)
+    assert alert.details["ratio_to_trend"] == pytest.approx(3.5)
 
 
 def test_one_heavy_batch_is_not_a_spike_two_in_a_row_are() -> None:
@@ -164,7 +165,9 @@ def test_one_heavy_batch_is_not_a_spike_two_in_a_row_are() -> None:
 def test_heavy_tailed_noise_that_grows_as_the_loss_falls_is_not_instability() -> None:
     """Real mini-batch losses (issue 20): the relative noise grows from 5 % to 60 % as the loss
     falls from 2.3 to 0.05, with Student-t tails (3 degrees of freedom). The rules of session 3
-    flagged such runs on most steps; this one stays quiet, and still sees a 4x jump that lasts."""
+    flagged such runs on most steps; these stay quiet, and still see a jump that lasts (10x for
+    4 steps: the divergence rule; at 60 % noise with such tails the spike rule's limit is above
+    100x, and a 4x batch is ordinary)."""
     rng = np.random.default_rng(2)
     n = 600
     trend = 0.05 + 2.25 * np.exp(-np.arange(n) / 80.0)
@@ -174,8 +177,8 @@ def test_heavy_tailed_noise_that_grows_as_the_loss_falls_is_not_instability() ->
     flagged = [(s, k) for s, k in feed(det, losses) if is_instability(k)]
     assert flagged == []
     spiky = list(losses)
-    spiky[500:504] = [4.0 * trend[500]] * 4
-    hits = [s for s, k in feed(InstabilityDetector(), spiky) if k == "loss_trend_spike"]
+    spiky[500:504] = [10.0 * trend[500]] * 4  # to 0.5, under the initial loss (2.3)
+    hits = [s for s, k in feed(InstabilityDetector(), spiky) if is_instability(k)]
     assert hits and 500 <= hits[0] <= 502
 
 
@@ -460,11 +463,10 @@ def test_composite_reads_grad_norm_and_cosine() -> None:
         cosine = -0.9 if 0 <= step <= 4 else 0.3
         out += [(step, k) for k in kinds(det.update(step, 1.0, grad_norm, cosine))]
     assert out == [
-        (4, "oscillation"),
-        (5, "transient"),
-        (6, "grad_norm_spike"),  # a notice: persistence does not count it
+        (4, "oscillation"),  # notices: persistence does not count them
+        (6, "grad_norm_spike"),
         (9, "non_finite"),
-        (10, "transient"),  # the second episode within 100 steps, not the third
+        (10, "transient"),  # the one flagged step recovered at once
     ]
 
 
@@ -552,7 +554,9 @@ def test_instability_kinds() -> None:
     assert AlertKind.PERSISTENT_INSTABILITY.is_instability
     assert not AlertKind.TRANSIENT.is_instability
     assert not AlertKind.WARMUP_EXTENDED.is_instability
-    assert is_instability("oscillation") and not is_instability("transient")
+    assert is_instability("loss_divergence") and not is_instability("transient")
+    # Notices (issue 20): shown, never instability.
+    assert not any(is_instability(k) for k in ("oscillation", "grad_norm_spike", "grad_norm_rise"))
     assert not is_instability("a_future_kind")
     assert AlertKind.MONITOR not in INSTABILITY_KINDS
 

@@ -39,7 +39,7 @@ def test_an_episode_opens_once_updates_silently_and_closes_with_its_summary() ->
         10: [K.LOSS_SPIKE, K.LOSS_TREND_SPIKE],
         11: [K.LOSS_SPIKE, K.LOSS_TREND_SPIKE],
         12: [K.LOSS_TREND_SPIKE],
-        13: [K.LOSS_TREND_SPIKE, K.OSCILLATION],
+        13: [K.LOSS_TREND_SPIKE, K.NON_FINITE],
         14: [K.LOSS_TREND_SPIKE],
         16: [K.LOSS_DIVERGENCE],
     }
@@ -65,11 +65,11 @@ def test_an_episode_opens_once_updates_silently_and_closes_with_its_summary() ->
         "duration": 7,
         "count": 6,
         "alerts": sum(len(v) for v in flagged.values()),
-        "kinds": ["loss_spike", "loss_trend_spike", "oscillation", "loss_divergence"],
+        "kinds": ["loss_spike", "loss_trend_spike", "non_finite", "loss_divergence"],
         "kind_counts": {
             "loss_spike": 2,
             "loss_trend_spike": 5,
-            "oscillation": 1,
+            "non_finite": 1,
             "loss_divergence": 1,
         },
         "peak_ratio": ratios[peak_step],
@@ -110,7 +110,7 @@ def test_other_kinds_pass_through_unchanged_and_in_place() -> None:
     assert got[0] is extended and got[2] is transient and got[3] is backoff
     assert got[1].kind == K.LOSS_TREND_SPIKE and got[1].episode == 1
     exhausted, monitor = alert(5, K.WARMUP_EXHAUSTED), alert(5, K.MONITOR)
-    assert ep.observe(5, [exhausted, monitor, alert(5, K.OSCILLATION)]) == [exhausted, monitor]
+    assert ep.observe(5, [exhausted, monitor, alert(5, K.NON_FINITE)]) == [exhausted, monitor]
     assert ep.observe(6, [alert(6, K.TRANSIENT)])[0].episode is None
 
 

@@ -320,7 +320,7 @@ def test_transient_only_is_healthy() -> None:
 
 def test_an_episode_closed_by_transient_is_not_instability_but_a_loss_spike_is() -> None:
     closed = _alert(53, "transient", episode_start=50, episode_steps=3)
-    quiet = [_alert(50, "oscillation"), _alert(52, "grad_norm_spike"), closed]
+    quiet = [_alert(50, "loss_trend_spike"), _alert(52, "loss_divergence"), closed]
     assert summarize(synthetic_run(alerts=quiet)).verdict == HEALTHY
     assert summarize(synthetic_run(alerts=quiet[:2])).verdict == RECOVERED
     spike = summarize(synthetic_run(alerts=[*quiet, _alert(51, "loss_spike")]))

@@ -116,8 +116,8 @@ def test_alerts_are_grouped_by_episode() -> None:
         _alert(13, "loss_spike", episode=0),
         _alert(14, "warmup_extended", old_warmup_steps=100, new_warmup_steps=150),
         Alert(46, AlertKind.EPISODE_END, "episode 0 ended", details=ended, episode=0),
-        _alert(200, "oscillation"),  # a file without episode ids: a group of its own
-        _alert(201, "oscillation"),
+        _alert(200, "loss_divergence"),  # a file without episode ids: a group of its own
+        _alert(201, "loss_divergence"),
     ]
     r = summarize(synthetic_run(alerts=alerts))
     first, second, third = r.episodes

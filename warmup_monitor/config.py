@@ -136,10 +136,12 @@ class Detection(_Validated):
     and how their alerts are grouped into episodes (:class:`~warmup_monitor.detectors.Episodes`).
 
     Every rule sees every optimizer step from the first; each can be turned off. The spike rules
-    are noise-relative: a value more than ``*_sigmas`` robust noise scales above its forecast,
-    and at least ``*_min_ratio`` times it, is a spike; before the noise scale is known (the
-    first ``noise_samples`` values) the ``*_early_ratio`` floors apply instead. The defaults
-    were calibrated on synthetic traces (``benchmarks/detection.py --part calibrate``).
+    are noise-relative: a value more than ``*_sigmas`` noise scales above its forecast, and at
+    least ``*_min_ratio`` times it, is a spike; before the noise is known (the first
+    ``noise_samples`` values) the ``*_early_ratio`` floors apply instead. The loss rules'
+    defaults were chosen on the calibration split of the corpus of real runs
+    (``benchmarks/corpus/replay.py --calibrate``, ``benchmarks/README_corpus.md``); the
+    gradient-norm and oscillation rules raise notices, which never count as instability.
     """
 
     spike_factor: float = _spec(10.0, _float(above=1.0))
@@ -151,10 +153,11 @@ class Detection(_Validated):
     loss_trend_spike: bool = _spec(True, _bool)
     """Turn the trend rule on the loss on."""
     trend_sigmas: float = _spec(5.7, _float(above=0.0))
-    """A loss above its trend x (1 + this many robust noise scales) is a spike (> 0)."""
+    """A loss above its recent level x exp(this many noise scales) is a spike, the noise scale
+    being the 95th percentile of the recent absolute log residuals (> 0)."""
     trend_min_ratio: float = _spec(1.1, _float(above=1.0))
     """Least ratio to the loss trend that makes a spike once the noise is known (> 1)."""
-    trend_early_ratio: float = _spec(2.0, _float(above=1.0))
+    trend_early_ratio: float = _spec(3.0, _float(above=1.0))
     """Least ratio to the loss trend that makes a spike while the noise is unknown (> 1)."""
     grad_norm_spike: bool = _spec(True, _bool)
     """Turn the gradient-norm rule on."""

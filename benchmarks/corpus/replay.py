@@ -251,7 +251,10 @@ def per_family(outcomes: list[Outcome]) -> str:
 GRID: dict[str, list[Any]] = {
     "trend_sigmas": [3.0, 4.0, 5.7],
     "trend_early_ratio": [2.0, 2.5, 3.0],
-    "divergence_min_ratio": [1.5, 1.75, 2.0],
+    # Fixed by a constraint, not swept: the issue keeps the slow-divergence cases, and
+    # tests/test_divergence_lightning.py (a least-squares run pushed just past 2 / lambda_max)
+    # is flagged before its loss doubles at 1.25 and no longer at 1.5, 1.75 or 2 (measured).
+    "divergence_min_ratio": [1.25],
     "divergence_sigmas": [3.0, 5.0],
 }
 
@@ -259,8 +262,10 @@ GRID: dict[str, list[Any]] = {
 def calibrate(runs: list[Run], base: Detection) -> Detection:
     """Sweep :data:`GRID` on the calibration split and return the setting the rule picks:
     among those that flag every failing calibration run by its deadline, the one
-    with the fewest instability alerts on the healthy calibration runs; on a tie, the lower
-    thresholds (the more sensitive). Prints every setting's figures."""
+    with the fewest instability alerts on the healthy calibration runs; on a tie, the higher
+    thresholds (first, do no harm: the corpus's classification runs use label smoothing, so
+    their losses never reach the noisy lows of a plain cross-entropy near 0, where the user's
+    digits run of issue 20 sits). Prints every setting's figures."""
     cal = [r for r in runs if r.split == "calibrate"]
     print("| " + " | ".join(GRID) + " | alerts/50 healthy | healthy verdict | recall | spiky |")
     print("|" + "---|" * (len(GRID) + 4))
@@ -274,11 +279,7 @@ def calibrate(runs: list[Run], base: Detection) -> Detection:
             + f" | {s.alerts_per_50:.2f} | {s.healthy_verdict:.1%} | {s.recall:.0%} "
             f"| {s.spiky_recall:.0%} |"
         )
-        if (
-            s.recall == 1.0
-            and s.spiky_recall == 1.0
-            and (best is None or s.alerts_per_50 < best[0])
-        ):
+        if s.recall == 1.0 and (best is None or s.alerts_per_50 <= best[0]):
             best = (s.alerts_per_50, values)
     if best is None:
         raise SystemExit("no setting flags every failing calibration run")

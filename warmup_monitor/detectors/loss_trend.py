@@ -111,9 +111,9 @@ class LossTrendDetector:
     def __init__(
         self,
         *,
-        sigmas: float = 3.0,
+        sigmas: float = 5.7,
         min_ratio: float = 1.1,
-        early_ratio: float = 2.0,
+        early_ratio: float = 3.0,
         early_samples: int = 10,
         rebaseline_steps: int = 20,
         level_window: int = 16,
