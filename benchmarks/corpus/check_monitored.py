@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build import _worker_init, train  # noqa: E402
-from labels import final_loss  # noqa: E402
-from traces import load_corpus  # noqa: E402
+from build import _worker_init, train
+from labels import final_loss
+from traces import load_corpus
 
-from warmup_monitor.alerts import ACTION_KINDS  # noqa: E402
-from warmup_monitor.loop import LoopMonitor  # noqa: E402
+from warmup_monitor.alerts import ACTION_KINDS
+from warmup_monitor.loop import LoopMonitor
 
 
 def monitored(run: Any, adaptive: bool) -> tuple[np.ndarray, list[str]]:
