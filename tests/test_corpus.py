@@ -172,3 +172,23 @@ def test_train_hook_order_and_bit_identity() -> None:
     monitors[0].close()
     for key in build.TRACE_KEYS:
         assert np.array_equal(watched[key], plain[key], equal_nan=key != "group_names"), key
+
+
+def test_the_advice_quotes_what_a_longer_warmup_did_on_the_corpus() -> None:
+    """The report's advice says how many failing runs with no or a short warmup the long arm of
+    the same cell and seed turned healthy; recomputed here from the committed corpus."""
+    from collections import defaultdict
+
+    from warmup_monitor.report.wording import LONGER_WARMUP_HEALED
+
+    arms: dict[tuple[str, int], dict[str, Any]] = defaultdict(dict)
+    for r in load_corpus():
+        arms[(r.cell, r.seed)][r.warmup_arm] = r
+    pairs = [
+        (a[arm], a["long"])
+        for a in arms.values()
+        for arm in ("none", "short")
+        if arm in a and "long" in a and a[arm].label == "failing"
+    ]
+    healed = sum(long.label == "healthy" for _, long in pairs)
+    assert LONGER_WARMUP_HEALED == (healed, len(pairs))

@@ -40,6 +40,11 @@ _PHRASES = {
     "edge_of_stability": "the lr passed the curvature stability limit",
 }
 
+#: On the corpus of real runs (``benchmarks/README_corpus.md``): of the failing runs with no or a
+#: short warmup, how many the long-warmup arm of the same cell and seed turned healthy
+#: (``tests/test_corpus.py`` recomputes it from the corpus).
+LONGER_WARMUP_HEALED = (17, 35)
+
 
 def _steps_text(steps: list[int], limit: int = 6) -> str:
     shown = ", ".join(str(s) for s in steps[:limit])
@@ -139,10 +144,14 @@ def advise(r: RunSummary) -> list[str]:
             "this model; " + (lr_hint or "lower it") + " rather than lengthening warmup"
         )
     elif w is not None:
+        healed, tried = LONGER_WARMUP_HEALED
         out.append(
             f"lengthen warmup to at least {2 * w} steps (twice the planned {w})"
             + (f", or {lr_hint}" if lr_hint else "")
-            + ", or let the monitor extend warmup when it sees instability"
+            + ", or let the monitor extend warmup when it sees instability (on the corpus of "
+            f"real runs a warmup of 30 % of the run turned {healed} of {tried} failing runs "
+            "with none or a short one healthy; the others were unstable at every warmup, where "
+            "only a lower lr helps)"
         )
     elif lr_hint:
         out.append(lr_hint)
@@ -151,12 +160,6 @@ def advise(r: RunSummary) -> list[str]:
         out.append(
             "non-finite values: clip gradients, and check the data and the mixed-precision loss "
             "scaling at those steps"
-        )
-    if "grad_norm_spike" in unstable and r.median_grad_norm:
-        out.append(
-            f"gradient norm peaked at {_g(r.peak_grad_norm or math.nan)} (step "
-            f"{r.peak_grad_norm_step}) against a median of {_g(r.median_grad_norm)}: gradient "
-            f"clipping at about {_g(2 * r.median_grad_norm)} would cap such spikes"
         )
     if r.verdict == RECOVERED and r.final_loss_ratio is not None:
         out.append(
