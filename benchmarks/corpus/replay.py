@@ -227,8 +227,8 @@ def per_family(outcomes: list[Outcome]) -> str:
     fams = sorted({o.family for o in outcomes})
     lines = [
         '| family | healthy | alerts on healthy | not "healthy" | would act | failing '
-        "| caught | silent | flagged |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| caught | spiky | caught | silent | flagged |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for fam in fams:
         os_ = [o for o in outcomes if o.family == fam]
