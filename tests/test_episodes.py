@@ -11,6 +11,7 @@ import pytest
 
 from warmup_monitor.alerts import INSTABILITY_KINDS, Alert, AlertKind, is_instability
 from warmup_monitor.detectors import EPISODE_KINDS, Episodes, InstabilityDetector
+from warmup_monitor.schema import EPISODE_END_FIELDS, EPISODE_OUTCOMES
 
 K = AlertKind
 
@@ -73,6 +74,7 @@ def test_an_episode_opens_once_updates_silently_and_closes_with_its_summary() ->
         "peak_ratio": ratios[peak_step],
         "peak_step": peak_step,
         "recovered": True,
+        "outcome": "recovered",
         "steps": [[10, 14], [16, 16]],
     }
     assert end.value == ratios[peak_step]
@@ -114,8 +116,21 @@ def test_close_ends_an_open_episode_as_not_recovered() -> None:
     (end,) = ep.close(6)
     assert (end.step, end.episode) == (6, 1)
     assert end.details["recovered"] is False and end.details["steps"] == [[3, 4]]
+    assert end.details["outcome"] == "open_at_end"
     assert end.details["peak_ratio"] is None and math.isnan(end.value)
     assert ep.close(7) == [] and ep.current is None
+
+
+def test_close_on_an_interruption_says_so_in_the_outcome_and_the_message() -> None:
+    ep = Episodes(quiet_steps=10)
+    assert ep.close(3, interrupted=True) == []
+    ep.observe(3, [alert(3, K.LOSS_SPIKE)])
+    (end,) = ep.close(5, interrupted=True)
+    assert (end.step, end.episode) == (5, 1)
+    assert end.details["outcome"] == "interrupted" and end.details["recovered"] is False
+    assert "interrupted" in end.message
+    assert set(EPISODE_END_FIELDS) <= set(end.details)
+    assert set(EPISODE_OUTCOMES) == {"recovered", "open_at_end", "interrupted"}
 
 
 def test_a_later_episode_gets_the_next_id_and_the_first_one_its_end() -> None:

@@ -134,6 +134,23 @@ class AlertDispatcher:
         except (OSError, ValueError):
             log.exception("warmup_monitor: could not write %s", self.jsonl_path)
 
+    def start_fresh(self) -> None:
+        """A fresh watch begins: move an existing JSONL file aside (to the first free
+        ``<path>.N``), so that the file holds this run's alerts only
+        (:meth:`~warmup_monitor.schema.JsonlWriter.start_fresh`); a resume does not call this
+        and appends. A file that cannot be moved is said once on the log, and appended to."""
+        if self._writer is None:
+            return
+        try:
+            aside = self._writer.start_fresh()
+        except OSError:
+            log.exception("warmup_monitor: could not move %s aside; appending", self.jsonl_path)
+            return
+        if aside is not None:
+            log.info(
+                "warmup_monitor: a fresh run: the previous %s is now %s", self.jsonl_path, aside
+            )
+
     def close(self) -> None:
         """Close the JSONL file (it is reopened in append mode if another alert comes)."""
         if self._writer is not None:

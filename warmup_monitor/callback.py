@@ -169,7 +169,8 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # global_step is restored after on_fit_start: a resume is known by load_state_dict.
-        if trainer.global_step == 0 and not self._restored:
+        fresh = trainer.global_step == 0 and not self._restored
+        if fresh:
             self._engine.reset()  # a new Trainer (or a fresh run) starts a fresh watch
             self._probe_batch = None
         self._restored = False
@@ -185,6 +186,8 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
                 on_alert=self.on_alert,
                 text_tag=f"{prefix}alerts",
             )
+            if fresh:
+                self._dispatcher.start_fresh()  # one run per alerts file; a resume appends
             alert_sinks.append(self._dispatcher.dispatch)
             metrics_sinks.append(_compat.LoggersSink(trainer.loggers))
         optimizers = list(trainer.optimizers)
@@ -256,6 +259,23 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.teardown(trainer, pl_module, "fit")
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Training stopped on an exception (Lightning calls no ``teardown`` then): process
+        the steps still kept on the device, write their scalars and alerts (before Lightning
+        finalizes the loggers), end open episodes as ``"interrupted"``, remove the monitor's
+        optimizer hooks and close the alerts file. Never raises: the user's exception is the
+        one that matters (a failure here is logged)."""
+        try:
+            self._engine.interrupt()
+        except Exception:
+            log.exception("warmup_monitor: could not write everything at the interruption")
+        finally:
+            self._restored = False
+            if self._dispatcher is not None:
+                self._dispatcher.close()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":

@@ -55,9 +55,10 @@ class Episodes:
       (``end - start + 1``), ``count`` (flagged steps), ``alerts``, ``kinds`` (in order of
       first appearance), ``kind_counts`` (flagged steps per kind), ``peak_ratio`` and
       ``peak_step`` (the highest ``loss_ratio`` observed while open, ``None`` if none was
-      given), ``recovered`` and ``steps`` (the flagged steps as ``[first, last]`` ranges, at
-      most ``max_ranges``: the closest ranges are merged beyond that, and
-      ``steps_merged`` says so);
+      given), ``recovered``, ``outcome`` (``"recovered"``, ``"open_at_end"`` or
+      ``"interrupted"``: :data:`~warmup_monitor.schema.EPISODE_OUTCOMES`) and ``steps`` (the
+      flagged steps as ``[first, last]`` ranges, at most ``max_ranges``: the closest ranges
+      are merged beyond that, and ``steps_merged`` says so);
     - every other alert (``transient``, ``monitor``, ``warmup_extended``, ``warmup_exhausted``,
       ``lr_backoff``, ``rollback``, unknown kinds) is returned unchanged, in its place.
 
@@ -119,7 +120,9 @@ class Episodes:
         out: list[Alert] = []
         ep = self._open
         if ep is not None and step - ep["last"] >= self.quiet_steps:
-            out.append(self._end(ep["last"] + self.quiet_steps, recovered=True))
+            out.append(
+                self._end(ep["last"] + self.quiet_steps, recovered=True, outcome="recovered")
+            )
             ep = None
         flagged = [a for a in alerts if _kind(a) in EPISODE_KINDS]
         opening = None
@@ -140,11 +143,18 @@ class Episodes:
                 out.append(opening)
         return out
 
-    def close(self, step: int) -> list[Alert]:
-        """End the open episode, if any, at ``step`` (not recovered); return its summary."""
+    def close(self, step: int, *, interrupted: bool = False) -> list[Alert]:
+        """End the open episode, if any, at ``step`` (not recovered); return its summary.
+
+        Args:
+            step: The last step observed.
+            interrupted: Training stopped on an exception (outcome ``"interrupted"``), rather
+                than monitoring ending normally (``"open_at_end"``).
+        """
         if self._open is None:
             return []
-        return [self._end(max(step, int(self._open["last"])), recovered=False)]
+        outcome = "interrupted" if interrupted else "open_at_end"
+        return [self._end(max(step, int(self._open["last"])), recovered=False, outcome=outcome)]
 
     # ------------------------------------------------------------------ internals
 
@@ -197,14 +207,18 @@ class Episodes:
                 ep["kinds"].append(kind)
             counts[kind] = counts.get(kind, 0) + 1
 
-    def _end(self, step: int, *, recovered: bool) -> Alert:
+    def _end(self, step: int, *, recovered: bool, outcome: str) -> Alert:
         ep = self._open
         assert ep is not None  # internal: only called with an open episode
         self._open = None
         start, end = int(ep["start"]), int(ep["last"])
         peak = ep["peak_ratio"]
         kinds = ", ".join(ep["kinds"])
-        state = "recovered" if recovered else "was still open when monitoring ended"
+        state = {
+            "recovered": "recovered",
+            "open_at_end": "was still open when monitoring ended",
+            "interrupted": "was still open when training was interrupted (an exception)",
+        }[outcome]
         message = (
             f"episode {ep['id']} ({_span(start, end)}, {ep['count']} flagged: {kinds}) {state}"
         )
@@ -222,6 +236,7 @@ class Episodes:
             "peak_ratio": peak,
             "peak_step": ep["peak_step"],
             "recovered": recovered,
+            "outcome": outcome,
             "steps": [list(r) for r in ep["ranges"]],
         }
         if ep["merged"]:

@@ -124,6 +124,7 @@ class MonitorEngine:
         self.losses = Losses()
         self._warned: set[str] = set()
         self._released = True
+        self._raise_exhausted = True  # off while an interrupted run is wound up
 
     # ------------------------------------------------------------------ the monitoring window
 
@@ -296,28 +297,64 @@ class MonitorEngine:
         """Stop watching: flush what is kept, remove the optimizer hooks, free the buffers.
 
         With ``close_episodes`` (the end of a fit or loop), an unstable episode still open is
-        closed (not recovered) and its ``episode_end`` dispatched.
+        closed (outcome ``"open_at_end"``, not recovered) and its ``episode_end`` dispatched.
+        The hooks are removed even if a sink raises (the error is raised after).
         """
-        self.flush()
-        for w in self._watches:
-            if w.episodes is not None:
-                if close_episodes:
-                    ended = w.episodes.close(max(w.step - 1, 0))
-                    self.alert_count += len(ended)
-                    self._dispatch(ended, w.index)
-                self._episode_states[w.index] = w.episodes.state_dict()
-            if w.hook is not None:
-                w.hook.remove()
-                w.hook = None
-            if w.lr_factor is not None:
-                w.lr_factor.remove()
-                w.lr_factor = None
-            self._steps[w.index] = w.step
-            self._progress[w.index] = w.progress
-            self._detector_states[w.index] = w.detector.state_dict()
-            if w.controller is not None:
-                self._controller_states[w.index] = w.controller.state_dict()
-        self._release()
+        self._stop(close_episodes=close_episodes, interrupted=False)
+
+    def interrupt(self) -> None:
+        """Training stopped on an exception: keep everything it measured, then stop watching.
+
+        The steps completed and still kept on the device are processed as at a host read
+        (their scalars and alerts reach the sinks; ``on_exhausted="raise"`` does not raise
+        here), a step measured by :meth:`before_step` whose ``optimizer.step`` never completed
+        is dropped (it was not taken), every open episode ends with outcome ``"interrupted"``,
+        and every optimizer hook of the monitor is removed. No collective is called (the
+        other ranks may be gone). Idempotent; a sink's error is raised after the cleanup.
+        """
+        self._stop(close_episodes=True, interrupted=True)
+
+    def _stop(self, *, close_episodes: bool, interrupted: bool) -> None:
+        errors: list[BaseException] = []
+        if interrupted:
+            self._raise_exhausted = False
+            for w in self._watches:
+                w.pending = None
+        try:
+            for w in self._watches:
+                try:
+                    if w.records:
+                        self._read(w)
+                except Exception as err:  # every watch is processed, then the hooks go
+                    errors.append(err)
+                    w.records = []
+            for w in self._watches:
+                if w.episodes is not None:
+                    if close_episodes:
+                        ended = w.episodes.close(max(w.step - 1, 0), interrupted=interrupted)
+                        self.alert_count += len(ended)
+                        try:
+                            self._dispatch(ended, w.index)
+                        except Exception as err:
+                            errors.append(err)
+                    self._episode_states[w.index] = w.episodes.state_dict()
+        finally:
+            self._raise_exhausted = True
+            for w in self._watches:
+                if w.hook is not None:
+                    w.hook.remove()
+                    w.hook = None
+                if w.lr_factor is not None:
+                    w.lr_factor.remove()
+                    w.lr_factor = None
+                self._steps[w.index] = w.step
+                self._progress[w.index] = w.progress
+                self._detector_states[w.index] = w.detector.state_dict()
+                if w.controller is not None:
+                    self._controller_states[w.index] = w.controller.state_dict()
+            self._release()
+        if errors:
+            raise errors[0]
 
     def _post_hook(self, watch: Watch) -> Callable[..., None]:
         def hook(optimizer: Any, args: Any, kwargs: Any) -> None:

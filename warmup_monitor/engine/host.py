@@ -106,5 +106,9 @@ def dispatch(self: MonitorEngine, alerts: Sequence[Alert], opt_idx: int) -> None
         for alert_sink in self.alert_sinks:
             alert_sink(alert)
     for alert in alerts:
-        if alert.kind == AlertKind.WARMUP_EXHAUSTED and alert.details.get("action") == "raise":
+        if (
+            alert.kind == AlertKind.WARMUP_EXHAUSTED
+            and alert.details.get("action") == "raise"
+            and self._raise_exhausted
+        ):
             raise WarmupExhaustedError(alert.message)
