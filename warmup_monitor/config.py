@@ -252,6 +252,11 @@ def _kinds(name: str, value: Any) -> tuple[str, ...] | None:
             allowed = ", ".join(repr(c) for c in _ALERT_KINDS)
             raise ValueError(f"`{name}` must hold alert kinds among {allowed}, got {k!r}")
         out.append(kind)
+    if not out:
+        raise ValueError(
+            f"`{name}` must hold at least one alert kind, got an empty collection (the controller "
+            "would never act); None: every instability kind"
+        )
     return tuple(sorted(set(out)))
 
 

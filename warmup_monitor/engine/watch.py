@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,22 +171,27 @@ class Losses:
         self._sum: Tensor | None = None
         self.count = 0
 
-    def add(self, loss: Tensor | float | None, *, restart: bool = False) -> None:
-        """Add one loss (a float or a one-element tensor); ``restart`` forgets the earlier ones
-        first (their gradients were dropped: they belong to no update)."""
+    def add(self, loss: Any, *, restart: bool = False) -> None:
+        """Add one loss; ``restart`` forgets the earlier ones first (their gradients were
+        dropped: they belong to no update).
+
+        A loss is any real number (``float``, ``int``, NumPy scalars such as ``np.float32``,
+        ``fractions.Fraction``), or a one-element tensor or array (torch or NumPy, any real
+        dtype); booleans and complex numbers are refused.
+        """
         if loss is None:
             return
-        if isinstance(loss, bool) or not isinstance(loss, (Tensor, int, float)):
-            raise TypeError(f"`loss` must be a float or a 0-dim tensor, got {type(loss).__name__}")
         if isinstance(loss, Tensor):
             if loss.numel() != 1:
                 raise ValueError(
-                    f"`loss` must be a single value (a float or a 0-dim tensor), got a tensor "
+                    f"`loss` must be a single value (a number or a 0-dim tensor), got a tensor "
                     f"of shape {tuple(loss.shape)}: reduce it (e.g. loss.mean()) first"
                 )
+            if loss.dtype == torch.bool or loss.is_complex():
+                raise TypeError(f"`loss` must be a real number, got a {loss.dtype} tensor")
             value = loss.detach().float().reshape(())
         else:
-            value = torch.tensor(float(loss))
+            value = torch.tensor(_real(loss))
         if restart:
             self.clear()
         self._sum = value if self._sum is None else self._sum + value.to(self._sum.device)
@@ -201,6 +207,26 @@ class Losses:
         if self._last is not None and self._last[1] == self.batch:
             return self._last[0]  # several optimizers stepped on one backward
         return None
+
+
+def _real(loss: Any) -> float:
+    """A host loss as a float: a real number, or a one-element real array (NumPy, ...)."""
+    if isinstance(loss, (bool, str, bytes)):
+        raise TypeError(f"`loss` must be a real number or a 0-dim tensor, got {loss!r}")
+    if isinstance(loss, numbers.Real):
+        return float(loss)
+    if hasattr(loss, "__array__"):
+        import numpy as np
+
+        arr = np.asarray(loss)
+        if arr.size != 1:
+            raise ValueError(
+                f"`loss` must be a single value (a number or a 0-dim array), got an array of "
+                f"shape {arr.shape}: reduce it (e.g. loss.mean()) first"
+            )
+        if arr.dtype.kind in "fiu":
+            return float(arr.reshape(()))
+    raise TypeError(f"`loss` must be a real number or a 0-dim tensor, got {type(loss).__name__}")
 
 
 def make_episodes(detection: Detection, state: dict[str, Any] | None) -> Episodes | None:
