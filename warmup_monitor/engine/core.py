@@ -40,6 +40,16 @@ MetricsSink = Callable[[dict[str, float], int], None]
 AlertSink = Callable[[Alert], None]
 
 
+def trained_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The parameters of ``optimizer`` that require a gradient, group after group."""
+    return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+
+
+def group_sizes(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
+    """The number of parameters of each param group: what changes when a group is added."""
+    return tuple(len(g["params"]) for g in optimizer.param_groups)
+
+
 class MonitorEngine:
     """Per-step measurement, detection, adaptive warmup and the curvature probe, for one or
     more optimizers; everything the monitor does, without Lightning.
@@ -239,14 +249,10 @@ class MonitorEngine:
         self.complete_on_step = complete_on_step
         self.metrics_sinks = list(metrics_sinks)
         self.alert_sinks = list(alert_sinks)
-        stats_cfg = self.config.statistics
-        dtype = (
-            None if stats_cfg.reference_dtype is None else getattr(torch, stats_cfg.reference_dtype)
-        )
         self._watches = []
         all_params: list[Tensor] = []
         for idx, opt in enumerate(optimizers):
-            params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+            params = trained_params(opt)
             all_params.extend(params)
             detector = self.detector if idx == 0 else copy.deepcopy(self.detector)
             if idx in self._detector_states:
@@ -260,16 +266,13 @@ class MonitorEngine:
                     controller.load_state_dict(self._controller_states[idx])
                 elif idx > 0:
                     controller.reset()
+            stats, update = self._statistics(params)
             watch = Watch(
                 index=idx,
                 optimizer=opt,
-                stats=GradientStats(
-                    params,
-                    cosine=stats_cfg.cosine,
-                    reference_dtype=dtype,
-                    sketch_fraction=stats_cfg.sketch_fraction,
-                ),
-                update=UpdateRatio(params) if stats_cfg.update_ratio else None,
+                stats=stats,
+                update=update,
+                groups=group_sizes(opt),
                 detector=detector,
                 controller=controller,
                 episodes=make_episodes(self.config.detection, self._episode_states.get(idx)),
@@ -292,6 +295,34 @@ class MonitorEngine:
                 )
         self.losses.clear()
         self._released = False
+
+    def _statistics(self, params: list[Tensor]) -> tuple[GradientStats, UpdateRatio | None]:
+        """The gradient statistics and update ratio over ``params`` (``Statistics`` config)."""
+        cfg = self.config.statistics
+        dtype = None if cfg.reference_dtype is None else getattr(torch, cfg.reference_dtype)
+        stats = GradientStats(
+            params,
+            cosine=cfg.cosine,
+            reference_dtype=dtype,
+            sketch_fraction=cfg.sketch_fraction,
+        )
+        return stats, UpdateRatio(params) if cfg.update_ratio else None
+
+    def _follow_groups(self, watch: Watch) -> None:
+        """Rebuild the parameter lists of ``watch`` when its optimizer's param groups changed
+        (``add_param_group``, progressive unfreezing): a host-side look at the group sizes, no
+        device work. The cosine restarts (the gradient vector changed)."""
+        sizes = group_sizes(watch.optimizer)
+        if sizes == watch.groups:
+            return
+        watch.groups = sizes
+        params = trained_params(watch.optimizer)
+        if [id(p) for p in params] == [id(p) for p in watch.stats.params]:
+            return
+        watch.stats.release()
+        if watch.update is not None:
+            watch.update.release()
+        watch.stats, watch.update = self._statistics(params)
 
     def detach(self, *, close_episodes: bool = False) -> None:
         """Stop watching: flush what is kept, remove the optimizer hooks, free the buffers.
@@ -437,6 +468,7 @@ class MonitorEngine:
                     watch.update.release()
             return
         watch.released = False
+        self._follow_groups(watch)
         sums = watch.stats.local_sums()
         do_log = self.should_log(watch.step, watch.index)
         if watch.update is not None and do_log:

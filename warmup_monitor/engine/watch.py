@@ -134,6 +134,7 @@ class Watch:
     lr_factor: LrFactor | None = None
     released: bool = False  # buffers freed once past the window
     completed_unstepped: bool = False  # the last step was completed before its optimizer stepped
+    groups: tuple[int, ...] = ()  # parameters per param group when the lists were built
 
     @property
     def plan_end(self) -> int | None:
