@@ -234,13 +234,28 @@ class WarmupController:
         self._unstable_lr: float | None = None  # (None: unknown)
         self._ceiling: float | None = None  # the highest level allowed, once it broke again
         self._ramp = RecordedRamp(self.initial_warmup_steps)
+        # Your scheduler did not ramp up (constant, decaying, restarts): the plan is a factor
+        # on its lr, from the peak of ``user_schedule`` (decided at the first action).
+        self._flat = False
         self.rollback_request: RollbackRequest | None = None
         #: ``[step, snapshot step or None]`` of every rollback: facts that survive a resume.
         self.rollbacks: list[list[int | None]] = []
 
     @property
     def _recorded(self) -> bool:
-        return self.shape is None and len(self._ramp) > 0
+        return self.shape is None and len(self._ramp) > 0 and not self._flat
+
+    def _check_flat(self) -> None:
+        """At the first action with ``shape=None``: whether the lrs your scheduler set never
+        rose above the first one (a constant lr, ``ReduceLROnPlateau``, ``ExponentialLR``,
+        ``CosineAnnealingWarmRestarts``). Stretching such a recording could never go below
+        its lowest lr; the plan becomes a factor on your lr instead, at the peak of
+        ``user_schedule`` until this action, backing off and re-warming along that shape
+        over ``warmup_steps`` (a factor rise of at most one ``warmup_steps``-step ramp's per
+        update)."""
+        values = self._ramp.values
+        if self.shape is None and not self._segments and len(values) >= 2:
+            self._flat = values[0] >= max(values)
 
     @property
     def _full(self) -> float:
@@ -271,7 +286,7 @@ class WarmupController:
         for a, u, r in reversed(self._segments):
             if step > a:
                 return u + r * (step - a)
-        return float(step)
+        return self._full if self._flat else float(step)
 
     def record_user_lr(self, step: int, lr: float) -> None:
         """Record the lr the user's scheduler set for the update at ``step`` (param group 0,
@@ -306,7 +321,7 @@ class WarmupController:
         Equal to :meth:`factor` when the monitor owns warmup.
         """
         if not self._segments:
-            return self._f(float(step))
+            return self._f(self._u(step))
         # Exactly the peak where announced, whatever u's rounding.
         level = self._f(self._full) if step >= self.full_lr_step else self._f(self._u(step))
         return level if self._ceiling is None else min(level, self._ceiling)
@@ -319,7 +334,7 @@ class WarmupController:
         if not self._segments:
             return 1.0 if self.shape is None else self._f(float(step))
         planned = self.plan(step)
-        if self.shape is not None:
+        if self.shape is not None or self._flat:
             return planned
         base = self._f(float(min(step, self._full)) if self._recorded else float(step))
         return 1.0 if base <= 0.0 else max(min(1.0, planned / base), 1e-12)
@@ -424,6 +439,7 @@ class WarmupController:
         self, step: int, a: int, causes: list[str], cause_steps: list[int], lr: float | None
     ) -> list[Alert]:
         cfg = self.config
+        self._check_flat()
         old_end = self.warmup_steps
         before = self.plan(a)
         u_a = self._u(a)
@@ -542,6 +558,7 @@ class WarmupController:
             "unstable_factor": self._unstable_factor,
             "unstable_lr": self._unstable_lr,
             "ceiling": self._ceiling,
+            "flat": self._flat,
             "user_lrs": list(self._ramp.values),
             "rollbacks": [list(r) for r in self.rollbacks],
         }
@@ -590,6 +607,7 @@ class WarmupController:
         self._unstable_lr = lr if math.isfinite(lr) else None
         ceiling = finite_float(state.get("ceiling"), -1.0)
         self._ceiling = ceiling if ceiling > 0.0 else None
+        self._flat = self.shape is None and bool(state.get("flat", False))
         for r in items("rollbacks"):
             try:
                 self.rollbacks.append([int(r[0]), None if r[1] is None else int(r[1])])
