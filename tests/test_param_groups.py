@@ -28,7 +28,8 @@ class _Record(pl.Callback):
         self._params: list[torch.Tensor] = []
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        # The optimizer's parameters being trained now (a frozen one has no gradient).
+        self._params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         self.grads.append([p.grad.detach().clone() for p in self._params])
         self.before.append([p.detach().clone() for p in self._params])
 
@@ -36,22 +37,27 @@ class _Record(pl.Callback):
         self.after.append([p.detach().clone() for p in self._params])
 
 
-def _unfreezing_module() -> Any:
+def _unfreezing_module(how: str) -> Any:
+    """The head is frozen at first and unfrozen at step ``UNFREEZE_AT``: added to the
+    optimizer as a new param group (``"add_param_group"``), or already in the optimizer and
+    given ``requires_grad`` back (``"requires_grad"``)."""
     base = tiny_module_class(pl)
 
     class Unfreezing(base):  # type: ignore[misc,valid-type]
         def __init__(self) -> None:
             super().__init__(lr=0.05)
-            self.net[2].requires_grad_(False)  # the head is frozen at first
+            self.net[2].requires_grad_(False)
 
         def configure_optimizers(self) -> Any:
-            return torch.optim.SGD(self.net[0].parameters(), lr=0.05, momentum=0.9)
+            params = self.net[0].parameters() if how == "add_param_group" else self.parameters()
+            return torch.optim.SGD(params, lr=0.05, momentum=0.9)
 
         def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
             if self.trainer.global_step == UNFREEZE_AT:
                 self.net[2].requires_grad_(True)
-                head = list(self.net[2].parameters())
-                self.trainer.optimizers[0].add_param_group({"params": head, "lr": 0.02})
+                if how == "add_param_group":
+                    head = list(self.net[2].parameters())
+                    self.trainer.optimizers[0].add_param_group({"params": head, "lr": 0.02})
 
     return Unfreezing()
 
@@ -60,10 +66,13 @@ def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1).double() for t in tensors])
 
 
-def test_a_param_group_added_mid_training_joins_the_statistics(tmp_path: os.PathLike) -> None:
+@pytest.mark.parametrize("how", ["add_param_group", "requires_grad"])
+def test_a_parameter_unfrozen_mid_training_joins_the_statistics(
+    tmp_path: os.PathLike, how: str
+) -> None:
     rec = _Record()
     trainer = fit(
-        pl, tmp_path, [WarmupMonitor(warmup_steps=4), rec], model=_unfreezing_module(),
+        pl, tmp_path, [WarmupMonitor(warmup_steps=4), rec], model=_unfreezing_module(how),
         max_steps=STEPS,
     )  # fmt: skip
     scalars = read_scalars(trainer.log_dir)
@@ -80,7 +89,8 @@ def test_a_param_group_added_mid_training_joins_the_statistics(tmp_path: os.Path
         else:
             cos = F.cosine_similarity(_flat(rec.grads[t]), _flat(rec.grads[t - 1]), dim=0)
             assert scalars["warmup/grad_cosine"][t] == pytest.approx(cos.item(), abs=1e-6), t
-    assert sorted(scalars["warmup/lr/pg1"]) == list(range(UNFREEZE_AT, STEPS))
+    if how == "add_param_group":
+        assert sorted(scalars["warmup/lr/pg1"]) == list(range(UNFREEZE_AT, STEPS))
     # The head's gradient is a large part of the norm: leaving it out is not a rounding error.
     head = torch.nn.utils.get_total_norm(rec.grads[UNFREEZE_AT][2:]).item()
     assert head > 0.1 * scalars["warmup/grad_norm"][UNFREEZE_AT]

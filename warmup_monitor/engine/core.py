@@ -45,6 +45,11 @@ def trained_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
 
 
+def frozen_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The parameters of ``optimizer`` that do not require a gradient (watched for unfreezing)."""
+    return [p for g in optimizer.param_groups for p in g["params"] if not p.requires_grad]
+
+
 def group_sizes(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
     """The number of parameters of each param group: what changes when a group is added."""
     return tuple(len(g["params"]) for g in optimizer.param_groups)
@@ -273,6 +278,7 @@ class MonitorEngine:
                 stats=stats,
                 update=update,
                 groups=group_sizes(opt),
+                frozen=frozen_params(opt),
                 detector=detector,
                 controller=controller,
                 episodes=make_episodes(self.config.detection, self._episode_states.get(idx)),
@@ -310,12 +316,15 @@ class MonitorEngine:
 
     def _follow_groups(self, watch: Watch) -> None:
         """Rebuild the parameter lists of ``watch`` when its optimizer's param groups changed
-        (``add_param_group``, progressive unfreezing): a host-side look at the group sizes, no
-        device work. The cosine restarts (the gradient vector changed)."""
+        (``add_param_group``) or one of its frozen parameters was unfrozen (progressive
+        unfreezing with ``requires_grad_``): a host-side look at the group sizes and at the
+        frozen parameters' flags, no device work. The cosine restarts (the gradient vector
+        changed). A parameter frozen later needs nothing: it has no gradient, it adds 0."""
         sizes = group_sizes(watch.optimizer)
-        if sizes == watch.groups:
+        if sizes == watch.groups and not any(p.requires_grad for p in watch.frozen):
             return
         watch.groups = sizes
+        watch.frozen = frozen_params(watch.optimizer)
         params = trained_params(watch.optimizer)
         if [id(p) for p in params] == [id(p) for p in watch.stats.params]:
             return

@@ -135,6 +135,7 @@ class Watch:
     released: bool = False  # buffers freed once past the window
     completed_unstepped: bool = False  # the last step was completed before its optimizer stepped
     groups: tuple[int, ...] = ()  # parameters per param group when the lists were built
+    frozen: list[Tensor] = field(default_factory=list)  # the optimizer's frozen parameters
 
     @property
     def plan_end(self) -> int | None:
