@@ -182,6 +182,8 @@ def test_the_issue_case_a_crash_after_spikes_with_low_overhead_settings(
     assert "interrupted" in alerts[1].message
     summary = summarize(load_run(log_dir))
     assert summary.verdict == UNSTABLE and summary.instability_steps == [7]
+    (episode,) = summary.episodes
+    assert (episode.outcome, episode.recovered, episode.closed) == ("interrupted", False, True)
     assert keep.optimizer is not None and not keep.optimizer._optimizer_step_post_hooks
 
 

@@ -304,9 +304,11 @@ class AdaptiveWarmup(_Validated):
     """Alert kinds that count as instability (default: every instability kind)."""
     user_schedule: Shape = _spec("linear", _choice(*SHAPES))
     """With ``schedule=None`` the monitor stretches the lrs your scheduler actually set (it
-    records them); this shape over ``warmup_steps`` is only the model of a
+    records them); this shape over ``warmup_steps`` is the model of a
     :class:`~warmup_monitor.controller.WarmupController` driven by hand without
-    ``record_user_lr``."""
+    ``record_user_lr``, and the shape of the re-warm after a back-off when your scheduler does
+    not ramp up (constant, decaying or restarting lrs: the back-off is then a factor on its
+    lr)."""
     rollback: bool = _spec(True, _bool)
     """On a severe episode (non-finite values, a loss far above its trend, persistent
     instability, a sustained loss rise), also restore the model, the optimizer state, the RNG
@@ -314,8 +316,8 @@ class AdaptiveWarmup(_Validated):
     count, the lr schedule and the data stream go on). On by default: in the benchmark, a
     back-off alone once turned a spike into a divergence that rollback prevented. Costs two
     copies of the model and optimizer state in host memory (``snapshot_device="cpu"``) during
-    warmup and its grace window; carried out by the Lightning callback (``LoopMonitor`` does
-    not roll back)."""
+    warmup and its grace window; carried out by the Lightning callback and by
+    ``LoopMonitor(model=...)`` (without ``model=`` the loop turns it off and says so once)."""
     snapshot_every_n_steps: int | None = _spec(None, _optional(_int(1)))
     """With ``rollback``: a snapshot every this many optimizer steps during warmup and its grace
     window; the last two are kept (>= 1; default ``max(1, warmup_steps // 10)``)."""
