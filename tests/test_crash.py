@@ -335,3 +335,32 @@ def test_loop_fresh_monitor_moves_the_file_aside_and_a_loaded_one_appends(
     lines = _text(path)
     assert lines.startswith(first) and "non_finite" in lines[len(first) :]
     assert not os.path.exists(path + ".2")
+
+
+def test_warmup_exhausted_raise_is_a_crash_that_keeps_its_alerts(tmp_path: os.PathLike) -> None:
+    """The monitor's own exception (on_exhausted="raise") stops the fit like any other: the
+    later steps kept on the device are written, without raising a second time."""
+    from warmup_monitor import AdaptiveWarmup
+    from warmup_monitor.controller import WarmupExhaustedError
+
+    keep = _KeepOptimizer()
+    monitor = WarmupMonitor(
+        warmup_steps=20,
+        schedule="linear",
+        adaptive=AdaptiveWarmup(max_extensions=0, on_exhausted="raise", rollback=False),
+        window=Window(check_every_n_steps=5, log_every_n_steps=5),
+    )
+    model = tiny_module_class(pl)(scripted=lambda s: 30.0 if s in (6, 8) else 1.0)
+    with pytest.raises(WarmupExhaustedError):
+        fit(pl, tmp_path, [monitor, keep], model=model, max_steps=STEPS)
+    log_dir = os.path.join(str(tmp_path), "run", "version_0")
+    alerts = read_alerts(os.path.join(log_dir, ALERTS_FILENAME))
+    kinds = [(a.step, a.kind_name) for a in alerts]
+    # Read at step 10: the spike at 6 exhausts the controller and raises; step 8 and the
+    # episode's end are written at the interruption.
+    assert kinds[0][0] == 6 and (6, "warmup_exhausted") in kinds, kinds
+    assert alerts[-1].kind_name == "episode_end" and alerts[-1].details["outcome"] == "interrupted"
+    assert alerts[-1].details["steps"] == [[6, 6], [8, 8]]
+    opt = keep.optimizer
+    assert opt is not None
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks

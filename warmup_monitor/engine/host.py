@@ -25,8 +25,14 @@ def read(self: MonitorEngine, w: Watch) -> None:
     records, w.records = w.records, []
     # The one device-to-host read for all steps kept since the last read.
     host = torch.stack([r.values for r in records]).tolist()
+    exhausted: WarmupExhaustedError | None = None
     for rec, (loss, grad_norm, cosine, ratio) in zip(records, host, strict=True):
-        process(self, w, rec, loss, grad_norm, cosine, ratio)
+        try:
+            process(self, w, rec, loss, grad_norm, cosine, ratio)
+        except WarmupExhaustedError as err:  # the steps after it were taken: process them
+            exhausted = exhausted or err
+    if exhausted is not None:
+        raise exhausted
 
 
 def process(
