@@ -364,3 +364,36 @@ def test_warmup_exhausted_raise_is_a_crash_that_keeps_its_alerts(tmp_path: os.Pa
     opt = keep.optimizer
     assert opt is not None
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+def test_an_interruption_never_raises_and_always_removes_the_hooks(
+    tmp_path: os.PathLike, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = os.path.join(str(tmp_path), ALERTS_FILENAME)
+    monitor = LoopMonitor(
+        opt, warmup_steps=20, alerts_file=path, schedule="linear",
+        window=Window(log_every_n_steps=5, check_every_n_steps=5),
+    )  # fmt: skip
+
+    def full_disk(alert: Any) -> None:  # a sink of the engine's own that fails
+        raise OSError(28, "No space left on device")
+
+    monitor.engine.alert_sinks.append(full_disk)
+    x, y = make_loader(n=4).dataset.tensors
+    with pytest.raises(Boom), monitor:
+        for step in range(4):
+            loss = torch.nn.functional.mse_loss(model(x), y) * (30.0 if step == 2 else 1.0)
+            loss.backward()
+            monitor.before_step()
+            opt.step()
+            monitor.after_step(loss)
+            opt.zero_grad()
+        raise Boom("after step 3")
+    # Steps 1-3 were processed at the interruption; the failing sink is logged, not raised ...
+    assert "at the interruption" in caplog.text and "No space left" in caplog.text
+    assert [a.step for a in read_alerts(path) if a.kind_name != "episode_end"] == [2]
+    # ... and the hooks went all the same.
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks

@@ -66,6 +66,8 @@ class AlertDispatcher:
             logged fewer than this many steps before is logged at DEBUG instead, and the next
             one logged says how many were held back: a diverging run does not flood the
             terminal. Every other sink gets every alert. 0 logs them all.
+        fresh: A fresh watch begins: move an existing JSONL file aside now
+            (:meth:`start_fresh`); ``False`` (a resume) appends to it.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class AlertDispatcher:
         text_tag: str = "warmup/alerts",
         log_level: int = logging.WARNING,
         log_quiet_steps: int = 50,
+        fresh: bool = False,
     ) -> None:
         self.jsonl_path = None if jsonl_path is None else os.fspath(jsonl_path)
         self.text_writers = list(text_writers)
@@ -87,6 +90,8 @@ class AlertDispatcher:
         self._writer = None if self.jsonl_path is None else JsonlWriter(self.jsonl_path)
         self._last_logged: dict[str, int] = {}
         self._held: dict[str, int] = {}
+        if fresh:
+            self.start_fresh()
 
     def dispatch(self, alert: Alert) -> None:
         """Send one alert to every sink; no sink's failure stops the others."""

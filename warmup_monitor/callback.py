@@ -169,8 +169,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # global_step is restored after on_fit_start: a resume is known by load_state_dict.
-        fresh = trainer.global_step == 0 and not self._restored
-        if fresh:
+        if trainer.global_step == 0 and not self._restored:
             self._engine.reset()  # a new Trainer (or a fresh run) starts a fresh watch
             self._probe_batch = None
         self._restored = False
@@ -185,9 +184,8 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
                 text_writers=writers,
                 on_alert=self.on_alert,
                 text_tag=f"{prefix}alerts",
+                fresh=self._engine.steps_taken(0) == 0,  # one run per file; a resume appends
             )
-            if fresh:
-                self._dispatcher.start_fresh()  # one run per alerts file; a resume appends
             alert_sinks.append(self._dispatcher.dispatch)
             metrics_sinks.append(_compat.LoggersSink(trainer.loggers))
         optimizers = list(trainer.optimizers)
@@ -260,26 +258,18 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.teardown(trainer, pl_module, "fit")
 
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
         """Training stopped on an exception (Lightning calls no ``teardown`` then): process
         the steps still kept on the device, write their scalars and alerts (before Lightning
         finalizes the loggers), end open episodes as ``"interrupted"``, remove the monitor's
-        optimizer hooks and close the alerts file. Never raises: the user's exception is the
-        one that matters (a failure here is logged)."""
-        try:
-            self._engine.interrupt()
-        except Exception:
-            log.exception("warmup_monitor: could not write everything at the interruption")
-        finally:
-            self._restored = False
-            if self._dispatcher is not None:
-                self._dispatcher.close()
+        optimizer hooks and close the alerts file
+        (:meth:`~warmup_monitor.engine.MonitorEngine.interrupt`). Never raises: the user's
+        exception is the one that matters (a failure here is logged)."""
+        self.teardown(trainer, pl_module, "interrupted")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._engine.detach(close_episodes=True)
+        if stage in ("fit", "interrupted"):  # "interrupted": from on_exception
+            self._engine.detach(close_episodes=True, interrupted=stage == "interrupted")
             self._restored = False  # a state loaded after on_fit_start (FSDP, DeepSpeed) is spent
         if self._dispatcher is not None:
             self._dispatcher.close()
@@ -301,7 +291,5 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
 
     def _alerts_path(self) -> str | None:
         if self.alerts_file is None:
-            return None
-        if os.path.isabs(self.alerts_file):
-            return self.alerts_file
+            return None  # an absolute alerts_file is used as is (os.path.join keeps it)
         return os.path.join(self._log_dir or os.getcwd(), self.alerts_file)

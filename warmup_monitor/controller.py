@@ -234,9 +234,6 @@ class WarmupController:
         self._unstable_lr: float | None = None  # (None: unknown)
         self._ceiling: float | None = None  # the highest level allowed, once it broke again
         self._ramp = RecordedRamp(self.initial_warmup_steps)
-        # Your scheduler did not ramp up (constant, decaying, restarts): the plan is a factor
-        # on its lr, from the peak of ``user_schedule`` (decided at the first action).
-        self._flat = False
         self.rollback_request: RollbackRequest | None = None
         #: ``[step, snapshot step or None]`` of every rollback: facts that survive a resume.
         self.rollbacks: list[list[int | None]] = []
@@ -245,17 +242,8 @@ class WarmupController:
     def _recorded(self) -> bool:
         return self.shape is None and len(self._ramp) > 0 and not self._flat
 
-    def _check_flat(self) -> None:
-        """At the first action with ``shape=None``: whether the lrs your scheduler set never
-        rose above the first one (a constant lr, ``ReduceLROnPlateau``, ``ExponentialLR``,
-        ``CosineAnnealingWarmRestarts``). Stretching such a recording could never go below
-        its lowest lr; the plan becomes a factor on your lr instead, at the peak of
-        ``user_schedule`` until this action, backing off and re-warming along that shape
-        over ``warmup_steps`` (a factor rise of at most one ``warmup_steps``-step ramp's per
-        update)."""
-        values = self._ramp.values
-        if self.shape is None and not self._segments and len(values) >= 2:
-            self._flat = values[0] >= max(values)
+    # Your lrs never rose: the plan is a factor on them (RecordedRamp.flat).
+    _flat = property(lambda self: self.shape is None and self._ramp.flat())
 
     @property
     def _full(self) -> float:
@@ -293,7 +281,7 @@ class WarmupController:
         without the monitor's factor). Call it for every step from 0, before :meth:`factor`
         of that step; the monitor does. Only used with ``shape=None``; steps past
         ``warmup_steps`` are not kept."""
-        if self.shape is None:
+        if self.shape is None and not (self._flat and self._segments):  # a flat plan: kept
             self._ramp.record(step, lr)
 
     @property
@@ -439,7 +427,6 @@ class WarmupController:
         self, step: int, a: int, causes: list[str], cause_steps: list[int], lr: float | None
     ) -> list[Alert]:
         cfg = self.config
-        self._check_flat()
         old_end = self.warmup_steps
         before = self.plan(a)
         u_a = self._u(a)
@@ -558,7 +545,6 @@ class WarmupController:
             "unstable_factor": self._unstable_factor,
             "unstable_lr": self._unstable_lr,
             "ceiling": self._ceiling,
-            "flat": self._flat,
             "user_lrs": list(self._ramp.values),
             "rollbacks": [list(r) for r in self.rollbacks],
         }
@@ -607,7 +593,6 @@ class WarmupController:
         self._unstable_lr = lr if math.isfinite(lr) else None
         ceiling = finite_float(state.get("ceiling"), -1.0)
         self._ceiling = ceiling if ceiling > 0.0 else None
-        self._flat = self.shape is None and bool(state.get("flat", False))
         for r in items("rollbacks"):
             try:
                 self.rollbacks.append([int(r[0]), None if r[1] is None else int(r[1])])

@@ -43,7 +43,6 @@ this module imports no Lightning.
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -67,8 +66,6 @@ from warmup_monitor.engine import MonitorEngine
 from warmup_monitor.rollback import Snapshots, carry_out
 from warmup_monitor.schedules import Shape
 from warmup_monitor.tensorboard import write_layout
-
-log = logging.getLogger("warmup_monitor")
 
 __all__ = ["LoopMonitor"]
 
@@ -264,13 +261,7 @@ class LoopMonitor:
                 removed in every case).
         """
         try:
-            if interrupted:
-                try:
-                    self.engine.interrupt()
-                except Exception:
-                    log.exception("warmup_monitor: could not write everything at the interruption")
-            else:
-                self.engine.detach(close_episodes=True)
+            self.engine.detach(close_episodes=True, interrupted=interrupted)
         finally:
             self._dispatcher.close()
             if self.writer is not None:

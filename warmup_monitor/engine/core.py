@@ -26,11 +26,16 @@ from warmup_monitor.engine.watch import (
     Watch,
     WorldReducer,
     dtensor_shard_groups,
+    follow_groups,
+    frozen_params,
+    group_sizes,
     make_episodes,
+    make_statistics,
     restore_record,
+    trained_params,
 )
 from warmup_monitor.lr_factor import LrFactor
-from warmup_monitor.stats import GradientStats, UpdateRatio
+from warmup_monitor.stats import UpdateRatio
 
 __all__ = ["AlertSink", "MetricsSink", "MonitorEngine"]
 
@@ -38,21 +43,6 @@ __all__ = ["AlertSink", "MetricsSink", "MonitorEngine"]
 MetricsSink = Callable[[dict[str, float], int], None]
 #: ``sink(alert)``: where the engine sends each alert.
 AlertSink = Callable[[Alert], None]
-
-
-def trained_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    """The parameters of ``optimizer`` that require a gradient, group after group."""
-    return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-
-
-def frozen_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    """The parameters of ``optimizer`` that do not require a gradient (watched for unfreezing)."""
-    return [p for g in optimizer.param_groups for p in g["params"] if not p.requires_grad]
-
-
-def group_sizes(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
-    """The number of parameters of each param group: what changes when a group is added."""
-    return tuple(len(g["params"]) for g in optimizer.param_groups)
 
 
 class MonitorEngine:
@@ -271,7 +261,7 @@ class MonitorEngine:
                     controller.load_state_dict(self._controller_states[idx])
                 elif idx > 0:
                     controller.reset()
-            stats, update = self._statistics(params)
+            stats, update = make_statistics(self.config.statistics, params)
             watch = Watch(
                 index=idx,
                 optimizer=opt,
@@ -302,45 +292,15 @@ class MonitorEngine:
         self.losses.clear()
         self._released = False
 
-    def _statistics(self, params: list[Tensor]) -> tuple[GradientStats, UpdateRatio | None]:
-        """The gradient statistics and update ratio over ``params`` (``Statistics`` config)."""
-        cfg = self.config.statistics
-        dtype = None if cfg.reference_dtype is None else getattr(torch, cfg.reference_dtype)
-        stats = GradientStats(
-            params,
-            cosine=cfg.cosine,
-            reference_dtype=dtype,
-            sketch_fraction=cfg.sketch_fraction,
-        )
-        return stats, UpdateRatio(params) if cfg.update_ratio else None
-
-    def _follow_groups(self, watch: Watch) -> None:
-        """Rebuild the parameter lists of ``watch`` when its optimizer's param groups changed
-        (``add_param_group``) or one of its frozen parameters was unfrozen (progressive
-        unfreezing with ``requires_grad_``): a host-side look at the group sizes and at the
-        frozen parameters' flags, no device work. The cosine restarts (the gradient vector
-        changed). A parameter frozen later needs nothing: it has no gradient, it adds 0."""
-        sizes = group_sizes(watch.optimizer)
-        if sizes == watch.groups and not any(p.requires_grad for p in watch.frozen):
-            return
-        watch.groups = sizes
-        watch.frozen = frozen_params(watch.optimizer)
-        params = trained_params(watch.optimizer)
-        if [id(p) for p in params] == [id(p) for p in watch.stats.params]:
-            return
-        watch.stats.release()
-        if watch.update is not None:
-            watch.update.release()
-        watch.stats, watch.update = self._statistics(params)
-
-    def detach(self, *, close_episodes: bool = False) -> None:
+    def detach(self, *, close_episodes: bool = False, interrupted: bool = False) -> None:
         """Stop watching: flush what is kept, remove the optimizer hooks, free the buffers.
 
         With ``close_episodes`` (the end of a fit or loop), an unstable episode still open is
         closed (outcome ``"open_at_end"``, not recovered) and its ``episode_end`` dispatched.
         The hooks are removed even if a sink raises (the error is raised after).
+        ``interrupted``: as :meth:`interrupt`.
         """
-        self._stop(close_episodes=close_episodes, interrupted=False)
+        host.stop(self, close_episodes=close_episodes, interrupted=interrupted)
 
     def interrupt(self) -> None:
         """Training stopped on an exception: keep everything it measured, then stop watching.
@@ -350,51 +310,10 @@ class MonitorEngine:
         here), a step measured by :meth:`before_step` whose ``optimizer.step`` never completed
         is dropped (it was not taken), every open episode ends with outcome ``"interrupted"``,
         and every optimizer hook of the monitor is removed. No collective is called (the
-        other ranks may be gone). Idempotent; a sink's error is raised after the cleanup.
+        other ranks may be gone). Idempotent; never raises (a sink's error is logged): the
+        exception that stopped training is the one to see.
         """
-        self._stop(close_episodes=True, interrupted=True)
-
-    def _stop(self, *, close_episodes: bool, interrupted: bool) -> None:
-        errors: list[BaseException] = []
-        if interrupted:
-            self._raise_exhausted = False
-            for w in self._watches:
-                w.pending = None
-        try:
-            for w in self._watches:
-                try:
-                    if w.records:
-                        self._read(w)
-                except Exception as err:  # every watch is processed, then the hooks go
-                    errors.append(err)
-                    w.records = []
-            for w in self._watches:
-                if w.episodes is not None:
-                    if close_episodes:
-                        ended = w.episodes.close(max(w.step - 1, 0), interrupted=interrupted)
-                        self.alert_count += len(ended)
-                        try:
-                            self._dispatch(ended, w.index)
-                        except Exception as err:
-                            errors.append(err)
-                    self._episode_states[w.index] = w.episodes.state_dict()
-        finally:
-            self._raise_exhausted = True
-            for w in self._watches:
-                if w.hook is not None:
-                    w.hook.remove()
-                    w.hook = None
-                if w.lr_factor is not None:
-                    w.lr_factor.remove()
-                    w.lr_factor = None
-                self._steps[w.index] = w.step
-                self._progress[w.index] = w.progress
-                self._detector_states[w.index] = w.detector.state_dict()
-                if w.controller is not None:
-                    self._controller_states[w.index] = w.controller.state_dict()
-            self._release()
-        if errors:
-            raise errors[0]
+        host.stop(self, close_episodes=True, interrupted=True)
 
     def _post_hook(self, watch: Watch) -> Callable[..., None]:
         def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -477,7 +396,7 @@ class MonitorEngine:
                     watch.update.release()
             return
         watch.released = False
-        self._follow_groups(watch)
+        follow_groups(watch, self.config.statistics)
         sums = watch.stats.local_sums()
         do_log = self.should_log(watch.step, watch.index)
         if watch.update is not None and do_log:

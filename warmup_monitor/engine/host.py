@@ -7,6 +7,7 @@ alert sinks. Functions of the engine, kept apart from its device side.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -19,6 +20,8 @@ from warmup_monitor.engine.watch import Record, Watch
 
 if TYPE_CHECKING:
     from warmup_monitor.engine.core import MonitorEngine
+
+log = logging.getLogger("warmup_monitor")
 
 
 def read(self: MonitorEngine, w: Watch) -> None:
@@ -118,3 +121,52 @@ def dispatch(self: MonitorEngine, alerts: Sequence[Alert], opt_idx: int) -> None
             and self._raise_exhausted
         ):
             raise WarmupExhaustedError(alert.message)
+
+
+def stop(self: MonitorEngine, *, close_episodes: bool, interrupted: bool) -> None:
+    """:meth:`MonitorEngine.detach` (a sink's error is raised after the cleanup) and
+    :meth:`MonitorEngine.interrupt` (logged): process what is kept, end the episodes, remove
+    every optimizer hook, free the buffers."""
+    errors: list[Exception] = []
+    if interrupted:
+        self._raise_exhausted = False
+        for w in self._watches:
+            w.pending = None  # measured, never stepped: not a step taken
+    try:
+        for w in self._watches:
+            try:
+                if w.records:
+                    read(self, w)
+            except Exception as err:  # every watch is processed, then the hooks go
+                errors.append(err)
+                w.records = []
+        for w in self._watches:
+            if w.episodes is not None:
+                if close_episodes:
+                    ended = w.episodes.close(max(w.step - 1, 0), interrupted=interrupted)
+                    self.alert_count += len(ended)
+                    try:
+                        dispatch(self, ended, w.index)
+                    except Exception as err:
+                        errors.append(err)
+                self._episode_states[w.index] = w.episodes.state_dict()
+    finally:
+        self._raise_exhausted = True
+        for w in self._watches:
+            if w.hook is not None:
+                w.hook.remove()
+                w.hook = None
+            if w.lr_factor is not None:
+                w.lr_factor.remove()
+                w.lr_factor = None
+            self._steps[w.index] = w.step
+            self._progress[w.index] = w.progress
+            self._detector_states[w.index] = w.detector.state_dict()
+            if w.controller is not None:
+                self._controller_states[w.index] = w.controller.state_dict()
+        self._release()
+    if errors and interrupted:
+        for error in errors:
+            log.error("warmup_monitor: at the interruption: %s", error, exc_info=error)
+    elif errors:
+        raise errors[0]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from warmup_monitor.config import Detection
+from warmup_monitor.config import Detection, Statistics
 from warmup_monitor.controller import WarmupController
 from warmup_monitor.detectors import Episodes, InstabilityDetector
 from warmup_monitor.lr_factor import LrFactor
@@ -229,6 +229,55 @@ def _real(loss: Any) -> float:
         if arr.dtype.kind in "fiu":
             return float(arr.reshape(()))
     raise TypeError(f"`loss` must be a real number or a 0-dim tensor, got {type(loss).__name__}")
+
+
+def trained_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The parameters of ``optimizer`` that require a gradient, group after group."""
+    return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+
+
+def frozen_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The parameters of ``optimizer`` that do not require a gradient (watched for unfreezing)."""
+    return [p for g in optimizer.param_groups for p in g["params"] if not p.requires_grad]
+
+
+def group_sizes(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
+    """The number of parameters of each param group: what changes when a group is added."""
+    return tuple(len(g["params"]) for g in optimizer.param_groups)
+
+
+def make_statistics(
+    config: Statistics, params: list[Tensor]
+) -> tuple[GradientStats, UpdateRatio | None]:
+    """The gradient statistics and update ratio over ``params``."""
+    dtype = None if config.reference_dtype is None else getattr(torch, config.reference_dtype)
+    stats = GradientStats(
+        params,
+        cosine=config.cosine,
+        reference_dtype=dtype,
+        sketch_fraction=config.sketch_fraction,
+    )
+    return stats, UpdateRatio(params) if config.update_ratio else None
+
+
+def follow_groups(watch: Watch, config: Statistics) -> None:
+    """Rebuild the parameter lists of ``watch`` when its optimizer's param groups changed
+    (``add_param_group``) or one of its frozen parameters was unfrozen (progressive
+    unfreezing with ``requires_grad_``): a host-side look at the group sizes and at the
+    frozen parameters' flags, no device work. The cosine restarts (the gradient vector
+    changed). A parameter frozen later needs nothing: it has no gradient, it adds 0."""
+    sizes = group_sizes(watch.optimizer)
+    if sizes == watch.groups and not any(p.requires_grad for p in watch.frozen):
+        return
+    watch.groups = sizes
+    watch.frozen = frozen_params(watch.optimizer)
+    params = trained_params(watch.optimizer)
+    if [id(p) for p in params] == [id(p) for p in watch.stats.params]:
+        return
+    watch.stats.release()
+    if watch.update is not None:
+        watch.update.release()
+    watch.stats, watch.update = make_statistics(config, params)
 
 
 def make_episodes(detection: Detection, state: dict[str, Any] | None) -> Episodes | None:
