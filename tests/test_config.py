@@ -80,7 +80,7 @@ BAD: dict[type, dict[str, list[Any]]] = {
         "backoff": ["half", 0, 1.5, NAN],
         "rewarm_from": [5, 0.0],
         "on_exhausted": ["halt", None],
-        "trigger_kinds": [["spike"], "loss_spike", ["warmup_extended"], 3],
+        "trigger_kinds": [["spike"], "loss_spike", ["warmup_extended"], 3, [], ()],
         "user_schedule": ["linar", None],
         "rollback": ["yes", 1],
         "snapshot_every_n_steps": [0, 2.5],
@@ -124,6 +124,7 @@ ADAPTER_BAD: dict[str, list[tuple[Any, str]]] = {
     # LoopMonitor only
     "optimizers": [("x", "optimizers"), ([_OPT, _OPT], "optimizers"), ([], "optimizers")],
     "writer": [(object(), "writer")],
+    "model": [(_OPT, "model"), ("net", "model")],
 }
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from warmup_monitor.alerts import INSTABILITY_KINDS, Alert, AlertKind, is_instability
 from warmup_monitor.detectors import EPISODE_KINDS, Episodes, InstabilityDetector
+from warmup_monitor.schema import EPISODE_END_FIELDS, EPISODE_OUTCOMES
 
 K = AlertKind
 
@@ -76,6 +77,7 @@ def test_an_episode_opens_once_updates_silently_and_closes_with_its_summary() ->
         "peak_step": peak_step,
         "recovered": False,
         "recovery": end.details["recovery"],
+        "outcome": "not_recovered",
         "steps": [[10, 14], [16, 16]],
     }
     # The recovery rule written out again: the quiet steps 17-20 against steps 5-9 before it.
@@ -123,8 +125,27 @@ def test_close_ends_an_open_episode_as_not_recovered() -> None:
     (end,) = ep.close(6)
     assert (end.step, end.episode) == (6, 1)
     assert end.details["recovered"] is False and end.details["steps"] == [[3, 4]]
+    assert end.details["outcome"] == "open_at_end"
     assert end.details["peak_ratio"] is None and math.isnan(end.value)
     assert ep.close(7) == [] and ep.current is None
+
+
+def test_close_on_an_interruption_says_so_in_the_outcome_and_the_message() -> None:
+    ep = Episodes(quiet_steps=10)
+    assert ep.close(3, interrupted=True) == []
+    ep.observe(3, [alert(3, K.LOSS_SPIKE)])
+    (end,) = ep.close(5, interrupted=True)
+    assert (end.step, end.episode) == (5, 1)
+    assert end.details["outcome"] == "interrupted" and end.details["recovered"] is False
+    assert "interrupted" in end.message
+    assert set(EPISODE_END_FIELDS) <= set(end.details)
+    assert set(EPISODE_OUTCOMES) == {
+        "recovered",
+        "not_recovered",
+        "ended_quiet",
+        "open_at_end",
+        "interrupted",
+    }
 
 
 def test_a_later_episode_gets_the_next_id_and_the_first_one_its_end() -> None:
@@ -231,7 +252,7 @@ def test_an_episode_without_losses_ends_quiet_with_recovery_unknown() -> None:
     ep = Episodes(quiet_steps=3)
     ep.observe(1, [alert(1, K.LOSS_SPIKE)])
     (end,) = ep.observe(4, [])
-    assert end.details["recovered"] is None
+    assert end.details["recovered"] is None and end.details["outcome"] == "ended_quiet"
     assert "ended quiet (no loss was seen after the last flagged step)" in end.message
 
 
@@ -243,6 +264,18 @@ def test_a_quiet_episode_at_the_initial_loss_did_not_recover() -> None:
     ep.observe(3, [alert(3, K.LOSS_SPIKE)], loss=40.0, initial_loss=2.30)
     out = [a for s in range(4, 8) for a in ep.observe(s, [], loss=2.3026, initial_loss=2.30)]
     (end,) = out
-    assert end.details["recovered"] is False
+    assert end.details["recovered"] is False and end.details["outcome"] == "not_recovered"
     assert "not 5% below the initial loss (2.3): the run is not learning" in end.message
     assert " recovered" not in end.message.replace("did not recover", "")
+
+
+def test_a_quiet_episode_whose_loss_came_back_has_the_outcome_recovered() -> None:
+    ep = Episodes(quiet_steps=4)
+    for s in range(3):
+        ep.observe(s, [], loss=2.0 - 0.1 * s, initial_loss=2.0)
+    ep.observe(3, [alert(3, K.LOSS_SPIKE)], loss=40.0, initial_loss=2.0)
+    out = [a for s in range(4, 8) for a in ep.observe(s, [], loss=1.7, initial_loss=2.0)]
+    (end,) = out
+    assert (end.details["recovered"], end.details["outcome"]) == (True, "recovered")
+    assert end.details["recovery"].startswith("their median loss (1.7) came back")
+    assert "recovered" in end.message and "did not" not in end.message

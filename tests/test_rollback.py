@@ -687,7 +687,9 @@ def test_the_readme_states_the_snapshot_memory_snapshots_hold(
     of ``benchmarks/results/snapshot_memory.json`` and the command that measured them."""
     monitor = _adaptive_monitor(AdaptiveWarmup(snapshot_every_n_steps=1))
     model = tiny_module_class(pl)(optimizer=optimizer)
-    fit(pl, tmp_path, [monitor], model=model, max_steps=3, logger=False)
+    # Three steps of a 10-step warmup are enough: the monitor says the fit ends in warmup.
+    with pytest.warns(UserWarning, match="training ends during warmup"):
+        fit(pl, tmp_path, [monitor], model=model, max_steps=3, logger=False)
     assert monitor._snapshots is not None
     kept = monitor._snapshots._ring
     params = list(model.parameters())
@@ -730,7 +732,9 @@ def test_a_rollback_decided_by_a_deferred_read_is_carried_out_at_once(tmp_path: 
     )
     witness = witness_class(pl)(monitor)
     model = _net_class(pl)("adam", losses={6: 1e3})
-    fit(pl, tmp_path, [monitor, witness], model=model, max_steps=12, logger=False)
+    # 12 steps of the 20-step warmup (the rollback is in there): the monitor says it ends early.
+    with pytest.warns(UserWarning, match="training ends during warmup"):
+        fit(pl, tmp_path, [monitor, witness], model=model, max_steps=12, logger=False)
     assert monitor.engine.controller is not None
     assert monitor.engine.controller.rollbacks == [[7, 4]]
     assert witness.checked == [[7, 4]] and witness.errors == []

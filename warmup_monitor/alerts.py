@@ -100,6 +100,8 @@ class AlertDispatcher:
             logged fewer than this many steps before is logged at DEBUG instead, and the next
             one logged says how many were held back: a diverging run does not flood the
             terminal. Every other sink gets every alert. 0 logs them all.
+        fresh: A fresh watch begins: move an existing JSONL file aside now
+            (:meth:`start_fresh`); ``False`` (a resume) appends to it.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class AlertDispatcher:
         text_tag: str = "warmup/alerts",
         log_level: int = logging.WARNING,
         log_quiet_steps: int = 50,
+        fresh: bool = False,
     ) -> None:
         self.jsonl_path = None if jsonl_path is None else os.fspath(jsonl_path)
         self.text_writers = list(text_writers)
@@ -121,6 +124,8 @@ class AlertDispatcher:
         self._writer = None if self.jsonl_path is None else JsonlWriter(self.jsonl_path)
         self._last_logged: dict[str, int] = {}
         self._held: dict[str, int] = {}
+        if fresh:
+            self.start_fresh()
 
     def dispatch(self, alert: Alert) -> None:
         """Send one alert to every sink; no sink's failure stops the others."""
@@ -169,6 +174,23 @@ class AlertDispatcher:
             self._writer.write(alert)
         except (OSError, ValueError):
             log.exception("warmup_monitor: could not write %s", self.jsonl_path)
+
+    def start_fresh(self) -> None:
+        """A fresh watch begins: move an existing JSONL file aside (to the first free
+        ``<path>.N``), so that the file holds this run's alerts only
+        (:meth:`~warmup_monitor.schema.JsonlWriter.start_fresh`); a resume does not call this
+        and appends. A file that cannot be moved is said once on the log, and appended to."""
+        if self._writer is None:
+            return
+        try:
+            aside = self._writer.start_fresh()
+        except OSError:
+            log.exception("warmup_monitor: could not move %s aside; appending", self.jsonl_path)
+            return
+        if aside is not None:
+            log.info(
+                "warmup_monitor: a fresh run: the previous %s is now %s", self.jsonl_path, aside
+            )
 
     def close(self) -> None:
         """Close the JSONL file (it is reopened in append mode if another alert comes)."""

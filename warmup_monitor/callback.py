@@ -188,6 +188,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
                 text_writers=writers,
                 on_alert=self.on_alert,
                 text_tag=f"{prefix}alerts",
+                fresh=self._engine.steps_taken(0) == 0,  # one run per file; a resume appends
             )
             alert_sinks.append(self._dispatcher.dispatch)
             metrics_sinks.append(_compat.LoggersSink(trainer.loggers))
@@ -263,9 +264,18 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.teardown(trainer, pl_module, "fit")
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
+        """Training stopped on an exception (Lightning calls no ``teardown`` then): process
+        the steps still kept on the device, write their scalars and alerts (before Lightning
+        finalizes the loggers), end open episodes as ``"interrupted"``, remove the monitor's
+        optimizer hooks and close the alerts file
+        (:meth:`~warmup_monitor.engine.MonitorEngine.interrupt`). Never raises: the user's
+        exception is the one that matters (a failure here is logged)."""
+        self.teardown(trainer, pl_module, "interrupted")
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._engine.detach(close_episodes=True)
+        if stage in ("fit", "interrupted"):  # "interrupted": from on_exception
+            self._engine.detach(close_episodes=True, interrupted=stage == "interrupted")
             self._restored = False  # a state loaded after on_fit_start (FSDP, DeepSpeed) is spent
         if self._dispatcher is not None:
             self._dispatcher.close()

@@ -255,6 +255,11 @@ def _kinds(name: str, value: Any) -> tuple[str, ...] | None:
             allowed = ", ".join(repr(c) for c in _ALERT_KINDS)
             raise ValueError(f"`{name}` must hold alert kinds among {allowed}, got {k!r}")
         out.append(kind)
+    if not out:
+        raise ValueError(
+            f"`{name}` must hold at least one alert kind, got an empty collection (the controller "
+            "would never act); None: every instability kind"
+        )
     return tuple(sorted(set(out)))
 
 
@@ -302,9 +307,11 @@ class AdaptiveWarmup(_Validated):
     """Alert kinds that count as instability (default: every instability kind)."""
     user_schedule: Shape = _spec("linear", _choice(*SHAPES))
     """With ``schedule=None`` the monitor stretches the lrs your scheduler actually set (it
-    records them); this shape over ``warmup_steps`` is only the model of a
+    records them); this shape over ``warmup_steps`` is the model of a
     :class:`~warmup_monitor.controller.WarmupController` driven by hand without
-    ``record_user_lr``."""
+    ``record_user_lr``, and the shape of the re-warm after a back-off when your scheduler does
+    not ramp up (constant, decaying or restarting lrs: the back-off is then a factor on its
+    lr)."""
     rollback: bool = _spec(True, _bool)
     """On a severe episode (non-finite values, a loss far above its trend, persistent
     instability, a sustained loss rise), also restore the model, the optimizer state and the
@@ -314,7 +321,8 @@ class AdaptiveWarmup(_Validated):
     Costs two copies of the model and optimizer state in host memory
     (``snapshot_device="cpu"``; with AdamW 3x the parameters' bytes each, 6x in all) during
     warmup and its grace window, and one snapshot in each checkpoint taken then; carried out
-    by the Lightning callback (``LoopMonitor`` does not roll back)."""
+    by the Lightning callback and by ``LoopMonitor(model=...)`` (without ``model=`` the loop
+    turns it off and says so once)."""
     snapshot_every_n_steps: int | None = _spec(None, _optional(_int(1)))
     """With ``rollback``: a snapshot every this many optimizer steps during warmup and its grace
     window; the last two are kept (>= 1; default ``max(1, warmup_steps // 10)``)."""

@@ -234,7 +234,10 @@ class WarmupController:
 
     @property
     def _recorded(self) -> bool:
-        return self.shape is None and len(self._ramp) > 0
+        return self.shape is None and len(self._ramp) > 0 and not self._flat
+
+    # Your lrs never rose: the plan is a factor on them (RecordedRamp.flat).
+    _flat = property(lambda self: self.shape is None and self._ramp.flat())
 
     @property
     def _full(self) -> float:
@@ -265,14 +268,14 @@ class WarmupController:
         for a, u, r in reversed(self._segments):
             if step > a:
                 return u + r * (step - a)
-        return float(step)
+        return self._full if self._flat else float(step)
 
     def record_user_lr(self, step: int, lr: float) -> None:
         """Record the lr the user's scheduler set for the update at ``step`` (param group 0,
         without the monitor's factor). Call it for every step from 0, before :meth:`factor`
         of that step; the monitor does. Only used with ``shape=None``; steps past
         ``warmup_steps`` are not kept."""
-        if self.shape is None:
+        if self.shape is None and not (self._flat and self._segments):  # a flat plan: kept
             self._ramp.record(step, lr)
 
     @property
@@ -300,7 +303,7 @@ class WarmupController:
         Equal to :meth:`factor` when the monitor owns warmup.
         """
         if not self._segments:
-            return self._f(float(step))
+            return self._f(self._u(step))
         # Exactly the peak where announced, whatever u's rounding.
         level = self._f(self._full) if step >= self.full_lr_step else self._f(self._u(step))
         return level if self._ceiling is None else min(level, self._ceiling)
@@ -313,7 +316,7 @@ class WarmupController:
         if not self._segments:
             return 1.0 if self.shape is None else self._f(float(step))
         planned = self.plan(step)
-        if self.shape is not None:
+        if self.shape is not None or self._flat:
             return planned
         base = self._f(float(min(step, self._full)) if self._recorded else float(step))
         return 1.0 if base <= 0.0 else max(min(1.0, planned / base), 1e-12)

@@ -171,6 +171,19 @@ class RecordedRamp:
         w = u - lo
         return v[lo] if w == 0.0 else v[lo] + (v[lo + 1] - v[lo]) * w
 
+    def flat(self) -> bool:
+        """Whether at least two lrs are recorded and none is above the first (no warmup ramp).
+
+        The adaptive controller stretches a ramp that rises. One that does not (a constant
+        lr, ``ReduceLROnPlateau``, ``ExponentialLR``, ``CosineAnnealingWarmRestarts``) could
+        never be stretched below its lowest lr, so there the plan is a factor on your lr
+        instead: at the peak of ``AdaptiveWarmup.user_schedule`` until the first action,
+        backing off and re-warming along that shape over ``warmup_steps`` (a factor rise of
+        at most one ``warmup_steps``-step ramp's per update); the recording then stops, so
+        the choice holds.
+        """
+        return len(self.values) > 1 and max(self.values) <= self.values[0]
+
     def first_positive(self) -> float | None:
         """The lowest recorded lr above 0 (a back-off never goes below it)."""
         positive = [x for x in self.values if x > 0.0]

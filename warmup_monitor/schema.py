@@ -11,7 +11,10 @@ reads it (the engine, the report, the TensorBoard tab) goes through this module:
   ``"nan"``, ``"inf"``, ``"-inf"``, so that every line is strict JSON.
 * **Episodes.** The first flagged step of an unstable episode opens it: one instability alert
   with ``episode`` set. When it ends, one :data:`AlertKind.EPISODE_END` record closes it; its
-  ``details`` hold :data:`EPISODE_END_FIELDS`.
+  ``details`` hold :data:`EPISODE_END_FIELDS`, ``outcome`` one of :data:`EPISODE_OUTCOMES`
+  (``"interrupted"``: training stopped on an exception while it was open).
+* **One run per file.** A fresh watch moves an existing alerts file aside
+  (:meth:`JsonlWriter.start_fresh`, to ``warmup_alerts.jsonl.N``); a resume appends.
 
 :func:`read_alerts_file` is the one reader: it never raises on a bad line. Each line that cannot
 be a record (not UTF-8, not JSON, nested deeper than :data:`MAX_DEPTH`, not an object, a step that
@@ -36,6 +39,7 @@ __all__ = [
     "ALERTS_FILENAME",
     "DEFAULT_PREFIX",
     "EPISODE_END_FIELDS",
+    "EPISODE_OUTCOMES",
     "INSTABILITY_KINDS",
     "MAX_DEPTH",
     "MAX_STEP",
@@ -211,8 +215,11 @@ ACTION_KINDS: frozenset[AlertKind] = frozenset(
 #: The ``details`` of an :data:`AlertKind.EPISODE_END` record: the episode's id, its first and
 #: last flagged step, ``duration`` (``end - start + 1``), ``count`` (flagged steps), ``kinds``
 #: (the instability kinds seen, first seen first), ``peak_ratio`` (highest loss / trend, or loss /
-#: initial loss, seen) and ``peak_step``, ``recovered`` (whether the loss came back), and
-#: ``steps``: the flagged steps as inclusive ranges, ``[[13, 40], [45, 45]]``.
+#: initial loss, seen) and ``peak_step``, ``recovered`` (whether the loss came back: ``None``
+#: when that could not be judged), ``outcome`` (how it ended, one of :data:`EPISODE_OUTCOMES`),
+#: and ``steps``: the flagged steps as inclusive ranges, ``[[13, 40], [45, 45]]``. An episode
+#: that ended quiet also has ``recovery``: why it did or did not recover, or why that could not
+#: be judged (:func:`warmup_monitor.verdict.recovery`).
 EPISODE_END_FIELDS: tuple[str, ...] = (
     "episode",
     "start",
@@ -223,7 +230,27 @@ EPISODE_END_FIELDS: tuple[str, ...] = (
     "peak_ratio",
     "peak_step",
     "recovered",
+    "outcome",
     "steps",
+)
+
+#: Episode outcomes (``episode_end`` ``details["outcome"]``). It ended quiet (no flagged step for
+#: ``Detection.episode_quiet_steps``) and the losses of the quiet steps were judged by
+#: :func:`warmup_monitor.verdict.recovery` (the rule of the report's verdict; ``details
+#: ["recovery"]`` says why): ``"recovered"`` (``recovered`` is true) or ``"not_recovered"``
+#: (the loss did not come back: above the level before the episode, at the initial loss, or not
+#: finite; ``recovered`` is false); ``"ended_quiet"``: it ended quiet but no loss was seen after
+#: its last flagged step, so recovery could not be judged (``recovered`` is ``None``). It was
+#: still open: ``"open_at_end"`` (monitoring ended normally: the end of a fit or loop) or
+#: ``"interrupted"`` (training stopped on an exception: the run crashed, nothing is known of
+#: what came next); ``recovered`` is false for these two. Files written before this field have
+#: only ``recovered``.
+EPISODE_OUTCOMES: tuple[str, ...] = (
+    "recovered",
+    "not_recovered",
+    "ended_quiet",
+    "open_at_end",
+    "interrupted",
 )
 
 
@@ -424,6 +451,12 @@ class JsonlWriter:
     The file (and its directory) is created at the first write. Raises ``OSError`` when the file
     cannot be written: the caller decides what a failing sink means.
 
+    **One run per file.** A fresh watch (a new run, not a resume) calls :meth:`start_fresh`
+    before anything is written: an existing file is moved aside to the first free
+    ``<path>.N`` (``warmup_alerts.jsonl.1``, ``.2``, ...: the higher, the later) and an empty
+    file takes its place, so that the file holds only this run's alerts, and the older ones
+    are kept. A resume does not call it and keeps appending.
+
     Args:
         path: The file.
     """
@@ -431,6 +464,27 @@ class JsonlWriter:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self._file: IO[str] | None = None
+
+    def start_fresh(self) -> str | None:
+        """Move an existing file aside (to the first free ``<path>.N``) and start an empty one
+        in its place; return where the old one went (``None``: there was none, nothing done).
+
+        Raises:
+            OSError: the file could not be moved.
+        """
+        self.close()
+        if not os.path.lexists(self.path):
+            return None
+        n = 1
+        while os.path.lexists(f"{self.path}.{n}"):
+            n += 1
+        aside = f"{self.path}.{n}"
+        os.replace(self.path, aside)
+        # An empty file in its place: this run has no alert yet, and a reader must not fall
+        # back on the older run's alerts (in TensorBoard text of the same directory).
+        with open(self.path, "w", encoding="utf-8"):
+            pass
+        return aside
 
     def write(self, alert: Alert) -> None:
         """Append one alert and flush."""

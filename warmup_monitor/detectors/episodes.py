@@ -68,9 +68,12 @@ class Episodes:
       (``end - start + 1``), ``count`` (flagged steps), ``alerts``, ``kinds`` (in order of
       first appearance), ``kind_counts`` (flagged steps per kind), ``peak_ratio`` and
       ``peak_step`` (the highest ``loss_ratio`` observed while open, ``None`` if none was
-      given), ``recovered`` and ``steps`` (the flagged steps as ``[first, last]`` ranges, at
-      most ``max_ranges``: the closest ranges are merged beyond that, and
-      ``steps_merged`` says so);
+      given), ``recovered``, ``recovery`` (why it did or did not recover, or why that could
+      not be judged), ``outcome`` (``"recovered"``, ``"not_recovered"``, ``"ended_quiet"``,
+      ``"open_at_end"`` or ``"interrupted"``:
+      :data:`~warmup_monitor.schema.EPISODE_OUTCOMES`) and ``steps`` (the
+      flagged steps as ``[first, last]`` ranges, at most ``max_ranges``: the closest ranges
+      are merged beyond that, and ``steps_merged`` says so);
     - every other alert (``transient``, ``monitor``, ``warmup_extended``, ``warmup_exhausted``,
       ``lr_backoff``, ``rollback``, unknown kinds) is returned unchanged, in its place.
 
@@ -171,11 +174,18 @@ class Episodes:
                 out.append(opening)
         return out
 
-    def close(self, step: int) -> list[Alert]:
-        """End the open episode, if any, at ``step`` (not recovered); return its summary."""
+    def close(self, step: int, *, interrupted: bool = False) -> list[Alert]:
+        """End the open episode, if any, at ``step`` (not recovered); return its summary.
+
+        Args:
+            step: The last step observed.
+            interrupted: Training stopped on an exception (outcome ``"interrupted"``), rather
+                than monitoring ending normally (``"open_at_end"``).
+        """
         if self._open is None:
             return []
-        return [self._end(max(step, int(self._open["last"])), recovered=False, why="")]
+        last = max(step, int(self._open["last"]))
+        return [self._end(last, recovered=False, why="", interrupted=interrupted)]
 
     # ------------------------------------------------------------------ internals
 
@@ -232,8 +242,11 @@ class Episodes:
                 ep["kinds"].append(kind)
             counts[kind] = counts.get(kind, 0) + 1
 
-    def _end(self, step: int, *, recovered: bool | None, why: str = "") -> Alert:
-        """End the open episode; ``recovered=None``: it ended quiet, judge its quiet losses."""
+    def _end(
+        self, step: int, *, recovered: bool | None, why: str = "", interrupted: bool = False
+    ) -> Alert:
+        """End the open episode; ``recovered=None``: it ended quiet, judge its quiet losses;
+        ``False``: :meth:`close` (``interrupted``: on an exception)."""
         ep = self._open
         assert ep is not None  # internal: only called with an open episode
         self._open = None
@@ -243,11 +256,16 @@ class Episodes:
         self._before.extend(x for x in ep["after"] if math.isfinite(x))
         if recovered is None and not ep["after"]:
             why, state = "no loss was seen after the last flagged step", "ended quiet"
+            outcome = "ended_quiet"
         elif recovered is None:
             recovered, why = recovery(ep["after"], ep["before"], self._initial, first_flagged=start)
             state = "recovered" if recovered else "ended quiet but did not recover"
+            outcome = "recovered" if recovered else "not_recovered"
+        elif interrupted:
+            state = "was still open when training was interrupted (an exception)"
+            outcome = "interrupted"
         else:
-            state = "was still open when monitoring ended"
+            state, outcome = "was still open when monitoring ended", "open_at_end"
         message = (
             f"episode {ep['id']} ({_span(start, end)}, {ep['count']} flagged: {kinds}) {state}"
         )
@@ -267,6 +285,7 @@ class Episodes:
             "peak_ratio": peak,
             "peak_step": ep["peak_step"],
             "recovered": recovered,
+            "outcome": outcome,
             "steps": [list(r) for r in ep["ranges"]],
         }
         if why:

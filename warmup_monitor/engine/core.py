@@ -26,12 +26,17 @@ from warmup_monitor.engine.watch import (
     Watch,
     WorldReducer,
     dtensor_shard_groups,
+    follow_groups,
+    frozen_params,
+    group_sizes,
     make_episodes,
+    make_statistics,
     restore_record,
+    trained_params,
 )
 from warmup_monitor.lr_factor import LrFactor
 from warmup_monitor.rollback import Snapshots
-from warmup_monitor.stats import GradientStats, UpdateRatio
+from warmup_monitor.stats import UpdateRatio
 
 __all__ = ["AlertSink", "MetricsSink", "MonitorEngine"]
 
@@ -137,6 +142,7 @@ class MonitorEngine:
         self.losses = Losses()
         self._warned: set[str] = set()
         self._released = True
+        self._raise_exhausted = True  # off while an interrupted run is wound up
 
     # ------------------------------------------------------------------ the monitoring window
 
@@ -226,14 +232,10 @@ class MonitorEngine:
         self.complete_on_step = complete_on_step
         self.metrics_sinks = list(metrics_sinks)
         self.alert_sinks = list(alert_sinks)
-        stats_cfg = self.config.statistics
-        dtype = (
-            None if stats_cfg.reference_dtype is None else getattr(torch, stats_cfg.reference_dtype)
-        )
         self._watches = []
         all_params: list[Tensor] = []
         for idx, opt in enumerate(optimizers):
-            params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+            params = trained_params(opt)
             all_params.extend(params)
             detector = self.detector if idx == 0 else copy.deepcopy(self.detector)
             if idx in self._detector_states:
@@ -247,16 +249,14 @@ class MonitorEngine:
                     controller.load_state_dict(self._controller_states[idx])
                 elif idx > 0:
                     controller.reset()
+            stats, update = make_statistics(self.config.statistics, params)
             watch = Watch(
                 index=idx,
                 optimizer=opt,
-                stats=GradientStats(
-                    params,
-                    cosine=stats_cfg.cosine,
-                    reference_dtype=dtype,
-                    sketch_fraction=stats_cfg.sketch_fraction,
-                ),
-                update=UpdateRatio(params) if stats_cfg.update_ratio else None,
+                stats=stats,
+                update=update,
+                groups=group_sizes(opt),
+                frozen=frozen_params(opt),
                 detector=detector,
                 controller=controller,
                 episodes=make_episodes(self.config.detection, self._episode_states.get(idx)),
@@ -282,33 +282,28 @@ class MonitorEngine:
             self._rollback_target = (model, list(optimizers))
         self._released = False
 
-    def detach(self, *, close_episodes: bool = False) -> None:
+    def detach(self, *, close_episodes: bool = False, interrupted: bool = False) -> None:
         """Stop watching: flush what is kept, remove the optimizer hooks, free the buffers.
 
         With ``close_episodes`` (the end of a fit or loop), an unstable episode still open is
-        closed (not recovered) and its ``episode_end`` dispatched.
+        closed (outcome ``"open_at_end"``, not recovered) and its ``episode_end`` dispatched.
+        The hooks are removed even if a sink raises (the error is raised after).
+        ``interrupted``: as :meth:`interrupt`.
         """
-        self.flush()
-        for w in self._watches:
-            if w.episodes is not None:
-                if close_episodes:
-                    ended = w.episodes.close(max(w.step - 1, 0))
-                    self.alert_count += len(ended)
-                    self._dispatch(ended, w.index)
-                self._episode_states[w.index] = w.episodes.state_dict()
-            if w.hook is not None:
-                w.hook.remove()
-                w.hook = None
-            if w.lr_factor is not None:
-                w.lr_factor.remove()
-                w.lr_factor = None
-            self._steps[w.index] = w.step
-            self._progress[w.index] = w.progress
-            self._detector_states[w.index] = w.detector.state_dict()
-            if w.controller is not None:
-                self._controller_states[w.index] = w.controller.state_dict()
-        self._rollback_target = None
-        self._release()
+        host.stop(self, close_episodes=close_episodes, interrupted=interrupted)
+
+    def interrupt(self) -> None:
+        """Training stopped on an exception: keep everything it measured, then stop watching.
+
+        The steps completed and still kept on the device are processed as at a host read
+        (their scalars and alerts reach the sinks; ``on_exhausted="raise"`` does not raise
+        here), a step measured by :meth:`before_step` whose ``optimizer.step`` never completed
+        is dropped (it was not taken), every open episode ends with outcome ``"interrupted"``,
+        and every optimizer hook of the monitor is removed. No collective is called (the
+        other ranks may be gone). Idempotent; never raises (a sink's error is logged): the
+        exception that stopped training is the one to see.
+        """
+        host.stop(self, close_episodes=True, interrupted=True)
 
     def _post_hook(self, watch: Watch) -> Callable[..., None]:
         def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -397,6 +392,7 @@ class MonitorEngine:
                     watch.update.release()
             return
         watch.released = False
+        follow_groups(watch, self.config.statistics)
         sums = watch.stats.local_sums()
         do_log = self.should_log(watch.step, watch.index)
         if watch.update is not None and do_log:

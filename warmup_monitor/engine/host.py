@@ -7,6 +7,7 @@ alert sinks. Functions of the engine, kept apart from its device side.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -21,13 +22,21 @@ from warmup_monitor.engine.watch import Record, Watch
 if TYPE_CHECKING:
     from warmup_monitor.engine.core import MonitorEngine
 
+log = logging.getLogger("warmup_monitor")
+
 
 def read(self: MonitorEngine, w: Watch) -> None:
     records, w.records = w.records, []
     # The one device-to-host read for all steps kept since the last read.
     host = torch.stack([r.values for r in records]).tolist()
+    exhausted: WarmupExhaustedError | None = None
     for rec, (loss, grad_norm, cosine, ratio) in zip(records, host, strict=True):
-        process(self, w, rec, loss, grad_norm, cosine, ratio)
+        try:
+            process(self, w, rec, loss, grad_norm, cosine, ratio)
+        except WarmupExhaustedError as err:  # the steps after it were taken: process them
+            exhausted = exhausted or err
+    if exhausted is not None:
+        raise exhausted
 
 
 def process(
@@ -113,6 +122,60 @@ def dispatch(self: MonitorEngine, alerts: Sequence[Alert], opt_idx: int) -> None
         for alert_sink in self.alert_sinks:
             alert_sink(alert)
     for alert in alerts:
-        if alert.kind == AlertKind.WARMUP_EXHAUSTED and alert.details.get("action") == "raise":
+        if (
+            alert.kind == AlertKind.WARMUP_EXHAUSTED
+            and alert.details.get("action") == "raise"
+            and self._raise_exhausted  # not while an interrupted run is wound up
+        ):
             rollback.roll_back_now(self)  # the episode's damage is not left in the model
             raise WarmupExhaustedError(alert.message)
+
+
+def stop(self: MonitorEngine, *, close_episodes: bool, interrupted: bool) -> None:
+    """:meth:`MonitorEngine.detach` (a sink's error is raised after the cleanup) and
+    :meth:`MonitorEngine.interrupt` (logged): process what is kept, end the episodes, remove
+    every optimizer hook, free the buffers."""
+    errors: list[Exception] = []
+    if interrupted:
+        self._raise_exhausted = False
+        for w in self._watches:
+            w.pending = None  # measured, never stepped: not a step taken
+    try:
+        for w in self._watches:
+            try:
+                if w.records:
+                    read(self, w)
+            except Exception as err:  # every watch is processed, then the hooks go
+                errors.append(err)
+                w.records = []
+        for w in self._watches:
+            if w.episodes is not None:
+                if close_episodes:
+                    ended = w.episodes.close(max(w.step - 1, 0), interrupted=interrupted)
+                    self.alert_count += len(ended)
+                    try:
+                        dispatch(self, ended, w.index)
+                    except Exception as err:
+                        errors.append(err)
+                self._episode_states[w.index] = w.episodes.state_dict()
+    finally:
+        self._raise_exhausted = True
+        for w in self._watches:
+            if w.hook is not None:
+                w.hook.remove()
+                w.hook = None
+            if w.lr_factor is not None:
+                w.lr_factor.remove()
+                w.lr_factor = None
+            self._steps[w.index] = w.step
+            self._progress[w.index] = w.progress
+            self._detector_states[w.index] = w.detector.state_dict()
+            if w.controller is not None:
+                self._controller_states[w.index] = w.controller.state_dict()
+        self._rollback_target = None
+        self._release()
+    if errors and interrupted:
+        for error in errors:
+            log.error("warmup_monitor: at the interruption: %s", error, exc_info=error)
+    elif errors:
+        raise errors[0]

@@ -6,7 +6,8 @@ The engine owns the :class:`~warmup_monitor.rollback.Snapshots` (with
 :meth:`~warmup_monitor.engine.MonitorEngine.attach`: in the step post-hook of a single
 optimizer, right after ``optimizer.step`` and before anything else (the scheduler, other
 callbacks) sees the damaged weights; before ``on_exhausted="raise"`` raises; and, with several
-optimizers, at :meth:`~warmup_monitor.engine.MonitorEngine.rollback_point` after the batch.
+optimizers, at :meth:`~warmup_monitor.engine.MonitorEngine.rollback_point` after the batch
+(``LoopMonitor``, which completes its steps in ``after_step``, calls it there).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from warmup_monitor.config import Detection
+from warmup_monitor.config import Detection, Statistics
 from warmup_monitor.controller import WarmupController
 from warmup_monitor.detectors import Episodes, InstabilityDetector
 from warmup_monitor.lr_factor import LrFactor
@@ -133,6 +134,8 @@ class Watch:
     lr_factor: LrFactor | None = None
     released: bool = False  # buffers freed once past the window
     completed_unstepped: bool = False  # the last step was completed before its optimizer stepped
+    groups: tuple[int, ...] = ()  # parameters per param group when the lists were built
+    frozen: list[Tensor] = field(default_factory=list)  # the optimizer's frozen parameters
 
     @property
     def plan_end(self) -> int | None:
@@ -170,22 +173,27 @@ class Losses:
         self._sum: Tensor | None = None
         self.count = 0
 
-    def add(self, loss: Tensor | float | None, *, restart: bool = False) -> None:
-        """Add one loss (a float or a one-element tensor); ``restart`` forgets the earlier ones
-        first (their gradients were dropped: they belong to no update)."""
+    def add(self, loss: Any, *, restart: bool = False) -> None:
+        """Add one loss; ``restart`` forgets the earlier ones first (their gradients were
+        dropped: they belong to no update).
+
+        A loss is any real number (``float``, ``int``, NumPy scalars such as ``np.float32``,
+        ``fractions.Fraction``), or a one-element tensor or array (torch or NumPy, any real
+        dtype); booleans and complex numbers are refused.
+        """
         if loss is None:
             return
-        if isinstance(loss, bool) or not isinstance(loss, (Tensor, int, float)):
-            raise TypeError(f"`loss` must be a float or a 0-dim tensor, got {type(loss).__name__}")
         if isinstance(loss, Tensor):
             if loss.numel() != 1:
                 raise ValueError(
-                    f"`loss` must be a single value (a float or a 0-dim tensor), got a tensor "
+                    f"`loss` must be a single value (a number or a 0-dim tensor), got a tensor "
                     f"of shape {tuple(loss.shape)}: reduce it (e.g. loss.mean()) first"
                 )
+            if loss.dtype == torch.bool or loss.is_complex():
+                raise TypeError(f"`loss` must be a real number, got a {loss.dtype} tensor")
             value = loss.detach().float().reshape(())
         else:
-            value = torch.tensor(float(loss))
+            value = torch.tensor(_real(loss))
         if restart:
             self.clear()
         self._sum = value if self._sum is None else self._sum + value.to(self._sum.device)
@@ -201,6 +209,75 @@ class Losses:
         if self._last is not None and self._last[1] == self.batch:
             return self._last[0]  # several optimizers stepped on one backward
         return None
+
+
+def _real(loss: Any) -> float:
+    """A host loss as a float: a real number, or a one-element real array (NumPy, ...)."""
+    if isinstance(loss, (bool, str, bytes)):
+        raise TypeError(f"`loss` must be a real number or a 0-dim tensor, got {loss!r}")
+    if isinstance(loss, numbers.Real):
+        return float(loss)
+    if hasattr(loss, "__array__"):
+        import numpy as np
+
+        arr = np.asarray(loss)
+        if arr.size != 1:
+            raise ValueError(
+                f"`loss` must be a single value (a number or a 0-dim array), got an array of "
+                f"shape {arr.shape}: reduce it (e.g. loss.mean()) first"
+            )
+        if arr.dtype.kind in "fiu":
+            return float(arr.reshape(()))
+    raise TypeError(f"`loss` must be a real number or a 0-dim tensor, got {type(loss).__name__}")
+
+
+def trained_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The parameters of ``optimizer`` that require a gradient, group after group."""
+    return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+
+
+def frozen_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The parameters of ``optimizer`` that do not require a gradient (watched for unfreezing)."""
+    return [p for g in optimizer.param_groups for p in g["params"] if not p.requires_grad]
+
+
+def group_sizes(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
+    """The number of parameters of each param group: what changes when a group is added."""
+    return tuple(len(g["params"]) for g in optimizer.param_groups)
+
+
+def make_statistics(
+    config: Statistics, params: list[Tensor]
+) -> tuple[GradientStats, UpdateRatio | None]:
+    """The gradient statistics and update ratio over ``params``."""
+    dtype = None if config.reference_dtype is None else getattr(torch, config.reference_dtype)
+    stats = GradientStats(
+        params,
+        cosine=config.cosine,
+        reference_dtype=dtype,
+        sketch_fraction=config.sketch_fraction,
+    )
+    return stats, UpdateRatio(params) if config.update_ratio else None
+
+
+def follow_groups(watch: Watch, config: Statistics) -> None:
+    """Rebuild the parameter lists of ``watch`` when its optimizer's param groups changed
+    (``add_param_group``) or one of its frozen parameters was unfrozen (progressive
+    unfreezing with ``requires_grad_``): a host-side look at the group sizes and at the
+    frozen parameters' flags, no device work. The cosine restarts (the gradient vector
+    changed). A parameter frozen later needs nothing: it has no gradient, it adds 0."""
+    sizes = group_sizes(watch.optimizer)
+    if sizes == watch.groups and not any(p.requires_grad for p in watch.frozen):
+        return
+    watch.groups = sizes
+    watch.frozen = frozen_params(watch.optimizer)
+    params = trained_params(watch.optimizer)
+    if [id(p) for p in params] == [id(p) for p in watch.stats.params]:
+        return
+    watch.stats.release()
+    if watch.update is not None:
+        watch.update.release()
+    watch.stats, watch.update = make_statistics(config, params)
 
 
 def make_episodes(detection: Detection, state: dict[str, Any] | None) -> Episodes | None:

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from warmup_monitor.schema import Alert, AlertKind, is_instability
+from warmup_monitor.schema import EPISODE_OUTCOMES, Alert, AlertKind, is_instability
 
 __all__ = ["Episode", "group_episodes", "step_ranges"]
 
@@ -34,6 +34,10 @@ class Episode:
         peak_ratio: The highest ratio the episode reached, when recorded.
         peak_step: The step of ``peak_ratio``.
         recovered: Whether the loss came back (``None``: not recorded, or still open).
+        outcome: How it ended (``episode_end`` ``outcome``, one of
+            :data:`~warmup_monitor.schema.EPISODE_OUTCOMES`: ``"recovered"``,
+            ``"not_recovered"``, ``"ended_quiet"``, ``"open_at_end"``, ``"interrupted"``;
+            ``None``: not recorded).
         closed: Whether an ``episode_end`` record closed it.
         steps: Flagged steps as inclusive ranges, ``[[13, 40], [45, 45]]``.
         alerts: Indices of the episode's records in the run's alert list (open, updates, end).
@@ -47,6 +51,7 @@ class Episode:
     peak_ratio: float | None = None
     peak_step: int | None = None
     recovered: bool | None = None
+    outcome: str | None = None
     closed: bool = False
     steps: list[list[int]] = field(default_factory=list)
     alerts: list[int] = field(default_factory=list)
@@ -63,6 +68,7 @@ class Episode:
             "peak_ratio": peak if peak is None or math.isfinite(peak) else None,
             "peak_step": self.peak_step,
             "recovered": self.recovered,
+            "outcome": self.outcome,
             "closed": self.closed,
             "steps": [list(r) for r in self.steps],
             "alerts": list(self.alerts),
@@ -122,6 +128,9 @@ def _apply_end(ep: Episode, details: dict[str, Any]) -> None:
     recovered = details.get("recovered")
     if isinstance(recovered, bool):
         ep.recovered = recovered
+    outcome = details.get("outcome")
+    if isinstance(outcome, str) and outcome in EPISODE_OUTCOMES:
+        ep.outcome = outcome
     steps = _ranges(details.get("steps"))
     if steps is not None:
         ep.steps = steps

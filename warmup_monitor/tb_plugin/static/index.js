@@ -318,7 +318,9 @@ function episodeList(data) {
     const what = e.id == null ? `alert at step ${e.start}` : `episode ${e.id}: steps ${e.start}-${e.end}`;
     const facts = [what, `${e.count} flagged step(s)`, e.kinds.join(', ')];
     if (e.peak_ratio != null) facts.push(`peak ${e.peak_ratio.toPrecision(3)}x @${e.peak_step}`);
-    if (e.recovered != null) facts.push(e.recovered ? 'recovered' : 'not recovered');
+    if (e.outcome === 'interrupted') facts.push('interrupted (training crashed)');
+    else if (e.recovered != null) facts.push(e.recovered ? 'recovered' : 'not recovered');
+    else if (e.outcome === 'ended_quiet') facts.push('ended quiet (no loss to judge recovery)');
     else if (e.id != null && !e.closed) facts.push('still open at the end');
     const details = el('details', {class: 'wm-episode'}, [
       el('summary', {}, facts.join(' · ')),
