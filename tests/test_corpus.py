@@ -191,4 +191,4 @@ def test_the_advice_quotes_what_a_longer_warmup_did_on_the_corpus() -> None:
         if arm in a and "long" in a and a[arm].label == "failing"
     ]
     healed = sum(long.label == "healthy" for _, long in pairs)
-    assert LONGER_WARMUP_HEALED == (healed, len(pairs))
+    assert (healed, len(pairs)) == LONGER_WARMUP_HEALED
