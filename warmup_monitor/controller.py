@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 from warmup_monitor._checks import check_choice, check_int
 from warmup_monitor.actions import (
+    GRAD_KINDS,
     LOSS_KINDS,
     WEAK_KINDS,
     RollbackRequest,
@@ -408,7 +409,8 @@ class WarmupController:
             self._recent.append(step)
         while self._recent and self._recent[0] <= step - self.window_steps:
             self._recent.popleft()
-        if not acts_at_once(kinds) and len(self._recent) < self.config.min_alerts:
+        grad = {_kind(a) for a in alerts} & GRAD_KINDS if kinds & LOSS_KINDS else set()  # notices
+        if not acts_at_once(kinds | grad) and len(self._recent) < self.config.min_alerts:
             return []
 
         level = self.plan(step)
