@@ -106,6 +106,10 @@ def test_signals_on_a_hand_made_trace() -> None:
     t.lr_trace = np.linspace(0.0, 0.1, 30)
     lv = by_name["loss_vs_initial"].fn(t)
     assert np.isnan(lv[:14]).all() and np.isfinite(lv[15:]).all()
+    # "stuck": only once the lr has been high for 10 steps (steps 15..24 -> from step 24)
+    st = by_name["loss_stuck_initial"].fn(t)
+    assert np.isnan(st[:24]).all() and np.isfinite(st[24:]).all()
+    assert math.isclose(st[29], float(np.median(t.loss[25:30])) / t.loss[0])
 
 
 def test_trailing_median_and_threshold() -> None:

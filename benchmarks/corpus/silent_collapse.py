@@ -160,6 +160,25 @@ def _loss_near_reference(r: Run) -> np.ndarray:
     return np.where(lr_high(r), s, np.nan)
 
 
+def lr_high_for(run: Run, steps: int = 10) -> np.ndarray:
+    """True at step t where the lr has been high at every step of ``t-steps+1..t``."""
+    h = lr_high(run).astype(np.int64)
+    c = np.concatenate([[0], np.cumsum(h)])
+    t = np.arange(len(h))
+    return (t >= steps - 1) & (c[t + 1] - c[np.maximum(t + 1 - steps, 0)] == steps)
+
+
+def _loss_stuck(reference: Callable[[Run], float]) -> Callable[[Run], np.ndarray]:
+    """Median-5 loss / reference, only where the lr has been high for the last 10 steps: the
+    loss is still near (or above) where it started although the lr has been high for a while."""
+
+    def fn(r: Run) -> np.ndarray:
+        s = trailing_median(r.loss, 5) / reference(r)
+        return np.where(lr_high_for(r, 10), s, np.nan)
+
+    return fn
+
+
 def _loss_plateau(r: Run) -> np.ndarray:
     """The relative fall of the 5-step median loss over the last 5 steps (m[t-5] / m[t] - 1),
     while near the reference (m[t] < 1.15 x reference) and the lr is high; NaN elsewhere."""
@@ -211,6 +230,17 @@ SIGNALS: tuple[Signal, ...] = (
         "(b) median-5 loss / reference (unigram entropy for text, else loss[0]), "
         "while lr >= 0.5 x peak",
         _loss_near_reference,
+    ),
+    Signal(
+        "loss_stuck_initial", "high",
+        "(b) median-5 loss / loss[0], where the lr has been >= 0.5 x peak for 10 steps",
+        _loss_stuck(lambda r: float(r.loss[0])),
+    ),
+    Signal(
+        "loss_stuck_unigram", "high",
+        "(b) median-5 loss / reference (unigram entropy for text, else loss[0]), where the lr "
+        "has been >= 0.5 x peak for 10 steps",
+        _loss_stuck(loss_reference),
     ),
     Signal(
         "loss_plateau", "low",
