@@ -33,9 +33,11 @@ from warmup_monitor.schema import Alert, AlertKind
 from warmup_monitor.verdict import (
     HEALTHY,
     RECOVERED,
+    RECOVERY_STEPS,
     TOO_SHORT,
     UNSTABLE,
     judge,
+    recovery,
 )
 
 __all__ = [
@@ -272,7 +274,7 @@ def summarize(run: RunData) -> RunSummary:
     by_kind: dict[str, list[int]] = {}
     for a in sorted(run.alerts, key=lambda a: a.step):
         by_kind.setdefault(a.kind_name, []).append(a.step)
-    unstable_steps = flagged_steps(run.alerts)
+    unstable_steps = flagged_steps(run.alerts, s.get("loss"))
     if run.alerts_source == "none" and (u := s.get("unstable")) is not None:
         # No alert records: the per-step flag still tells where instability was.
         unstable_steps = u.steps[u.values > 0].astype(int).tolist()
@@ -379,12 +381,14 @@ def _positive(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-def flagged_steps(alerts: list[Alert]) -> list[int]:
+def flagged_steps(alerts: list[Alert], loss: Series | None = None) -> list[int]:
     """The run's flagged steps, sorted: the step of every instability alert and every step an
     ``episode_end`` record lists in its ``steps`` ranges (alerts folded into an episode are
     not on a line of their own), less the steps of episodes a ``transient`` alert says recovered
-    at once (:func:`transient_steps`), unless a :data:`SEVERE_KINDS` alert is on that step."""
-    passing = transient_steps(alerts)
+    at once (:func:`transient_steps`) and whose loss did come back (the recovery rule over the
+    :data:`~warmup_monitor.verdict.RECOVERY_STEPS` losses logged after it, when ``loss`` is
+    given), unless a :data:`SEVERE_KINDS` alert is on that step."""
+    passing = transient_steps(alerts, loss)
     severe = {a.step for a in alerts if a.kind_name in SEVERE_KINDS}
     steps = {a.step for a in alerts if a.kind_name in INSTABILITY_KINDS}
     for a in alerts:
@@ -404,9 +408,11 @@ def flagged_steps(alerts: list[Alert]) -> list[int]:
     return sorted(s for s in steps if s in severe or s not in passing)
 
 
-def transient_steps(alerts: list[Alert]) -> set[int]:
+def transient_steps(alerts: list[Alert], loss: Series | None = None) -> set[int]:
     """Steps of the episodes that ``transient`` alerts say recovered at once (the step before
-    the alert when its details do not say)."""
+    the alert when its details do not say); with ``loss``, only those after which the loss came
+    back (:func:`warmup_monitor.verdict.recovery`: a spike after which the run sits at a worse
+    level did not recover, however short it was)."""
     steps: set[int] = set()
     for a in alerts:
         if a.kind != AlertKind.TRANSIENT:
@@ -414,10 +420,20 @@ def transient_steps(alerts: list[Alert]) -> set[int]:
         start: Any = a.details.get("episode_start")
         length: Any = a.details.get("episode_steps")
         if _is_int(start) and _is_int(length) and 0 <= length <= 100_000:
-            steps.update(range(int(start), int(start) + int(length)))
+            span = range(int(start), int(start) + int(length))
         else:
-            steps.add(a.step - 1)
+            span = range(a.step - 1, a.step)
+        if loss is not None and len(loss) and not _came_back(loss, span.start, span.stop):
+            continue
+        steps.update(span)
     return steps
+
+
+def _came_back(loss: Series, start: int, stop: int) -> bool:
+    """Whether the losses logged after ``[start, stop)`` came back to the level before it."""
+    before = loss.values[loss.steps < start].tolist()
+    after = loss.values[loss.steps >= stop][:RECOVERY_STEPS].tolist()
+    return recovery(after, before, None)[0] if len(after) >= RECOVERY_STEPS else True
 
 
 def _initial_loss(loss: Series | None, ratio: Series | None) -> float | None:
