@@ -197,6 +197,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
             complete_on_step=True,
             metrics_sinks=metrics_sinks,
             alert_sinks=alert_sinks,
+            module=pl_module,
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

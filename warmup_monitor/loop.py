@@ -64,6 +64,8 @@ class LoopMonitor:
             alert texts; ``None`` logs no scalars.
         alerts_file: Path of the alerts JSONL; ``None`` writes none.
         on_alert: Called with each alert after the other sinks; exceptions are logged.
+        model: The model being trained: it names the groups of ``Statistics(layers=...)``
+            (``warmup/layers/<group>/...``); required when ``layers`` is not ``"off"``.
         schedule, schedule_kwargs, adaptive, detection, curvature, statistics, window,
             log_key_prefix: As for :class:`~warmup_monitor.WarmupMonitor`.
 
@@ -87,6 +89,7 @@ class LoopMonitor:
         statistics: Statistics | None = None,
         window: Window | None = None,
         log_key_prefix: str = "warmup/",
+        model: torch.nn.Module | None = None,
     ) -> None:
         opts = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers
         ok = isinstance(opts, Sequence) and not isinstance(opts, (str, bytes))
@@ -111,6 +114,14 @@ class LoopMonitor:
             window=window,  # type: ignore[arg-type]
             log_key_prefix=log_key_prefix,
         )
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module or None, got {model!r}")
+        if model is None and config.statistics.layers != "off":
+            raise ValueError(
+                "`Statistics.layers` needs the model to name its groups: pass "
+                f"LoopMonitor(..., model=model) (layers={config.statistics.layers!r})"
+            )
+        self.model = model
         self._setup(config, opts, writer, alerts_file, on_alert)
 
     def _setup(
@@ -134,6 +145,7 @@ class LoopMonitor:
             opts,
             alert_sinks=[self._dispatcher.dispatch],
             metrics_sinks=[self._write_scalars] if writer is not None else [],
+            module=self.model,
         )
 
     def __repr__(self) -> str:
@@ -145,7 +157,7 @@ class LoopMonitor:
         logdir = None if self.writer is None else getattr(self.writer, "log_dir", None)
         return {"config": self.config, "optimizers": self.engine.optimizers,
                 "logdir": logdir, "alerts_file": self.alerts_file, "on_alert": self.on_alert,
-                "state": self.engine.state_dict()}  # fmt: skip
+                "state": self.engine.state_dict(), "model": self.model}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         writer = None
@@ -153,6 +165,7 @@ class LoopMonitor:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(state["logdir"])
+        self.model = state.get("model")
         self._setup(state["config"], state["optimizers"], writer, state["alerts_file"],
                     state["on_alert"])  # fmt: skip
         self.engine.load_state_dict(state["state"])

@@ -14,6 +14,7 @@ from warmup_monitor.controller import WarmupController
 from warmup_monitor.detectors import Episodes, InstabilityDetector
 from warmup_monitor.lr_factor import LrFactor
 from warmup_monitor.stats import GradientStats, UpdateRatio
+from warmup_monitor.stats.layers import Groups
 
 #: ``reduce(tensor, sharded)``: sums a small tensor over the ranks (all of them, or only those
 #: holding shards when ``sharded``); returns it (in place is fine).
@@ -73,6 +74,7 @@ class Pending:
     factor: float
     grad_count: int
     log: bool
+    layer_sums: Tensor | None = None  # local sum of squares per group (logging steps)
 
 
 @dataclass
@@ -81,13 +83,25 @@ class Record:
 
     step: int
     progress: int
-    values: Tensor  # [loss, grad_norm, cosine, update_ratio] (NaN = absent)
+    values: Tensor  # [loss, grad_norm, cosine, update_ratio] (NaN = absent), then per group
+    # on logging steps with ``Statistics.layers``: G grad norms, G shares, G update ratios
     lrs: list[float]
     factor: float
     grad_count: int
     has_loss: bool
     log: bool
     amp_skipped: bool = False
+
+
+def read_values(records: Sequence[Record]) -> list[list[float]]:
+    """The values of ``records`` in **one** device-to-host read (records differ in length)."""
+    flat = torch.cat([r.values for r in records]).tolist()
+    out, at = [], 0
+    for r in records:
+        n = r.values.numel()
+        out.append(flat[at : at + n])
+        at += n
+    return out
 
 
 def record_state(rec: Record, values: list[float]) -> dict[str, Any]:
@@ -131,6 +145,7 @@ class Watch:
     records: list[Record] = field(default_factory=list)
     hook: Any = None
     lr_factor: LrFactor | None = None
+    groups: Groups | None = None  # per-group statistics (``Statistics.layers``)
     released: bool = False  # buffers freed once past the window
     completed_unstepped: bool = False  # the last step was completed before its optimizer stepped
 
