@@ -93,17 +93,24 @@ def auto_groups(module: nn.Module) -> list[tuple[str, list[str]]]:
     if isinstance(root, _CONTAINERS):
         return [(n, params_under(n, c)) for n, c in holders(prefix, root)]
 
-    # The shallowest containers with two or more children holding parameters.
+    # The trunk: the shallowest containers of two or more blocks (children that are modules
+    # of modules, as a transformer block); failing those, of two or more layers.
     level: list[tuple[str, nn.Module]] = [(prefix, root)]
-    trunk: set[str] = set()
-    while level and not trunk:
+    of_blocks: set[str] = set()
+    of_layers: set[str] = set()
+    while level and not of_blocks:
         nxt: list[tuple[str, nn.Module]] = []
         for n, m in level:
             for cn, c in holders(n, m):
-                if isinstance(c, _CONTAINERS) and len(holders(cn, c)) >= 2:
-                    trunk.add(cn)
+                kids = holders(cn, c)
+                if isinstance(c, _CONTAINERS) and len(kids) >= 2:
+                    if any(next(k.children(), None) is not None for _, k in kids):
+                        of_blocks.add(cn)
+                    elif not of_layers or all(t.count(".") == cn.count(".") for t in of_layers):
+                        of_layers.add(cn)
                 nxt.append((cn, c))
         level = nxt
+    trunk = of_blocks or of_layers
 
     def expand(n: str, m: nn.Module) -> list[tuple[str, list[str]]]:
         if n in trunk:
