@@ -18,6 +18,7 @@ from warmup_monitor.cli import main as cli_main
 from warmup_monitor.report import summarize
 from warmup_monitor.report.heatmap import (
     LAYER_STATS,
+    ZERO,
     layer_grid,
     layer_groups_of,
     render_layers_png,
@@ -74,6 +75,10 @@ def test_columns_average_log10_over_their_steps() -> None:
     want = [np.mean(-(np.arange(c, c + 10) % 7)) for c in range(0, 1000, 10)]
     np.testing.assert_allclose(grid.log10["grad_share"][0], want)
     assert np.isnan(grid.log10["update_ratio"]).all()  # not logged
+    # A group without gradient (a share of 0): -inf, drawn at the bottom; ZERO in the JSON.
+    zero = layer_grid({"layers/a/grad_share": _series([0, 1], [0.0, 0.5])})
+    assert zero is not None and zero.log10["grad_share"][0, 0] == -math.inf
+    assert zero.to_json()["grad_share"] == [[ZERO, round(math.log10(0.5), 4)]]
     assert layer_grid({"loss": _series([0], [1.0])}) is None
 
 

@@ -47,6 +47,8 @@ LAYER_STATS = ("grad_norm", "grad_share", "update_ratio")
 MAX_COLUMNS = 600
 #: The bottom of the gradient-share colour scale (log10): shares below it are drawn at it.
 SHARE_FLOOR = -7.0
+#: A value of 0 (log10 ``-inf``) in the browser's grid (JSON has no infinities).
+ZERO = -99.0
 _GROUPS_SHOWN = 8  # runs with a heatmap in one picture
 
 
@@ -59,7 +61,8 @@ class LayerGrid:
         steps: The first step of each column (ascending).
         width: Steps each column spans (the last column may span fewer).
         log10: Statistic -> ``[groups, columns]`` array of log10 values (the mean of the log10
-            of the logged values within a column), NaN where nothing was logged.
+            of the logged values within a column), NaN where nothing was logged, ``-inf``
+            where a value was 0 (a group without gradient: drawn at the bottom of the scale).
     """
 
     groups: list[str]
@@ -68,16 +71,19 @@ class LayerGrid:
     log10: dict[str, np.ndarray]
 
     def to_json(self) -> dict[str, Any]:
-        """The grid for the browser: lists, ``None`` for NaN, values rounded to 4 digits."""
+        """The grid for the browser: lists, ``None`` for NaN, :data:`ZERO` for ``-inf`` (a
+        value of 0), values rounded to 4 digits."""
 
-        def rows(a: np.ndarray) -> list[list[float | None]]:
-            return [[None if not math.isfinite(v) else round(v, 4) for v in r] for r in a.tolist()]
+        def cell(v: float) -> float | None:
+            if math.isfinite(v):
+                return round(v, 4)
+            return ZERO if v == -math.inf else None
 
         return {
             "groups": self.groups,
             "steps": self.steps.tolist(),
             "width": self.width,
-            **{k: rows(v) for k, v in self.log10.items()},
+            **{k: [[cell(v) for v in r] for r in a.tolist()] for k, a in self.log10.items()},
         }
 
 
@@ -120,7 +126,7 @@ def layer_grid(
                 continue
             with np.errstate(divide="ignore", invalid="ignore"):
                 v = np.log10(s.values)
-            ok = np.isfinite(v)
+            ok = ~np.isnan(v) & (v != np.inf)  # 0 is -inf: kept, drawn at the bottom
             col = (s.steps[ok] - lo) // width
             np.add.at(total[gi], col, v[ok])
             np.add.at(count[gi], col, 1.0)

@@ -218,8 +218,9 @@ const CMAPS = {
   update_ratio: ['#000004', '#1c1044', '#4f127b', '#812581', '#b5367a', '#e55064', '#fb8761',
     '#fec287', '#fcfdbf'],
 };
-// The bottom of the gradient-share scale (log10), as in the report.
+// The bottom of the gradient-share scale (log10), as in the report; a value of 0 comes as ZERO.
 const SHARE_FLOOR = -7;
+const ZERO = -99;
 
 function rgb(hex) {
   return [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16));
@@ -242,7 +243,7 @@ function shortNames(groups) {
 }
 
 function heatLimits(rows, stat) {
-  const vals = rows.flat().filter((v) => v != null).sort((a, b) => a - b);
+  const vals = rows.flat().filter((v) => v != null && v > ZERO).sort((a, b) => a - b);
   if (!vals.length) return [-1, 0];
   let lo = vals[Math.floor(0.01 * (vals.length - 1))], hi = vals[vals.length - 1];
   if (stat === 'grad_share') { lo = Math.max(SHARE_FLOOR, Math.min(lo, -1)); hi = 0; }
@@ -293,7 +294,8 @@ function heatmap(box, data, stat, sync) {
     const v = rows[g][i];
     const span = w > 1 ? `steps ${xs[i]}-${xs[i] + w - 1}` : `step ${xs[i]}`;
     readout.textContent = `${L.groups[g]} · ${span} · ` +
-      (v == null ? 'not logged' : `${stat.replace('_', ' ')} ${Math.pow(10, v).toPrecision(3)} (log10 ${v.toFixed(2)})`);
+      (v == null ? 'not logged' : v <= ZERO ? `${stat.replace('_', ' ')} 0` :
+        `${stat.replace('_', ' ')} ${Math.pow(10, v).toPrecision(3)} (log10 ${v.toFixed(2)})`);
   };
   const opts = {
     width: Math.min(1100, Math.max(480, (document.body.clientWidth || 1000) - 60)),
