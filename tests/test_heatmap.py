@@ -26,6 +26,7 @@ from warmup_monitor.report.heatmap import (
 )
 from warmup_monitor.report.runs import load_run
 from warmup_monitor.tb_plugin.plugin import MAX_LAYER_COLUMNS, WarmupPlugin
+from warmup_monitor.tensorboard import write_scalars_event
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +51,30 @@ def test_the_grid_holds_the_logged_values_in_depth_order(layered_run: str) -> No
     np.testing.assert_allclose((shares**2).sum(axis=0), 1.0, rtol=1e-5)
 
 
-def test_groups_come_back_in_the_order_they_were_logged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("one_event", [False, True])
+def test_groups_come_back_in_the_order_they_were_logged(tmp_path: Path, one_event: bool) -> None:
     names = ["wte", "wpe", "h.0", "h.1", "h.10", "h.2", "ln_f"]  # not sorted in any way
-    write_scalars(
-        tmp_path,
-        {
-            "warmup/lr": [(0, 1e-3)],
-            "warmup/warmup_steps": [(0, 10.0)],
-            **{f"warmup/layers/{n}/grad_share": [(0, 0.1), (1, 0.2)] for n in names},
-        },
-    )
+    core = {"warmup/lr": [(0, 1e-3)], "warmup/warmup_steps": [(0, 10.0)]}
+    layers = {f"warmup/layers/{n}/grad_share": [(0, 0.1 * i), (1, 0.2)] for i, n in
+              enumerate(names, 1)}  # fmt: skip
+    if one_event:  # as the monitor writes them: one event per step holding every group
+        from torch.utils.tensorboard import SummaryWriter
+
+        write_scalars(tmp_path, core)
+        writer = SummaryWriter(str(tmp_path))
+        for step in (0, 1):
+            write_scalars_event(writer, {k: dict(v)[step] for k, v in layers.items()}, step)
+        writer.close()
+    else:
+        write_scalars(tmp_path, {**core, **layers})
     run = load_run(str(tmp_path))
     assert layer_groups_of(run.series) == names
+    scalars = read_scalars(str(tmp_path))  # TensorBoard's reader sees the same values
+    for key, points in layers.items():
+        assert scalars[key] == pytest.approx(dict(points))
+        assert run.series[key[len("warmup/") :]].values.tolist() == pytest.approx(
+            [v for _, v in points]
+        )
 
 
 def test_columns_average_log10_over_their_steps() -> None:

@@ -35,8 +35,8 @@ def test_every_monitor_argument_is_in_the_readme_table_and_only_those() -> None:
     params = set(inspect.signature(WarmupMonitor.__init__).parameters) - {"self"}
     assert rows == params
     loop_only = set(inspect.signature(LoopMonitor.__init__).parameters) - params - {"self"}
-    assert loop_only == {"optimizers", "writer"}
-    assert "LoopMonitor(optimizers, *, writer=None, ...)" in README
+    assert loop_only == {"optimizers", "writer", "model"}
+    assert "LoopMonitor(optimizers, *, writer=None, model=None, ...)" in README
 
 
 def test_every_config_field_and_default_is_in_the_readme_and_options_page() -> None:

@@ -48,7 +48,7 @@ from warmup_monitor.config import (
 )
 from warmup_monitor.engine import MonitorEngine
 from warmup_monitor.schedules import Shape
-from warmup_monitor.tensorboard import write_layout
+from warmup_monitor.tensorboard import split_layer_keys, write_layout, write_scalars_event
 
 __all__ = ["LoopMonitor"]
 
@@ -220,5 +220,7 @@ class LoopMonitor:
 
     def _write_scalars(self, metrics: dict[str, float], step: int) -> None:
         assert self.writer is not None
-        for key, value in metrics.items():
+        layers, rest = split_layer_keys(metrics)
+        for key, value in rest.items():
             self.writer.add_scalar(key, value, global_step=step)
+        write_scalars_event(self.writer, layers, step)  # per-group keys: one event
