@@ -38,8 +38,10 @@ Two parts (``--part micro|e2e|all``):
   a real ``Trainer`` with a ``TensorBoardLogger``. Three variants, each its own process, in
   rotated order within each repetition: ``bare`` (no monitor), ``off`` (the monitor, logging
   every step, per-group statistics off) and ``on`` (the same with them on); ``--layers-every``
-  sets the monitor's ``log_every_n_steps`` (and ``check_every_n_steps``). The figure is the
-  ``Trainer.fit`` time over bare's, per repetition, as median [25th-75th percentile].
+  sets the monitor's ``log_every_n_steps`` (and ``check_every_n_steps``). The figures are the
+  ``Trainer.fit`` wall time and the process's CPU time over that fit (every thread of the
+  process, TensorBoard's writer thread included; far less disturbed by other jobs than the wall
+  time) over bare's, per repetition, as median [25th-75th percentile].
 
 Timings use ``--threads`` intra-op threads (default 1: on a shared machine spinning OpenMP
 threads make timings erratic; memory-bound passes gain little from a second thread anyway).
@@ -537,9 +539,10 @@ trainer = pl.Trainer(max_steps=steps, accelerator="cpu", callbacks=callbacks,
                      logger=pl.loggers.TensorBoardLogger(out, name="", version=""),
                      enable_progress_bar=False, enable_model_summary=False,
                      enable_checkpointing=False, log_every_n_steps=50)
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 trainer.fit(model, loader)
-print(json.dumps({"fit_s": time.perf_counter() - t0, "steps": steps}))
+print(json.dumps({"fit_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                  "steps": steps}))
 """
 LAYER_VARIANTS = ["bare", "off", "on"]
 LAYER_MODELS = ["gru", "mlp200"]
@@ -564,12 +567,14 @@ def run_layers(args: argparse.Namespace) -> dict[str, Any]:
                     runs.append(run)
                     ms = run["fit_s"] / run["steps"] * 1e3
                     print(f"  rep {rep} {model:6s} {v:4s} {ms:.2f} ms / step", flush=True)
-    by = {(r["rep"], r["model"], r["variant"]): r["fit_s"] for r in runs}
-    result: dict[str, Any] = {"runs": runs, "ratios": {}}
-    for model in LAYER_MODELS:
-        for v, base in (("off", "bare"), ("on", "bare"), ("on", "off")):
-            ratios = [by[(i, model, v)] / by[(i, model, base)] for i in range(args.pairs)]
-            result["ratios"][f"{model} {v}/{base}"] = ratios
+    result: dict[str, Any] = {"runs": runs, "ratios": {}, "cpu_ratios": {}}
+    for key, out in (("fit_s", result["ratios"]), ("cpu_s", result["cpu_ratios"])):
+        by = {(r["rep"], r["model"], r["variant"]): r[key] for r in runs}
+        for model in LAYER_MODELS:
+            for v, base in (("off", "bare"), ("on", "bare"), ("on", "off")):
+                out[f"{model} {v}/{base}"] = [
+                    by[(i, model, v)] / by[(i, model, base)] for i in range(args.pairs)
+                ]
     return result
 
 
@@ -579,17 +584,19 @@ def print_layers(result: dict[str, Any], args: argparse.Namespace) -> None:
         f"{args.steps} steps, logging every {args.layers_every} step(s), {args.threads} "
         "thread(s); Trainer.fit time ratio, median [25th-75th percentile]"
     )
-    print("| model | bare ms / step | monitor, layers off / bare | layers on / bare "
+    print("| model | time | bare ms / step | monitor, layers off / bare | layers on / bare "
           "| layers on / off |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|")
     for model in LAYER_MODELS:
-        bare = [r["fit_s"] / r["steps"] * 1e3 for r in result["runs"]
-                if r["model"] == model and r["variant"] == "bare"]  # fmt: skip
-        r = result["ratios"]
-        print(
-            f"| {model} | {statistics.median(bare):.2f} | {fmt_ratio(r[f'{model} off/bare'], 3)} "
-            f"| {fmt_ratio(r[f'{model} on/bare'], 3)} | {fmt_ratio(r[f'{model} on/off'], 3)} |"
-        )
+        for key, label, r in (("fit_s", "wall", result["ratios"]),
+                              ("cpu_s", "CPU", result["cpu_ratios"])):  # fmt: skip
+            bare = [x[key] / x["steps"] * 1e3 for x in result["runs"]
+                    if x["model"] == model and x["variant"] == "bare"]  # fmt: skip
+            print(
+                f"| {model} | {label} | {statistics.median(bare):.2f} "
+                f"| {fmt_ratio(r[f'{model} off/bare'], 3)} "
+                f"| {fmt_ratio(r[f'{model} on/bare'], 3)} | {fmt_ratio(r[f'{model} on/off'], 3)} |"
+            )
 
 
 # --------------------------------------------------------------------------------------------
