@@ -17,7 +17,7 @@ from warmup_monitor.config import MonitorConfig
 from warmup_monitor.controller import RollbackRequest, WarmupController
 from warmup_monitor.curvature.probe import CurvatureProber
 from warmup_monitor.detectors import InstabilityDetector
-from warmup_monitor.engine import host, state
+from warmup_monitor.engine import host, per_group, state
 from warmup_monitor.engine.watch import (
     Losses,
     Pending,
@@ -31,7 +31,6 @@ from warmup_monitor.engine.watch import (
 )
 from warmup_monitor.lr_factor import LrFactor
 from warmup_monitor.stats import GradientStats, UpdateRatio
-from warmup_monitor.stats.layers import layer_groups
 
 __all__ = ["AlertSink", "MetricsSink", "MonitorEngine"]
 
@@ -39,23 +38,6 @@ __all__ = ["AlertSink", "MetricsSink", "MonitorEngine"]
 MetricsSink = Callable[[dict[str, float], int], None]
 #: ``sink(alert)``: where the engine sends each alert.
 AlertSink = Callable[[Alert], None]
-
-
-def flat_dtype(parts: Sequence[Tensor]) -> torch.dtype:
-    """The dtype of a step's reduced values: float64 when any part is (the sums), else the
-    parts' (float32 on MPS)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in parts) else parts[0].dtype
-
-
-def layer_values(sums: Tensor, n: int, total_sq: Tensor) -> Tensor:
-    """Reduced per-group ``[grad sq (n), delta sq (n), old sq (n)]`` to ``[grad norm (n), share
-    of the global norm (n), update ratio (n)]`` on the device (NaN where undefined)."""
-    g_sq, d_sq, o_sq = sums[:n], sums[n : 2 * n], sums[2 * n : 3 * n]
-    nan = torch.full_like(g_sq, math.nan)
-    norm = g_sq.sqrt()
-    share = torch.where(total_sq > 0, (g_sq / total_sq).sqrt(), nan)
-    ratio = torch.where(o_sq > 0, (d_sq / o_sq).sqrt(), nan)
-    return torch.cat([norm, share, ratio])
 
 
 class MonitorEngine:
@@ -248,8 +230,7 @@ class MonitorEngine:
                 the step were added before it); otherwise :meth:`after_step` completes it.
             metrics_sinks: Receive the scalars of each logging step.
             alert_sinks: Receive each alert.
-            module: The model, which names the groups of ``Statistics.layers`` (without it,
-                no per-group statistics).
+            module: The model: it names the groups of ``Statistics.layers`` (none without it).
         """
         self.detach()
         self.world_size = world_size
@@ -280,9 +261,7 @@ class MonitorEngine:
                     controller.load_state_dict(self._controller_states[idx])
                 elif idx > 0:
                     controller.reset()
-            layers = None
-            if stats_cfg.layers != "off" and module is not None and params:
-                layers = layer_groups(module, params, stats_cfg.layers)
+            layers = per_group.groups_of(stats_cfg.layers, module, params)
             watch = Watch(
                 index=idx,
                 optimizer=opt,
@@ -427,11 +406,9 @@ class MonitorEngine:
             return
         watch.released = False
         do_log = self.should_log(watch.step, watch.index)
-        # Per-group sums only on logging steps, in the same pass as the global ones.
-        per_group = do_log and watch.groups is not None
-        sums = watch.stats.local_sums(groups=per_group)
-        if watch.update is not None and do_log:
-            watch.update.snapshot(groups=per_group)
+        sums = watch.stats.local_sums(groups=do_log and watch.groups is not None)  # per group: on
+        if watch.update is not None and do_log:  # logging steps, in the same pass
+            watch.update.snapshot(groups=sums.numel() > 2)
         watch.stepped = False
         factor = watch.factor()
         if watch.lr_factor is not None:
@@ -441,12 +418,11 @@ class MonitorEngine:
         watch.pending = Pending(
             step=watch.step,
             progress=watch.progress,
-            sums=sums[:2],
+            sums=sums,
             lrs=[lr * factor for lr in base],
             factor=factor,
             grad_count=watch.stats.last_grad_count,
             log=do_log,
-            layer_sums=sums[2:] if per_group else None,
         )
 
     def add_loss(self, loss: Tensor | float | None) -> None:
@@ -480,18 +456,8 @@ class MonitorEngine:
         # One small all-reduce: the loss's share of the mean, and the shard sums.
         loss_t = loss.to(device) if loss is not None else torch.zeros((), device=device)
         upd = w.update.local_sums() if w.update is not None and w.update.has_snapshot else None
-        upd_t = upd.to(device) if upd is not None else torch.full((2,), math.nan, device=device)
         share = loss_t / self.world_size if self.world_size > 1 else loss_t
-        parts = [share.reshape(1), p.sums.to(device), upd_t[:2]]
-        n_groups = 0
-        if p.layer_sums is not None:  # per group: grad sq, then delta sq and old sq
-            n_groups = p.layer_sums.numel()
-            parts.append(p.layer_sums.to(device))
-            if upd is not None and upd.numel() == 2 + 2 * n_groups:
-                parts.append(upd_t[2:].to(p.layer_sums.dtype))
-            else:
-                parts.append(torch.full((2 * n_groups,), math.nan, device=device))
-        flat = torch.cat([t.to(flat_dtype(parts)) for t in parts])
+        flat, n_groups = per_group.step_sums(share, p.sums.to(device), upd, device)
         if self.world_size > 1:
             if not self.sharded:  # whole gradients, identical on every rank: only the loss
                 flat = torch.cat([self.reducer(flat[:1].clone(), False), flat[1:]])
@@ -504,9 +470,7 @@ class MonitorEngine:
         loss_mean = flat[0] if has_loss else torch.full_like(flat[0], math.nan)
         grad = w.stats.finish(flat[1:3])
         ratio = UpdateRatio.finish(flat[3:5])
-        values = torch.stack([loss_mean, grad[0], grad[1], ratio])
-        if n_groups:
-            values = torch.cat([values, layer_values(flat[5:], n_groups, flat[1])])
+        values = per_group.values(torch.stack([loss_mean, grad[0], grad[1], ratio]), flat, n_groups)
         w.records.append(
             Record(
                 step=p.step,

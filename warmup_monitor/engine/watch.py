@@ -69,12 +69,11 @@ class Pending:
 
     step: int
     progress: int
-    sums: Tensor  # local [sum_sq, dot] (and [delta_sq, old_sq] appended later)
+    sums: Tensor  # local [sum_sq, dot] (then the groups' sums of squares on a per-group step)
     lrs: list[float]
     factor: float
     grad_count: int
     log: bool
-    layer_sums: Tensor | None = None  # local sum of squares per group (logging steps)
 
 
 @dataclass
