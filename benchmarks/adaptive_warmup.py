@@ -241,6 +241,9 @@ def run_one(
         on_alert=alerts.append,
         alerts_file=None if log_dir is None else wm.alerts.ALERTS_FILENAME,
         window=wm.Window(post_warmup_steps=-1),
+        # Runs that keep their logs also log per-group statistics (read-only: training is
+        # the same; the heatmaps of the report and the Warmup tab).
+        statistics=wm.Statistics(layers="auto") if log_dir is not None else None,
     )
     logger: Any = False
     if log_dir is not None:
@@ -370,6 +373,29 @@ def demo(out: str) -> int:
             f"val {r['val_loss'] or math.nan:.4f}, "
             f"warmup {r['effective_warmup']}, extensions {r['extensions']}, rollbacks "
             f"{r['rollbacks']} ({r['wall_s']:.0f} s): {r['log_dir']}"
+        )
+    from warmup_monitor import cli
+
+    return cli.main(["report", *(r["log_dir"] for r in runs), "--out", os.path.join(out, "report")])
+
+
+def cells(specs: Sequence[str], out: str, workers: int) -> int:
+    """``--cell``: the given runs of the grid with their logs in ``out/<family>_<lr>/<arm>``
+    (per-group statistics on), and one report over them (``out/report``)."""
+    jobs = []
+    for spec in specs:
+        family, lr, arm, seed = spec.split(":")
+        if family not in FAMILIES or arm not in ARMS:
+            raise SystemExit(f"--cell {spec}: family one of {list(FAMILIES)}, arm one of {ARMS}")
+        jobs.append((family, float(lr), arm, int(seed), os.path.join(out, f"{family}_{lr}")))
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx) as pool:
+        runs = list(pool.map(_worker, jobs))
+    for r in runs:
+        print(
+            f"{r['family']} lr {r['lr']:g} {r['arm']:9s} seed {r['seed']}: final loss "
+            f"{r['final_loss'] or math.nan:.4f}, val {r['val_loss'] or math.nan:.4f} "
+            f"({r['wall_s']:.0f} s): {r['log_dir']}"
         )
     from warmup_monitor import cli
 
@@ -570,9 +596,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--report", action="store_true", help="only the table and plot")
     ap.add_argument("--readme", action="store_true", help="write the table into the README")
     ap.add_argument("--demo", metavar="DIR", help="only the demo: two runs and a report in DIR")
+    ap.add_argument(
+        "--cell",
+        action="append",
+        metavar="FAMILY:LR:ARM:SEED",
+        help="only these runs (e.g. post_ln:0.03:short:0), with their logs and one report in "
+        "--cell-dir",
+    )
+    ap.add_argument("--cell-dir", default="runs/cells", metavar="DIR")
     args = ap.parse_args(argv)
     if args.demo:
         sys.exit(demo(args.demo))
+    if args.cell:
+        sys.exit(cells(args.cell, args.cell_dir, args.workers))
     if not args.report:
         run_grid(args.families.split(","), args.arms.split(","), args.seeds, args.workers)
     runs = _load()

@@ -12,8 +12,13 @@ Two settings: logging every step (``log_every_n_steps=1``) and quiet steps
 Each run is its own process; runs alternate between the settings (and between code trees with
 ``--tree``), and the figure is the median over ``--reps`` runs.
 
+``--layers`` runs each setting of this tree twice, with per-group statistics off and on
+(``Statistics(layers="auto")``: 3 groups on the GRU model); ``--model mlp200`` trains a
+200-layer MLP instead (``nn.Sequential`` of 200 ``Linear(64, 64)`` + tanh: 200 groups).
+
     python benchmarks/host_time.py                      # this tree
     python benchmarks/host_time.py --tree old=/tmp/old  # and another checkout, interleaved
+    python benchmarks/host_time.py --layers --model mlp200
 
 Works against the flat-keyword API of 0.1 too (``--tree`` of an older checkout).
 """
@@ -38,6 +43,7 @@ import torch, pytorch_lightning as pl
 from torch.utils.data import DataLoader, TensorDataset
 torch.set_num_threads(1)
 log_every, steps, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+layers, model_name = sys.argv[4], sys.argv[5]
 import warmup_monitor.callback as cb, warmup_monitor.engine as en
 spent = [0.0]; depth = [0]; calls = [0]
 
@@ -73,14 +79,36 @@ class LM(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
+class MLP(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(*[m for _ in range(200)
+                                         for m in (torch.nn.Linear(64, 64), torch.nn.Tanh())])
+    def training_step(self, batch, i):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
 g = torch.Generator().manual_seed(0)
-data = torch.randint(0, 64, (steps * 16, 33), generator=g)
-loader = DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=16)
-n_params = sum(p.numel() for p in LM().parameters())
+if model_name == "mlp200":
+    Model = MLP
+    x = torch.randn(steps * 32, 64, generator=g)
+    loader = DataLoader(TensorDataset(x, torch.tanh(x.roll(1, 1))), batch_size=32)
+else:
+    Model = LM
+    data = torch.randint(0, 64, (steps * 16, 33), generator=g)
+    loader = DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=16)
+n_params = sum(p.numel() for p in Model().parameters())
 try:
     from warmup_monitor import Window
+    extra = {}
+    if layers != "off":
+        from warmup_monitor import Statistics
+        extra["statistics"] = Statistics(layers=layers)
     monitor = cb.WarmupMonitor(warmup_steps=steps, window=Window(
-        log_every_n_steps=log_every, check_every_n_steps=log_every, post_warmup_steps=0))
+        log_every_n_steps=log_every, check_every_n_steps=log_every, post_warmup_steps=0), **extra)
 except ImportError:  # the flat keywords of 0.1
     monitor = cb.WarmupMonitor(warmup_steps=steps, log_every_n_steps=log_every,
                                check_every_n_steps=log_every, post_warmup_steps=0)
@@ -89,15 +117,17 @@ trainer = pl.Trainer(max_steps=steps, accelerator="cpu", callbacks=[monitor],
                      enable_progress_bar=False, enable_model_summary=False,
                      enable_checkpointing=False, log_every_n_steps=50)
 t0 = time.perf_counter()
-trainer.fit(LM(), loader)
+trainer.fit(Model(), loader)
 fit = time.perf_counter() - t0
 print(json.dumps({"params": n_params, "host_s": spent[0], "fit_s": fit, "steps": steps}))
 """
 
 
-def run(tree: str, log_every: int, steps: int, out: str) -> dict[str, Any]:
+def run(
+    tree: str, log_every: int, steps: int, out: str, layers: str = "off", model: str = "gru"
+) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=tree, PL_DISABLE_FORK="1")
-    cmd = [sys.executable, "-c", RUN, str(log_every), str(steps), out]
+    cmd = [sys.executable, "-c", RUN, str(log_every), str(steps), out, layers, model]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree, check=False)
     if proc.returncode != 0:
         raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
@@ -110,25 +140,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default="/tmp/host_time_runs")
+    parser.add_argument("--layers", action="store_true", help="per-group statistics off and on")
+    parser.add_argument("--model", choices=["gru", "mlp200"], default="gru")
     args = parser.parse_args(argv)
     trees = {"this": HERE, **dict(t.split("=", 1) for t in args.tree)}
-    results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    settings = [
+        (name, log_every, layers)
+        for name in trees
+        for log_every in (1, 10)
+        for layers in (("off", "auto") if args.layers and name == "this" else ("off",))
+    ]
+    results: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     start = time.perf_counter()
-    for rep in range(args.reps):  # interleaved: every setting once per repetition
-        for name, path in trees.items():
-            for log_every in (1, 10):
-                out = os.path.join(args.out, f"{name}-{log_every}-{rep}")
-                results.setdefault((name, log_every), []).append(
-                    run(path, log_every, args.steps, out)
-                )
-    print(f"small model: {results[('this', 1)][0]['params']:,} parameters, {args.steps} steps")
-    print("| code | logging | monitor host ms / step | fit ms / step | share of the step |")
-    print("|---|---|---|---|---|")
-    for (name, log_every), runs in results.items():
+    for rep in range(args.reps):  # interleaved: every setting once per repetition, rotated
+        shift = rep % len(settings)
+        for name, log_every, layers in settings[shift:] + settings[:shift]:
+            out = os.path.join(args.out, f"{name}-{log_every}-{layers}-{rep}")
+            results.setdefault((name, log_every, layers), []).append(
+                run(trees[name], log_every, args.steps, out, layers, args.model)
+            )
+    first = results[settings[0]][0]
+    print(f"{args.model}: {first['params']:,} parameters, {args.steps} steps")
+    print(
+        "| code | logging | per-group | monitor host ms / step | fit ms / step "
+        "| share of the step |"
+    )
+    print("|---|---|---|---|---|---|")
+    for (name, log_every, layers), runs in sorted(results.items()):
         host = statistics.median(r["host_s"] / r["steps"] * 1e3 for r in runs)
         fit = statistics.median(r["fit_s"] / r["steps"] * 1e3 for r in runs)
         label = "every step" if log_every == 1 else "every 10th (quiet steps)"
-        print(f"| {name} | {label} | {host:.3f} | {fit:.1f} | {host / fit:.1%} |")
+        print(f"| {name} | {label} | {layers} | {host:.3f} | {fit:.1f} | {host / fit:.1%} |")
     print(f"({args.reps} runs each, median; {time.perf_counter() - start:.0f} s)")
     return 0
 

@@ -31,6 +31,18 @@ Two parts (``--part micro|e2e|all``):
   on a wider model (``--mem-d-model``), where the buffers stand out; the exact byte counts of
   the monitor's buffers.
 
+* ``layers``: the cost of per-group statistics (``Statistics(layers="auto")``), end to end, on
+  two models that are not the example: the small GRU language model of
+  ``benchmarks/host_time.py`` (about 100k parameters; 3 groups) and a 200-layer MLP
+  (``nn.Sequential`` of 200 ``Linear(64, 64)`` + tanh, 832k parameters; 200 groups), AdamW,
+  a real ``Trainer`` with a ``TensorBoardLogger``. Three variants, each its own process, in
+  rotated order within each repetition: ``bare`` (no monitor), ``off`` (the monitor, logging
+  every step, per-group statistics off) and ``on`` (the same with them on); ``--layers-every``
+  sets the monitor's ``log_every_n_steps`` (and ``check_every_n_steps``). The figures are the
+  ``Trainer.fit`` wall time and the process's CPU time over that fit (every thread of the
+  process, TensorBoard's writer thread included; far less disturbed by other jobs than the wall
+  time) over bare's, per repetition, as median [25th-75th percentile].
+
 Timings use ``--threads`` intra-op threads (default 1: on a shared machine spinning OpenMP
 threads make timings erratic; memory-bound passes gain little from a second thread anyway).
 
@@ -39,6 +51,7 @@ Usage::
     .venv/bin/python benchmarks/overhead.py            # both parts, about 8 minutes
     .venv/bin/python benchmarks/overhead.py --quick    # fewer rounds and pairs, about 3 minutes
     .venv/bin/python benchmarks/overhead.py --part micro --json out.json
+    .venv/bin/python benchmarks/overhead.py --part layers --pairs 7 --steps 300
 """
 
 from __future__ import annotations
@@ -468,12 +481,131 @@ def print_e2e(result: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Per-group statistics, end to end
+# --------------------------------------------------------------------------------------------
+
+LAYERS_RUN = r"""
+import json, sys, time, warnings, logging
+warnings.filterwarnings("ignore"); logging.disable(logging.WARNING)
+import torch, pytorch_lightning as pl
+from torch.utils.data import DataLoader, TensorDataset
+torch.set_num_threads(int(sys.argv[5]))
+model_name, variant, out = sys.argv[1], sys.argv[2], sys.argv[6]
+steps, every = int(sys.argv[3]), int(sys.argv[4])
+
+class LM(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(64, 64)
+        self.rnn = torch.nn.GRU(64, 144, batch_first=True)
+        self.head = torch.nn.Linear(144, 64)
+    def training_step(self, batch, i):
+        x, y = batch
+        h, _ = self.rnn(self.emb(x))
+        return torch.nn.functional.cross_entropy(self.head(h).flatten(0, 1), y.flatten())
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+class MLP(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(*[m for _ in range(200)
+                                         for m in (torch.nn.Linear(64, 64), torch.nn.Tanh())])
+    def training_step(self, batch, i):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+g = torch.Generator().manual_seed(0)
+if model_name == "mlp200":
+    model = MLP()
+    x = torch.randn(steps * 32, 64, generator=g)
+    loader = DataLoader(TensorDataset(x, torch.tanh(x.roll(1, 1))), batch_size=32)
+else:
+    model = LM()
+    data = torch.randint(0, 64, (steps * 16, 33), generator=g)
+    loader = DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=16)
+callbacks = []
+if variant != "bare":
+    from warmup_monitor import Statistics, WarmupMonitor, Window
+    callbacks.append(WarmupMonitor(
+        warmup_steps=steps,
+        window=Window(log_every_n_steps=every, check_every_n_steps=every, post_warmup_steps=0),
+        statistics=Statistics(layers="auto" if variant == "on" else "off")))
+trainer = pl.Trainer(max_steps=steps, accelerator="cpu", callbacks=callbacks,
+                     logger=pl.loggers.TensorBoardLogger(out, name="", version=""),
+                     enable_progress_bar=False, enable_model_summary=False,
+                     enable_checkpointing=False, log_every_n_steps=50)
+t0, c0 = time.perf_counter(), time.process_time()
+trainer.fit(model, loader)
+print(json.dumps({"fit_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                  "steps": steps}))
+"""
+LAYER_VARIANTS = ["bare", "off", "on"]
+LAYER_MODELS = ["gru", "mlp200"]
+
+
+def run_layers(args: argparse.Namespace) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PL_DISABLE_FORK="1")
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as log_dir:
+        for rep in range(args.pairs):
+            shift = rep % len(LAYER_VARIANTS)
+            for model in LAYER_MODELS:
+                for v in LAYER_VARIANTS[shift:] + LAYER_VARIANTS[:shift]:
+                    out = os.path.join(log_dir, f"{model}-{v}-{rep}")
+                    cmd = [sys.executable, "-c", LAYERS_RUN, model, v, str(args.steps),
+                           str(args.layers_every), str(args.threads), out]  # fmt: skip
+                    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+                    if proc.returncode != 0:
+                        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
+                    run = json.loads(proc.stdout.strip().splitlines()[-1])
+                    run.update(model=model, variant=v, rep=rep)
+                    runs.append(run)
+                    ms = run["fit_s"] / run["steps"] * 1e3
+                    print(f"  rep {rep} {model:6s} {v:4s} {ms:.2f} ms / step", flush=True)
+    result: dict[str, Any] = {"runs": runs, "ratios": {}, "cpu_ratios": {}}
+    for key, out in (("fit_s", result["ratios"]), ("cpu_s", result["cpu_ratios"])):
+        by = {(r["rep"], r["model"], r["variant"]): r[key] for r in runs}
+        for model in LAYER_MODELS:
+            for v, base in (("off", "bare"), ("on", "bare"), ("on", "off")):
+                out[f"{model} {v}/{base}"] = [
+                    by[(i, model, v)] / by[(i, model, base)] for i in range(args.pairs)
+                ]
+    return result
+
+
+def print_layers(result: dict[str, Any], args: argparse.Namespace) -> None:
+    print(
+        f"\nPer-group statistics, end to end: {args.pairs} interleaved repetitions x "
+        f"{args.steps} steps, logging every {args.layers_every} step(s), {args.threads} "
+        "thread(s); Trainer.fit time ratio, median [25th-75th percentile]"
+    )
+    print("| model | time | bare ms / step | monitor, layers off / bare | layers on / bare "
+          "| layers on / off |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|")
+    for model in LAYER_MODELS:
+        for key, label, r in (("fit_s", "wall", result["ratios"]),
+                              ("cpu_s", "CPU", result["cpu_ratios"])):  # fmt: skip
+            bare = [x[key] / x["steps"] * 1e3 for x in result["runs"]
+                    if x["model"] == model and x["variant"] == "bare"]  # fmt: skip
+            print(
+                f"| {model} | {label} | {statistics.median(bare):.2f} "
+                f"| {fmt_ratio(r[f'{model} off/bare'], 3)} "
+                f"| {fmt_ratio(r[f'{model} on/bare'], 3)} | {fmt_ratio(r[f'{model} on/off'], 3)} |"
+            )
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     arg = parser.add_argument
-    arg("--part", choices=("all", "micro", "e2e", "host"), default="all")
+    arg("--part", choices=("all", "micro", "e2e", "host", "layers"), default="all")
     arg("--tree", action="append", default=[], help="host: NAME=PATH of another checkout")
     arg("--quick", action="store_true", help="fewer rounds and pairs (about 3 minutes)")
     arg("--threads", type=int, default=1, help="torch intra-op threads")
@@ -482,6 +614,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arg("--pairs", type=int, default=None, help="e2e: interleaved repetitions")
     arg("--steps", type=int, default=None, help="e2e: optimizer steps per run")
     arg("--mem-d-model", type=int, default=512, help="e2e: model width of the memory runs")
+    arg("--layers-every", type=int, default=1, help="layers: log_every_n_steps")
     arg("--json", type=Path, default=None, help="also write the raw results here")
     args = parser.parse_args(argv)
     if args.pairs is None:
@@ -509,6 +642,10 @@ def main(argv: list[str] | None = None) -> int:
         import host_time
 
         return host_time.main([f"--tree={t}" for t in args.tree] + ["--steps", "200"])
+    if args.part == "layers":
+        print("\nPer-group statistics (each line one run):")
+        results["layers"] = run_layers(args)
+        print_layers(results["layers"], args)
     if args.part in ("all", "e2e"):
         print("\nEnd to end (each line one run):")
         results["e2e"] = run_e2e(args)

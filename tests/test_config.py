@@ -98,6 +98,7 @@ BAD: dict[type, dict[str, list[Any]]] = {
         "reference_dtype": ["int8", 16],
         "sketch_fraction": [0.0, 1.5, NAN],
         "update_ratio": ["no", 1],
+        "layers": ["", "(", [], ["x", "[a"], 3, [3], None],
     },
     Window: {
         "log_every_n_steps": [0, 1.5],

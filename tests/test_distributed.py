@@ -28,6 +28,9 @@ RUNS = {
     "ddp_spawn": ["--mode", "ddp_spawn"],
     "fsdp": ["--mode", "fsdp"],
     "ddp_nan": ["--mode", "ddp", "--nan-rank", "1", "--nan-step", "3"],
+    "single_layers": ["--mode", "single", "--layers"],
+    "ddp_layers": ["--mode", "ddp", "--layers"],
+    "fsdp_layers": ["--mode", "fsdp", "--layers"],
 }
 KEYS = ["loss", "grad_norm", "grad_cosine", "update_ratio", "lr", "loss_ratio"]
 
@@ -116,7 +119,33 @@ def test_nan_on_one_rank_reaches_every_rank_without_deadlock(runs: dict[str, Pat
     assert all(r["state"]["steps"]["0"] == 8 for r in ranks)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["single_layers", "ddp_layers", "fsdp_layers"])
+def test_per_group_statistics_equal_a_per_module_computation(
+    runs: dict[str, Path], mode: str
+) -> None:
+    """Per group (each Linear): gradient norm, share and update ratio against plain torch over
+    the whole gradients and parameters (gathered under FSDP2, in the test only), and the same
+    as one process over the same global batch."""
+    logged = read_scalars(str(runs[mode]))
+    single = read_scalars(str(runs["single_layers"]))
+    expected = _ranks(runs[mode])[0]["expected"]
+    assert sorted(int(s) for s in expected) == list(range(8))
+    stats = ("grad_norm", "grad_share", "update_ratio")
+    for step, groups in expected.items():
+        assert sorted(groups) == ["layers.0", "layers.2", "layers.4"]
+        for group, values in groups.items():
+            for stat, want in zip(stats, values, strict=True):
+                tag = f"warmup/layers/{group}/{stat}"
+                assert logged[tag][int(step)] == pytest.approx(want, rel=1e-5), (tag, step)
+                assert logged[tag][int(step)] == pytest.approx(single[tag][int(step)], rel=1e-5), (
+                    tag,
+                    step,
+                )
+    shares = [logged[f"warmup/layers/layers.{i}/grad_share"][0] ** 2 for i in (0, 2, 4)]
+    assert sum(shares) == pytest.approx(1.0, rel=1e-6)  # the groups cover every parameter
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp_layers", "fsdp_layers"])
 def test_one_small_all_reduce_per_step_and_no_barrier(runs: dict[str, Path], mode: str) -> None:
     for rank in _ranks(runs[mode]):
         steps = rank["collectives"]

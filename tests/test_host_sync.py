@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import fit, tiny_module_class
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from warmup_monitor import WarmupMonitor, Window
+from warmup_monitor import Statistics, WarmupMonitor, Window
 
 SYNC_OPS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default"}
 
@@ -67,10 +68,15 @@ def _deltas(values: list[int]) -> list[int]:
     return [b - a for a, b in zip([0, *values], values, strict=False)]
 
 
-def test_quiet_steps_take_no_host_sync(tmp_path: os.PathLike, monkeypatch: Any) -> None:
+@pytest.mark.parametrize("layers", ["off", "auto"])
+def test_quiet_steps_take_no_host_sync(
+    tmp_path: os.PathLike, monkeypatch: Any, layers: str
+) -> None:
     bare = _run(os.path.join(str(tmp_path), "bare"), None, monkeypatch)
     monitor = WarmupMonitor(
-        warmup_steps=8, window=Window(log_every_n_steps=4, check_every_n_steps=4)
+        warmup_steps=8,
+        window=Window(log_every_n_steps=4, check_every_n_steps=4),
+        statistics=Statistics(layers=layers),
     )
     watched = _run(os.path.join(str(tmp_path), "watched"), monitor, monkeypatch)
     # Not one .item()/float()/bool() more than training itself, on any step.
@@ -78,12 +84,17 @@ def test_quiet_steps_take_no_host_sync(tmp_path: os.PathLike, monkeypatch: Any) 
     # One batched read on the steps that log (0 and 4), none on the others.
     assert _deltas(watched.read_counts) == [1, 0, 0, 0, 1, 0, 0, 0]
     assert _deltas(bare.read_counts) == [0] * 8
+    # The per-group values (2 groups x 3) ride in the same read, on logging steps only:
+    # step 0 alone, then steps 1-3 (quiet) and 4 (logging), then 5-7 at the end of the fit.
+    extra = 6 if layers == "auto" else 0
+    assert watched.reads == [4 + extra, 4 * 4 + extra, 3 * 4]
 
 
+@pytest.mark.parametrize("layers", ["off", "auto"])
 def test_every_step_reads_once_when_logging_every_step(
-    tmp_path: os.PathLike, monkeypatch: Any
+    tmp_path: os.PathLike, monkeypatch: Any, layers: str
 ) -> None:
-    monitor = WarmupMonitor(warmup_steps=8)
+    monitor = WarmupMonitor(warmup_steps=8, statistics=Statistics(layers=layers))
     watched = _run(tmp_path, monitor, monkeypatch)
     assert _deltas(watched.read_counts) == [1] * 8
 

@@ -19,7 +19,7 @@ import pytest
 import pytorch_lightning as pl
 from conftest import fit, make_loader, read_scalars, tiny_module_class
 
-from warmup_monitor import Detection, WarmupMonitor
+from warmup_monitor import Detection, Statistics, WarmupMonitor
 from warmup_monitor.report import (
     HEALTHY,
     RECOVERED,
@@ -62,8 +62,10 @@ def make_real_run(
     warmup_steps: int = 20,
     max_steps: int = 60,
     version: int = 0,
+    layers: bool = False,
 ) -> str:
-    """A real Lightning run with WarmupMonitor and a TensorBoardLogger; returns its log dir."""
+    """A real Lightning run with WarmupMonitor and a TensorBoardLogger; returns its log dir.
+    With ``layers``, per-group statistics too (groups ``net.0`` and ``net.2``)."""
     logger = pl.loggers.TensorBoardLogger(str(root), name="run", version=version)
     model = tiny_module_class(pl)(scripted=scripted, warmup=warmup_steps)
     fit(
@@ -71,7 +73,13 @@ def make_real_run(
         root,
         # One alert line per flagged step (no episodes): these tests pin the report's reading
         # of per-step alerts; episodes are read in test_verdicts/test_tb_browser.
-        [WarmupMonitor(warmup_steps=warmup_steps, detection=Detection(episodes=False))],
+        [
+            WarmupMonitor(
+                warmup_steps=warmup_steps,
+                detection=Detection(episodes=False),
+                statistics=Statistics(layers="auto" if layers else "off"),
+            )
+        ],
         model=model,
         max_steps=max_steps,
         loader=make_loader(n=4 * max_steps, batch_size=4),

@@ -128,6 +128,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     logdir = tmp_path_factory.mktemp("browser") / "logs"
     make_real_run(logdir / "spiky")  # spiky/run/version_0: two 50x loss spikes in warmup
     make_real_run(logdir / "calm", scripted=lambda s: 1.0 / (1.0 + 0.05 * s))
+    make_real_run(logdir / "layered", layers=True)  # per-group statistics: net.0, net.2
     # The same spiky run, its alerts written as one episode (open record, close record).
     shutil.copytree(logdir / SPIKY, logdir / "episodes")
     end = {
@@ -168,6 +169,7 @@ def _keep(path: Path) -> None:
 
 SPIKY = "spiky/run/version_0"
 CALM = "calm/run/version_0"
+LAYERED = "layered/run/version_0"
 
 
 def test_the_tab_draws_interactive_charts_with_a_legend_for_every_mark(
@@ -258,5 +260,46 @@ def test_inside_tensorboard_with_a_deep_link(
         browser.frame(None)
     time.sleep(1.0)
     shot = tmp_path / "tab_in_tensorboard.png"
+    assert browser.screenshot(shot).startswith(b"\x89PNG")
+    _keep(shot)
+
+
+def test_the_heatmaps_of_a_run_with_per_group_statistics(
+    server: Server, browser: Browser, tmp_path: Path
+) -> None:
+    link = urllib.parse.urlencode({"run": LAYERED})
+    browser.get(f"{server.url}/data/plugin_entry.html?name={PLUGIN_NAME}#{link}")
+    browser.wait("return document.querySelectorAll('.wm-heatmap canvas').length >= 2")
+    maps = browser.js(
+        "return [...document.querySelectorAll('.wm-heatmap')].map(c => c.dataset.heatmap)"
+    )
+    assert maps == ["grad_share", "update_ratio"]
+    # The cells are painted: the canvas under the plot area holds colour, not white, at the
+    # middle of each row; the rows differ (net.0 and net.2 have different shares).
+    pixels = browser.js(
+        "const box = document.querySelector('.wm-heatmap[data-heatmap=grad_share]');"
+        "const u = box.querySelector('canvas'), o = box.querySelector('.u-over');"
+        "const c = u.getBoundingClientRect(), r = o.getBoundingClientRect();"
+        "const k = u.width / c.width, ctx = u.getContext('2d');"
+        "const x = Math.round((r.left - c.left + 0.6 * r.width) * k);"
+        "return [0.25, 0.75].map(f => [...ctx.getImageData(x,"
+        " Math.round((r.top - c.top + f * r.height) * k), 1, 1).data])"
+    )
+    for rgba in pixels:
+        assert rgba[3] == 255 and rgba[:3] != [255, 255, 255], pixels
+    assert pixels[0] != pixels[1], pixels
+    # Hovering a cell reads its group, step and value: the bottom of the network at the bottom.
+    hover = (
+        "const c = document.querySelector('.wm-heatmap[data-heatmap=grad_share]');"
+        "const o = c.querySelector('.u-over'); const r = o.getBoundingClientRect();"
+        "o.dispatchEvent(new MouseEvent('mousemove', {clientX: r.left + r.width * 0.5,"
+        " clientY: r.top + r.height * arguments[0], bubbles: true}));"
+        "return c.querySelector('.wm-readout').textContent"
+    )
+    bottom, top = browser.js(hover, 0.75), browser.js(hover, 0.25)
+    assert bottom.startswith("net.0 · step ") and "grad share" in bottom, bottom
+    assert top.startswith("net.2 · step "), top
+    browser.js("document.querySelector('.wm-layers').scrollIntoView()")
+    shot = tmp_path / "tab_heatmap.png"
     assert browser.screenshot(shot).startswith(b"\x89PNG")
     _keep(shot)

@@ -15,6 +15,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from warmup_monitor.tensorboard import split_layer_keys, write_scalars_event
+
 __all__ = [
     "LoggersSink",
     "callback_bases",
@@ -144,5 +146,15 @@ class LoggersSink:
         self.loggers = list(loggers)
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
+        # Per-group keys go to a TensorBoard logger as one event (see write_scalars_event).
+        layers, rest = split_layer_keys(metrics)
+        types: tuple[type, ...] = _tensorboard_logger_types() if layers else ()
         for logger in self.loggers:
-            logger.log_metrics(metrics, step=step)
+            bulk = layers and isinstance(logger, types) and not getattr(logger, "_prefix", "")
+            self._log(logger, rest if bulk else metrics, layers if bulk else {}, step)
+
+    @staticmethod
+    def _log(logger: Any, metrics: dict[str, float], bulk: dict[str, float], step: int) -> None:
+        logger.log_metrics(metrics, step=step)
+        if bulk:
+            write_scalars_event(logger.experiment, bulk, step)

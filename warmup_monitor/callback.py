@@ -206,7 +206,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
             complete_on_step=True,
             metrics_sinks=metrics_sinks,
             alert_sinks=alert_sinks,
-            model=pl_module,  # what a rollback restores, with the optimizers
+            model=pl_module,  # rollback restores it; it names the groups of Statistics.layers
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

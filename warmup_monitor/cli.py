@@ -25,6 +25,7 @@ from rich.console import Console
 
 from warmup_monitor.report.analysis import RunSummary, summarize
 from warmup_monitor.report.figure import render_png
+from warmup_monitor.report.heatmap import render_layers_png
 from warmup_monitor.report.render import clean_text, print_report, render_html, to_json
 from warmup_monitor.report.runs import (
     EXIT_OK,
@@ -124,14 +125,21 @@ def _report(run_dirs: Sequence[str], *, as_json: bool, out: str | None, prefix: 
             png = render_png(runs, summaries)
             with open(os.path.join(out, "report.png"), "wb") as f:
                 f.write(png)
+            layers_png = render_layers_png(runs, summaries)  # None without per-group keys
+            if layers_png is not None:
+                with open(os.path.join(out, "layers.png"), "wb") as f:
+                    f.write(layers_png)
             with open(os.path.join(out, "report.html"), "w", encoding="utf-8") as f:
-                f.write(render_html(summaries, png, errors))
+                f.write(render_html(summaries, png, errors, layers_png=layers_png))
         except OSError as e:
             err.print(clean_text(f"error: could not write the report to {out}: {e}"), markup=False)
             codes.append(EXIT_OUTPUT)
         else:
             if not as_json:
-                err.print(f"wrote {os.path.join(out, 'report.png')} and report.html", markup=False)
+                also = " and layers.png" if layers_png is not None else ""
+                err.print(
+                    f"wrote {os.path.join(out, 'report.png')}, report.html{also}", markup=False
+                )
     return min(codes) if codes else EXIT_OK
 
 

@@ -89,6 +89,36 @@ def _dtype_name(name: str, value: Any) -> str | None:
     return text
 
 
+def _layers(name: str, value: Any) -> str | tuple[str, ...]:
+    """``"off"``, ``"auto"``, a regular expression, or a non-empty list of them (a tuple)."""
+    import re
+
+    if isinstance(value, str):
+        patterns: list[Any] = [value]
+    elif isinstance(value, (list, tuple)):
+        patterns = list(value)
+        if not patterns:
+            raise ValueError(
+                f"`{name}` must be 'off', 'auto', a module-name pattern or a non-empty list "
+                "of them, got an empty list"
+            )
+    else:
+        raise TypeError(
+            f"`{name}` must be 'off', 'auto', a module-name pattern or a list of them, got "
+            f"{value!r} ({type(value).__name__})"
+        )
+    for p in patterns:
+        if not isinstance(p, str) or not p:
+            raise TypeError(f"`{name}` patterns must be non-empty strings, got {p!r}")
+        if isinstance(value, str) and p in ("off", "auto"):
+            return p
+        try:
+            re.compile(p)
+        except re.error as err:
+            raise ValueError(f"`{name}`: {p!r} is not a regular expression ({err})") from None
+    return value if isinstance(value, str) else tuple(patterns)
+
+
 def _spec(default: Any, check: Check) -> Any:
     return field(default=default, metadata={"check": check})
 
@@ -401,6 +431,13 @@ class Statistics(_Validated):
     """Memory of the sketch as a fraction of the gradients' bytes, in (0, 1]."""
     update_ratio: bool = _spec(True, _bool)
     """Log ``update_ratio`` (one parameter copy on logging steps)."""
+    layers: str | tuple[str, ...] = _spec("off", _layers)
+    r"""Statistics per group of layers on logging steps (``warmup/layers/<group>/grad_norm``,
+    ``grad_share``, ``update_ratio``): ``"off"``; ``"auto"``, the model's top-level blocks in
+    depth order (embeddings, each block of the trunk, the head); or a regular expression, or a
+    list of them, matched in full against module names (``r"transformer\.h\.\d+"``), the
+    parameters no pattern names forming the group ``_other``. Needs the model:
+    ``LoopMonitor(model=...)``."""
 
 
 @dataclass(frozen=True, repr=False)

@@ -65,7 +65,7 @@ from warmup_monitor.config import (
 )
 from warmup_monitor.engine import MonitorEngine
 from warmup_monitor.schedules import Shape
-from warmup_monitor.tensorboard import write_layout
+from warmup_monitor.tensorboard import split_layer_keys, write_layout, write_scalars_event
 
 __all__ = ["LoopMonitor"]
 
@@ -81,8 +81,10 @@ class LoopMonitor:
             alert texts; ``None`` logs no scalars.
         alerts_file: Path of the alerts JSONL; ``None`` writes none.
         on_alert: Called with each alert after the other sinks; exceptions are logged.
-        model: The module being trained, for rollback (``AdaptiveWarmup.rollback``); without
-            it rollback is off (module docstring).
+        model: The model being trained. With it a rollback (``AdaptiveWarmup.rollback``)
+            restores it (without it rollback is off: module docstring), and it names the
+            groups of ``Statistics(layers=...)`` (``warmup/layers/<group>/...``): required when
+            ``layers`` is not ``"off"``.
         schedule, schedule_kwargs, adaptive, detection, curvature, statistics, window,
             log_key_prefix: As for :class:`~warmup_monitor.WarmupMonitor`.
 
@@ -133,6 +135,11 @@ class LoopMonitor:
             window=window,  # type: ignore[arg-type]
             log_key_prefix=log_key_prefix,
         )
+        if model is None and config.statistics.layers != "off":
+            raise ValueError(
+                "`Statistics.layers` needs the model to name its groups: pass "
+                f"LoopMonitor(..., model=model) (layers={config.statistics.layers!r})"
+            )
         if model is None and config.adaptive is not None and config.adaptive.rollback:
             warnings.warn(
                 "LoopMonitor: AdaptiveWarmup.rollback is on (the default) but no `model=` was "
@@ -175,7 +182,7 @@ class LoopMonitor:
             opts,
             alert_sinks=[self._dispatcher.dispatch],
             metrics_sinks=[self._write_scalars] if writer is not None else [],
-            model=model,  # what a rollback restores, with the optimizers (None: no rollback)
+            model=model,  # rollback restores it; it names the groups of Statistics.layers
         )
 
     def __repr__(self) -> str:
@@ -286,5 +293,7 @@ class LoopMonitor:
 
     def _write_scalars(self, metrics: dict[str, float], step: int) -> None:
         assert self.writer is not None
-        for key, value in metrics.items():
+        layers, rest = split_layer_keys(metrics)
+        for key, value in rest.items():
             self.writer.add_scalar(key, value, global_step=step)
+        write_scalars_event(self.writer, layers, step)  # per-group keys: one event

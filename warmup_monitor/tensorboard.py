@@ -53,3 +53,39 @@ def custom_scalars_layout(prefix: str = DEFAULT_PREFIX) -> dict[str, dict[str, l
 def write_layout(writer: LayoutWriter, prefix: str = DEFAULT_PREFIX) -> None:
     """Write the dashboard layout to one TensorBoard writer (once per run)."""
     writer.add_custom_scalars(custom_scalars_layout(prefix))
+
+
+#: A per-group key: ``.../layers/<group>/<statistic>`` (group names hold no ``/``).
+_LAYER_KEY = re.compile(r"(^|/)layers/[^/]+/(grad_norm|grad_share|update_ratio)$")
+
+
+def split_layer_keys(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """``(the per-group keys, the others)`` of one step's metrics."""
+    layers = {k: v for k, v in metrics.items() if _LAYER_KEY.search(k)}
+    if not layers:
+        return layers, metrics
+    return layers, {k: v for k, v in metrics.items() if k not in layers}
+
+
+def write_scalars_event(writer: Any, metrics: dict[str, float], step: int) -> None:
+    """Write ``metrics`` as **one** event holding every value (a ``Summary`` with one
+    ``simple_value`` per tag), as ``add_scalar`` would one event each.
+
+    ``SummaryWriter.add_scalar`` costs about 0.1 ms per call (a protobuf, a checksum and a
+    queue entry each): 600 per-group scalars a step cost more than a step of a small model.
+    TensorBoard, ``EventAccumulator`` and the report read the values as if each had been
+    written alone. A writer without a file writer gets ``add_scalar`` per value.
+    """
+    if not metrics:
+        return
+    get_file_writer = getattr(writer, "_get_file_writer", None)
+    if not callable(get_file_writer):
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, global_step=step)
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    summary = Summary(
+        value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items()]
+    )
+    get_file_writer().add_summary(summary, step)

@@ -8,8 +8,13 @@ monitor's state and the alerts it decided on; rank zero's TensorBoard files are 
 With ``ddp_spawn`` the monitor is pickled into the spawned ranks, and each rank picks its half of
 the data in ``train_dataloader`` (the rank is known only there); no ``rank{R}.json``.
 
+With ``--layers`` the monitor also logs per-group statistics (``Statistics(layers="auto")``:
+``layers.0``, ``layers.2``, ``layers.4``), and each rank writes the per-module values computed
+here with plain torch from whole gradients and parameters (``DTensor.full_tensor()`` under
+FSDP2: a test may gather) as ``expected`` in its ``rank{R}.json``.
+
 Usage: python distributed_run.py --mode single|ddp|ddp_spawn|fsdp --out DIR
-       [--nan-rank R --nan-step S]
+       [--nan-rank R --nan-step S] [--layers]
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from warmup_monitor import Alert, WarmupMonitor, Window
+from warmup_monitor import Alert, Statistics, WarmupMonitor, Window
 
 warnings.filterwarnings("ignore")
 
@@ -110,6 +115,43 @@ class CollectiveCounter(pl.Callback):
         self.per_step.append({k: self.calls[k] - self._last[k] for k in self.calls})
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    full = getattr(t, "full_tensor", None)
+    return (full() if callable(full) else t).detach().double().reshape(-1)
+
+
+class PerModule(pl.Callback):
+    """Per-module gradient norm, share and update ratio with plain torch (the test's reference),
+    for every Linear of ``module.layers``: gradients in ``on_before_optimizer_step`` (what the
+    monitor reads), parameters before and after the step."""
+
+    def __init__(self) -> None:
+        self.expected: dict[int, dict[str, list[float]]] = {}
+        self._old: dict[str, torch.Tensor] = {}
+        self._row: dict[str, list[float]] = {}
+
+    def _flat(self, module: torch.nn.Module, grad: bool) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, m in module.layers.named_children():  # type: ignore[union-attr]
+            ps = list(m.parameters())
+            if ps:
+                ts = [_whole(p.grad if grad else p) for p in ps]
+                out[f"layers.{name}"] = torch.cat(ts)
+        return out
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # type: ignore[no-untyped-def]
+        grads = self._flat(pl_module, True)
+        total = torch.cat(list(grads.values())).norm()
+        self._row = {n: [g.norm().item(), (g.norm() / total).item()] for n, g in grads.items()}
+        self._old = {n: p.clone() for n, p in self._flat(pl_module, False).items()}
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:  # type: ignore[no-untyped-def]
+        new = self._flat(pl_module, False)
+        for n, old in self._old.items():
+            self._row[n].append(((new[n] - old).norm() / old.norm()).item())
+        self.expected[trainer.global_step - 1] = self._row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=["single", "ddp", "ddp_spawn", "fsdp"], required=True)
@@ -117,14 +159,21 @@ def main() -> None:
     ap.add_argument("--nan-rank", type=int, default=-1)
     ap.add_argument("--nan-step", type=int, default=-1)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--layers", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
     alerts: list[Alert] = []
     monitor = WarmupMonitor(
-        warmup_steps=6, window=Window(post_warmup_steps=10), on_alert=alerts.append
+        warmup_steps=6,
+        window=Window(post_warmup_steps=10),
+        on_alert=alerts.append,
+        statistics=Statistics(layers="auto") if args.layers else None,
     )
     callbacks: list[pl.Callback] = [monitor]
+    per_module = PerModule()
+    if args.layers:
+        callbacks.append(per_module)
     if args.mode != "ddp_spawn":  # its spies on torch.distributed do not pickle
         counter = CollectiveCounter()
         callbacks.append(counter)
@@ -164,6 +213,7 @@ def main() -> None:
         "alert_count": monitor.engine.alert_count,
         "alerts": [a.to_dict() for a in alerts],
         "collectives": counter.per_step,
+        "expected": per_module.expected,
     }
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)

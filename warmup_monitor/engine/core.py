@@ -17,7 +17,7 @@ from warmup_monitor.config import MonitorConfig
 from warmup_monitor.controller import WarmupController
 from warmup_monitor.curvature.probe import CurvatureProber
 from warmup_monitor.detectors import InstabilityDetector
-from warmup_monitor.engine import host, rollback, state
+from warmup_monitor.engine import host, per_group, rollback, state
 from warmup_monitor.engine.watch import (
     Losses,
     Pending,
@@ -139,6 +139,7 @@ class MonitorEngine:
         self._progress = {}
         self._kept: dict[int, list[dict[str, Any]]] = {}  # loaded records, not yet attached
         self._rollback_target: tuple[nn.Module, list[Any]] | None = None  # model, optimizers
+        self._model: nn.Module | None = None  # names the groups of ``Statistics.layers``
         self.losses = Losses()
         self._warned: set[str] = set()
         self._released = True
@@ -220,11 +221,14 @@ class MonitorEngine:
                 the step were added before it); otherwise :meth:`after_step` completes it.
             metrics_sinks: Receive the scalars of each logging step.
             alert_sinks: Receive each alert.
-            model: The model a rollback restores into, with ``optimizers``; ``None``: no
-                rollback. With snapshots on, the engine restores where the request is decided
-                (:mod:`warmup_monitor.engine.rollback`) and snapshots at :meth:`rollback_point`.
+            model: The model being trained. A rollback restores it, with ``optimizers``
+                (``None``: no rollback; with snapshots on, the engine restores where the
+                request is decided, :mod:`warmup_monitor.engine.rollback`, and snapshots at
+                :meth:`rollback_point`); it names the groups of ``Statistics.layers`` (none
+                without it).
         """
         self.detach()
+        self._model = model
         self.world_size = world_size
         self.sharded = sharded
         self.shards_span_world = True
@@ -249,13 +253,14 @@ class MonitorEngine:
                     controller.load_state_dict(self._controller_states[idx])
                 elif idx > 0:
                     controller.reset()
-            stats, update = make_statistics(self.config.statistics, params)
+            stats, update, layers = make_statistics(self.config.statistics, params, model)
             watch = Watch(
                 index=idx,
                 optimizer=opt,
                 stats=stats,
                 update=update,
-                groups=group_sizes(opt),
+                groups=layers,
+                sizes=group_sizes(opt),
                 frozen=frozen_params(opt),
                 detector=detector,
                 controller=controller,
@@ -392,11 +397,11 @@ class MonitorEngine:
                     watch.update.release()
             return
         watch.released = False
-        follow_groups(watch, self.config.statistics)
-        sums = watch.stats.local_sums()
+        follow_groups(watch, self.config.statistics, self._model)
         do_log = self.should_log(watch.step, watch.index)
-        if watch.update is not None and do_log:
-            watch.update.snapshot()
+        sums = watch.stats.local_sums(groups=do_log and watch.groups is not None)  # per group: on
+        if watch.update is not None and do_log:  # logging steps, in the same pass
+            watch.update.snapshot(groups=sums.numel() > 2)
         watch.stepped = False
         factor = watch.factor()
         if watch.lr_factor is not None:
@@ -444,9 +449,8 @@ class MonitorEngine:
         # One small all-reduce: the loss's share of the mean, and the shard sums.
         loss_t = loss.to(device) if loss is not None else torch.zeros((), device=device)
         upd = w.update.local_sums() if w.update is not None and w.update.has_snapshot else None
-        upd_t = upd.to(device) if upd is not None else torch.full((2,), math.nan, device=device)
         share = loss_t / self.world_size if self.world_size > 1 else loss_t
-        flat = torch.cat([share.reshape(1), p.sums.to(device), upd_t])
+        flat, n_groups = per_group.step_sums(share, p.sums.to(device), upd, device)
         if self.world_size > 1:
             if not self.sharded:  # whole gradients, identical on every rank: only the loss
                 flat = torch.cat([self.reducer(flat[:1].clone(), False), flat[1:]])
@@ -459,11 +463,12 @@ class MonitorEngine:
         loss_mean = flat[0] if has_loss else torch.full_like(flat[0], math.nan)
         grad = w.stats.finish(flat[1:3])
         ratio = UpdateRatio.finish(flat[3:5])
+        values = per_group.values(torch.stack([loss_mean, grad[0], grad[1], ratio]), flat, n_groups)
         w.records.append(
             Record(
                 step=p.step,
                 progress=p.progress,
-                values=torch.stack([loss_mean, grad[0], grad[1], ratio]),
+                values=values,
                 lrs=p.lrs,
                 factor=p.factor,
                 grad_count=p.grad_count,

@@ -12,12 +12,10 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import torch
-
 from warmup_monitor.alerts import Alert, AlertKind, is_instability
 from warmup_monitor.controller import WarmupExhaustedError
 from warmup_monitor.engine import rollback
-from warmup_monitor.engine.watch import Record, Watch
+from warmup_monitor.engine.watch import Record, Watch, read_values
 
 if TYPE_CHECKING:
     from warmup_monitor.engine.core import MonitorEngine
@@ -28,11 +26,11 @@ log = logging.getLogger("warmup_monitor")
 def read(self: MonitorEngine, w: Watch) -> None:
     records, w.records = w.records, []
     # The one device-to-host read for all steps kept since the last read.
-    host = torch.stack([r.values for r in records]).tolist()
+    host = read_values(records)
     exhausted: WarmupExhaustedError | None = None
-    for rec, (loss, grad_norm, cosine, ratio) in zip(records, host, strict=True):
+    for rec, (loss, grad_norm, cosine, ratio, *layers) in zip(records, host, strict=True):
         try:
-            process(self, w, rec, loss, grad_norm, cosine, ratio)
+            process(self, w, rec, loss, grad_norm, cosine, ratio, layers)
         except WarmupExhaustedError as err:  # the steps after it were taken: process them
             exhausted = exhausted or err
     if exhausted is not None:
@@ -47,6 +45,7 @@ def process(
     grad_norm: float,
     cosine: float,
     ratio: float,
+    layers: Sequence[float] = (),
 ) -> None:
     idx, step = w.index, rec.step
     if rec.amp_skipped:
@@ -111,9 +110,27 @@ def process(
         metrics[self.key("unstable", idx)] = 1.0 if unstable else 0.0
         if self.amp_skipped_steps:
             metrics[self.key("amp_skipped_steps", idx)] = float(self.amp_skipped_steps)
+        if layers and w.groups is not None and len(layers) == 3 * len(w.groups):
+            layer_metrics(self, w.groups.names, layers, idx, metrics)
         for sink in self.metrics_sinks:
             sink(metrics, step)
     dispatch(self, out, idx)
+
+
+def layer_metrics(
+    self: MonitorEngine,
+    names: Sequence[str],
+    values: Sequence[float],
+    idx: int,
+    metrics: dict[str, float],
+) -> None:
+    """``layers/<group>/grad_norm``, ``grad_share`` and ``update_ratio``: the finite ones."""
+    n = len(names)
+    for j, name in enumerate(names):
+        for k, stat in enumerate(("grad_norm", "grad_share", "update_ratio")):
+            v = values[k * n + j]
+            if math.isfinite(v):
+                metrics[self.key(f"layers/{name}/{stat}", idx)] = v
 
 
 def dispatch(self: MonitorEngine, alerts: Sequence[Alert], opt_idx: int) -> None:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from warmup_monitor.alerts import Alert, resumed_note
 from warmup_monitor.engine import rollback
-from warmup_monitor.engine.watch import record_state, restore_record
+from warmup_monitor.engine.watch import read_values, record_state, restore_record
 
 if TYPE_CHECKING:
     from warmup_monitor.engine.core import MonitorEngine
@@ -28,7 +26,7 @@ def save(self: MonitorEngine) -> dict[str, Any]:
     kept = {k: list(v) for k, v in self._kept.items()}
     for w in self._watches:
         if w.records:  # a checkpoint between two host reads: one read, no processing
-            host = torch.stack([r.values for r in w.records]).tolist()
+            host = read_values(w.records)
             kept[w.index] = [record_state(r, v) for r, v in zip(w.records, host, strict=True)]
     steps = dict(self._steps)
     progress = dict(self._progress)

@@ -13,8 +13,10 @@ from torch import Tensor
 from warmup_monitor.config import Detection, Statistics
 from warmup_monitor.controller import WarmupController
 from warmup_monitor.detectors import Episodes, InstabilityDetector
+from warmup_monitor.engine.per_group import groups_of
 from warmup_monitor.lr_factor import LrFactor
 from warmup_monitor.stats import GradientStats, UpdateRatio
+from warmup_monitor.stats.layers import Groups
 
 #: ``reduce(tensor, sharded)``: sums a small tensor over the ranks (all of them, or only those
 #: holding shards when ``sharded``); returns it (in place is fine).
@@ -69,7 +71,7 @@ class Pending:
 
     step: int
     progress: int
-    sums: Tensor  # local [sum_sq, dot] (and [delta_sq, old_sq] appended later)
+    sums: Tensor  # local [sum_sq, dot] (then the groups' sums of squares on a per-group step)
     lrs: list[float]
     factor: float
     grad_count: int
@@ -82,13 +84,25 @@ class Record:
 
     step: int
     progress: int
-    values: Tensor  # [loss, grad_norm, cosine, update_ratio] (NaN = absent)
+    values: Tensor  # [loss, grad_norm, cosine, update_ratio] (NaN = absent), then per group
+    # on logging steps with ``Statistics.layers``: G grad norms, G shares, G update ratios
     lrs: list[float]
     factor: float
     grad_count: int
     has_loss: bool
     log: bool
     amp_skipped: bool = False
+
+
+def read_values(records: Sequence[Record]) -> list[list[float]]:
+    """The values of ``records`` in **one** device-to-host read (records differ in length)."""
+    flat = torch.cat([r.values for r in records]).tolist()
+    out, at = [], 0
+    for r in records:
+        n = r.values.numel()
+        out.append(flat[at : at + n])
+        at += n
+    return out
 
 
 def record_state(rec: Record, values: list[float]) -> dict[str, Any]:
@@ -132,9 +146,10 @@ class Watch:
     records: list[Record] = field(default_factory=list)
     hook: Any = None
     lr_factor: LrFactor | None = None
+    groups: Groups | None = None  # per-group statistics (``Statistics.layers``)
     released: bool = False  # buffers freed once past the window
     completed_unstepped: bool = False  # the last step was completed before its optimizer stepped
-    groups: tuple[int, ...] = ()  # parameters per param group when the lists were built
+    sizes: tuple[int, ...] = ()  # parameters per param group when the lists were built
     frozen: list[Tensor] = field(default_factory=list)  # the optimizer's frozen parameters
 
     @property
@@ -247,29 +262,35 @@ def group_sizes(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
 
 
 def make_statistics(
-    config: Statistics, params: list[Tensor]
-) -> tuple[GradientStats, UpdateRatio | None]:
-    """The gradient statistics and update ratio over ``params``."""
+    config: Statistics, params: list[Tensor], model: torch.nn.Module | None = None
+) -> tuple[GradientStats, UpdateRatio | None, Groups | None]:
+    """The gradient statistics and update ratio over ``params``, and their groups for
+    ``Statistics.layers`` (found in ``model``; ``None``: per-group statistics off)."""
+    layers = groups_of(config.layers, model, params)
     dtype = None if config.reference_dtype is None else getattr(torch, config.reference_dtype)
     stats = GradientStats(
         params,
         cosine=config.cosine,
         reference_dtype=dtype,
         sketch_fraction=config.sketch_fraction,
+        groups=layers,
     )
-    return stats, UpdateRatio(params) if config.update_ratio else None
+    update = UpdateRatio(params, groups=layers) if config.update_ratio else None
+    return stats, update, layers
 
 
-def follow_groups(watch: Watch, config: Statistics) -> None:
+def follow_groups(watch: Watch, config: Statistics, model: torch.nn.Module | None) -> None:
     """Rebuild the parameter lists of ``watch`` when its optimizer's param groups changed
     (``add_param_group``) or one of its frozen parameters was unfrozen (progressive
     unfreezing with ``requires_grad_``): a host-side look at the group sizes and at the
     frozen parameters' flags, no device work. The cosine restarts (the gradient vector
-    changed). A parameter frozen later needs nothing: it has no gradient, it adds 0."""
+    changed); the per-group plans of ``Statistics.layers`` are rebuilt with groups found
+    again in ``model`` (a new parameter joins its block). A parameter frozen later needs
+    nothing: it has no gradient, it adds 0."""
     sizes = group_sizes(watch.optimizer)
-    if sizes == watch.groups and not any(p.requires_grad for p in watch.frozen):
+    if sizes == watch.sizes and not any(p.requires_grad for p in watch.frozen):
         return
-    watch.groups = sizes
+    watch.sizes = sizes
     watch.frozen = frozen_params(watch.optimizer)
     params = trained_params(watch.optimizer)
     if [id(p) for p in params] == [id(p) for p in watch.stats.params]:
@@ -277,7 +298,7 @@ def follow_groups(watch: Watch, config: Statistics) -> None:
     watch.stats.release()
     if watch.update is not None:
         watch.update.release()
-    watch.stats, watch.update = make_statistics(config, params)
+    watch.stats, watch.update, watch.groups = make_statistics(config, params, model)
 
 
 def make_episodes(detection: Detection, state: dict[str, Any] | None) -> Episodes | None:

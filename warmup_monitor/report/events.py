@@ -103,7 +103,8 @@ class EventData:
     """What was read from a run's event files.
 
     Attributes:
-        scalars: tag -> :class:`Series`, one value per step (the run's timeline).
+        scalars: tag -> :class:`Series`, one value per step (the run's timeline); tags in the
+            order of their first point in the files (the order they were logged in).
         tensorboard: tag -> the points ``EventAccumulator`` keeps, in its order (steps may
             repeat and go backwards).
         texts: tag -> ``[(step, text), ...]`` in file order.
@@ -550,7 +551,11 @@ def _finish(
         out.problems.append(
             f"{int(bad_step.sum())} scalar points with a step outside [0, 2**53]; skipped"
         )
-    for i, t in enumerate(tags):
+    # Tags in the order of their first record: the order the writer logged them in.
+    first = np.full(len(tags), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, tag, order)
+    for i in np.argsort(first, kind="stable").tolist():
+        t = tags[i]
         mask = tag == i
         idx = np.flatnonzero(mask)
         idx = idx[np.argsort(order[idx], kind="stable")]

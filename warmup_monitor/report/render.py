@@ -171,9 +171,14 @@ img{max-width:100%}
 
 
 def render_html(
-    summaries: Sequence[RunSummary], png: bytes | None, errors: Sequence[str] = ()
+    summaries: Sequence[RunSummary],
+    png: bytes | None,
+    errors: Sequence[str] = (),
+    *,
+    layers_png: bytes | None = None,
 ) -> str:
-    """A self-contained page: the table, the advice, what was skipped, and the picture inline.
+    """A self-contained page: the table, the advice, what was skipped, and the picture inline
+    (and the per-group heatmaps, ``layers_png``, when the runs logged them).
 
     Every text from the runs (names, alert kinds, messages, paths) is escaped.
     """
@@ -234,6 +239,12 @@ def render_html(
         parts.append(
             f'<h2>curves</h2><img alt="lr, loss, gradient norm and cosine" '
             f'src="data:image/png;base64,{data}">'
+        )
+    if layers_png is not None:
+        data = base64.b64encode(layers_png).decode("ascii")
+        parts.append(
+            f'<h2>inside the model</h2><img alt="gradient share and update ratio per group '
+            f'and step" src="data:image/png;base64,{data}">'
         )
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from warmup_monitor._checks import check_choice, check_float, check_int
+from warmup_monitor.stats.layers import Groups, attach_groups
 from warmup_monitor.stats.plans import (
     Kernels,
     Plan,
@@ -103,6 +104,9 @@ class GradientStats:
         sketch_seed: Seed of the sketch's signs and offsets.
         kernels: ``"blocked"`` (CPU), ``"foreach"`` (accelerators) or ``"auto"``: blocked for
             parameters on the CPU, foreach elsewhere. Both give the same values.
+        groups: Parameter groups (:func:`~warmup_monitor.stats.layers.layer_groups`): then
+            ``local_sums(groups=True)`` also returns each group's sum of squares, from the same
+            pass.
 
     Raises:
         ValueError: a choice or fraction out of range, or a non-floating ``reference_dtype``.
@@ -124,6 +128,7 @@ class GradientStats:
         sketch_fraction: float = 0.02,
         sketch_seed: int = 0,
         kernels: Kernels = "auto",
+        groups: Groups | None = None,
     ) -> None:
         self.params = list(params)
         self.cosine: CosineMode = check_choice("cosine", cosine, ("exact", "sketch", "off"))  # type: ignore[assignment]
@@ -148,6 +153,15 @@ class GradientStats:
         self.device = locals_[0].device if locals_ else torch.device("cpu")
         self._acc = accumulate_dtype(self.device)
         self._plans = make_plans(locals_, self.kernels)
+        self.groups = groups
+        if groups is not None:
+            if len(groups.of_param) != len(self.params):
+                raise ValueError(
+                    f"`groups` gives {len(groups.of_param)} parameters a group, there are "
+                    f"{len(self.params)}"
+                )
+            for plan in self._plans:
+                attach_groups(plan, groups.of_param, len(groups))
         # A single group covering every parameter in order needs no per-step re-indexing.
         self._identity = len(self._plans) == 1 and self._plans[0].index == list(
             range(len(self.params))
@@ -210,8 +224,12 @@ class GradientStats:
     # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
-    def local_sums(self) -> Tensor:
+    def local_sums(self, groups: bool = False) -> Tensor:
         """This rank's ``[sum of squares, dot with previous gradient]`` on the device.
+
+        With ``groups`` (and ``groups`` given at construction), followed by each group's sum of
+        squares (``2 + len(groups)`` values), computed in the same pass; they add across shards
+        like the first two.
 
         In float64 (float32 on MPS, which has none): finite gradients give finite sums (see
         Range in the class docstring); the caller's reduction adds them in that dtype. Also
@@ -224,10 +242,12 @@ class GradientStats:
         missing = sum(map(operator.is_, grads, repeat(None)))
         self.last_grad_count = len(grads) - missing
         self._skipped = missing == len(grads)
+        per_group = groups and self.groups is not None
         if self._skipped:
             # No gradient at all (a skipped batch): leave the reference as it is, so the next
             # cosine compares with the last real gradient.
-            return torch.zeros(2, dtype=self._acc, device=self.device)
+            n = 2 + (len(self.groups) if per_group and self.groups is not None else 0)
+            return torch.zeros(n, dtype=self._acc, device=self.device)
         if not self._refs:
             self._build()
         if self._dtensor:
@@ -244,12 +264,22 @@ class GradientStats:
         sq_parts, dot_parts = [], []
         for plan, ref in zip(self._plans, self._refs, strict=True):
             gs = grads if self._identity else [grads[i] for i in plan.index]
-            sq, dot = plan.grad_sums(gs, missing > 0, ref)
+            sq, dot = plan.grad_sums(gs, missing > 0, ref, per_group)
             sq_parts.append(sq.to(device=self.device, dtype=self._acc))
             dot_parts.append(dot.to(device=self.device, dtype=self._acc))
         if len(sq_parts) == 1:
-            return torch.stack([sq_parts[0], dot_parts[0]])
-        return torch.stack([torch.stack(sq_parts).sum(), torch.stack(dot_parts).sum()])
+            out = torch.stack([sq_parts[0], dot_parts[0]])
+        else:
+            out = torch.stack([torch.stack(sq_parts).sum(), torch.stack(dot_parts).sum()])
+        if not per_group:
+            return out
+        group_parts = [
+            p.group_sums.to(device=self.device, dtype=self._acc)
+            for p in self._plans
+            if p.group_sums is not None
+        ]
+        total = group_parts[0] if len(group_parts) == 1 else torch.stack(group_parts).sum(0)
+        return torch.cat([out, total])
 
     def finish(self, sums: Tensor) -> Tensor:
         """Turn globally reduced ``[sum_sq, dot]`` into ``[grad_norm, cosine]`` (device tensor).

@@ -41,13 +41,16 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, repeat
-from typing import Literal, Protocol, cast
+from typing import TYPE_CHECKING, Literal, Protocol, cast
 
 import torch
 from torch import Tensor
 
 # One C++ call that flattens and concatenates a list of tensors (what DDP and apex use).
 from torch._utils import _flatten_dense_tensors as _flatten
+
+if TYPE_CHECKING:
+    from warmup_monitor.stats.layers import PlanGroups
 
 Kernels = Literal["auto", "blocked", "foreach"]
 
@@ -232,6 +235,10 @@ class Plan:
         self.offsets = [0, *accumulate(self.sizes)][: len(self.sizes)]
         self.device = device
         self.dtype = dtype
+        #: Per-group sums (:mod:`~warmup_monitor.stats.layers`): how the pieces fall into
+        #: groups, and the sums of the last pass asked for them (``groups=True``).
+        self.groups: PlanGroups | None = None
+        self.group_sums: Tensor | None = None
 
     @property
     def numel(self) -> int:
@@ -257,16 +264,20 @@ class Plan:
         raise NotImplementedError
 
     def grad_sums(
-        self, gs: Sequence[Tensor | None], missing: bool, ref: Reference
+        self, gs: Sequence[Tensor | None], missing: bool, ref: Reference, groups: bool = False
     ) -> tuple[Tensor, Tensor]:
-        """``(sum_sq, dot)`` of the gradients ``gs`` (layout order, ``None``: no gradient)."""
+        """``(sum_sq, dot)`` of the gradients ``gs`` (layout order, ``None``: no gradient).
+
+        With ``groups`` (and :attr:`groups` set), the same pass also leaves the sum of squares
+        per group in :attr:`group_sums`; so do :meth:`copy_sq` and :meth:`diff_sq`.
+        """
         raise NotImplementedError
 
-    def copy_sq(self, ts: list[Tensor], buf: Flat) -> Tensor:
+    def copy_sq(self, ts: list[Tensor], buf: Flat, groups: bool = False) -> Tensor:
         """Copy ``ts`` (all the group's tensors) into ``buf``; return their sum of squares."""
         raise NotImplementedError
 
-    def diff_sq(self, ts: list[Tensor], buf: Flat) -> Tensor:
+    def diff_sq(self, ts: list[Tensor], buf: Flat, groups: bool = False) -> Tensor:
         """The sum of squares of ``buf - ts`` (``buf`` may be overwritten)."""
         raise NotImplementedError
 
@@ -295,20 +306,36 @@ class ForeachPlan(Plan):
         return Flat(data, views)
 
     def grad_sums(
-        self, gs: Sequence[Tensor | None], missing: bool, ref: Reference
+        self, gs: Sequence[Tensor | None], missing: bool, ref: Reference, groups: bool = False
     ) -> tuple[Tensor, Tensor]:
         present = [t for t in gs if t is not None] if missing else cast(list[Tensor], gs)
-        sq = exact_sq(present, self.accumulate_dtype).to(self.device)
+        if groups and self.groups is not None and present:
+            # The per-tensor norms of the same kernel, added per group.
+            per = sq_norms(present, self.accumulate_dtype).to(self.device)
+            mask = [t is not None for t in gs] if missing else None
+            self.group_sums = self.groups.tensor_sums(per, mask)
+            sq = per.sum()
+        else:
+            sq = exact_sq(present, self.accumulate_dtype).to(self.device)
+            if groups and self.groups is not None:
+                self.group_sums = torch.zeros(self.groups.n, dtype=sq.dtype, device=self.device)
         return ref.foreach_step(self, gs, present, sq)
 
     # The buffer's padding stays zero: one reduction over all of it.
 
-    def copy_sq(self, ts: list[Tensor], buf: Flat) -> Tensor:
+    def copy_sq(self, ts: list[Tensor], buf: Flat, groups: bool = False) -> Tensor:
         torch._foreach_copy_(buf.views, ts)
-        return flat_sq(buf.data, self.compute_dtype)
+        return self._views_sq(buf, groups)
 
-    def diff_sq(self, ts: list[Tensor], buf: Flat) -> Tensor:
+    def diff_sq(self, ts: list[Tensor], buf: Flat, groups: bool = False) -> Tensor:
         torch._foreach_sub_(buf.views, ts)
+        return self._views_sq(buf, groups)
+
+    def _views_sq(self, buf: Flat, groups: bool) -> Tensor:
+        if groups and self.groups is not None and buf.views:
+            per = sq_norms(buf.views, self.compute_dtype)
+            self.group_sums = self.groups.tensor_sums(per)
+            return per.sum()
         return flat_sq(buf.data, self.compute_dtype)
 
 
@@ -392,10 +419,11 @@ class BlockPlan(Plan):
         return torch.zeros(self.shapes[i], dtype=self.dtype, device=self.device)
 
     def grad_sums(
-        self, gs: Sequence[Tensor | None], missing: bool, ref: Reference
+        self, gs: Sequence[Tensor | None], missing: bool, ref: Reference, groups: bool = False
     ) -> tuple[Tensor, Tensor]:
         c = self.scale
-        sq, dot = self._pass(gs, missing, ref, c)
+        pg = self.groups if groups else None
+        sq, dot = self._pass(gs, missing, ref, c, pg)
         if self._host:
             # One number read from host memory per step: the plan runs on the CPU, no sync.
             value = host_float(sq)
@@ -407,18 +435,26 @@ class BlockPlan(Plan):
                 value = host_float(sq)
                 self.scale = _scale_for(value, c)
                 if math.isfinite(value):  # else the gradients themselves are not finite
-                    self._pass(gs, missing, ref, self.scale)
+                    self._pass(gs, missing, ref, self.scale, pg)
             else:
                 self.scale = _scale_for(value, c)
         return ref.block_end(sq, dot)
 
     def _pass(
-        self, gs: Sequence[Tensor | None], missing: bool, ref: Reference, c: float
+        self,
+        gs: Sequence[Tensor | None],
+        missing: bool,
+        ref: Reference,
+        c: float,
+        pg: PlanGroups | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """One walk over the blocks, each multiplied by ``c``; the sums, divided by it."""
+        """One walk over the blocks, each multiplied by ``c``; the sums, divided by it (with
+        ``pg``, also the sums per group, in :attr:`group_sums`)."""
         cd, acc = self.compute_dtype, self.accumulate_dtype
         scratch = None
         ref.block_begin()
+        if pg is not None:
+            pg.begin()
         dots: list[Tensor] = []
         sqs: list[Tensor] = []
         # Every operation on a block runs while the block is in cache.
@@ -435,43 +471,77 @@ class BlockPlan(Plan):
             d = ref.block_step(j, s, x)
             if d is not None:
                 dots.append(d)
-            sqs.append(torch.dot(x, x))
+            if pg is None:
+                sqs.append(torch.dot(x, x))
+            else:  # one dot product per group inside the block: the same pass
+                pg.block(j, x, sqs)
+        parts = torch.stack(sqs) if sqs else None
         sq = (
-            torch.stack(sqs).sum(dtype=acc)
-            if sqs
+            parts.sum(dtype=acc)
+            if parts is not None
             else torch.zeros((), dtype=acc, device=self.device)
         )
+        if pg is not None:
+            g = (
+                pg.block_sums(parts, acc)
+                if parts is not None
+                else torch.zeros(pg.n, dtype=acc, device=self.device)
+            )
+            self.group_sums = g / (c * c) if c != 1.0 else g
         dot = torch.stack(dots).sum(dtype=acc) if dots else torch.zeros_like(sq)
         if c != 1.0 or self._stored_scale != 1.0:
             sq, dot = sq / (c * c), dot / (c * self._stored_scale)
         self._stored_scale = c
         return sq, dot
 
-    def copy_sq(self, ts: list[Tensor], buf: Flat) -> Tensor:
+    def copy_sq(self, ts: list[Tensor], buf: Flat, groups: bool = False) -> Tensor:
         cd = self.compute_dtype
-        sqs = []
-        for s, view in zip(self.sources(ts, None), buf.views, strict=True):
+        pg = self.groups if groups else None
+        if pg is not None:
+            pg.begin()
+        sqs: list[Tensor] = []
+        for j, (s, view) in enumerate(zip(self.sources(ts, None), buf.views, strict=True)):
             assert s is not None
             view.copy_(s)
             sf = s if s.dtype == cd else s.to(cd)
-            sqs.append(torch.dot(sf, sf))
-        return torch.stack(sqs).sum() if sqs else torch.zeros((), dtype=cd, device=self.device)
+            if pg is None:
+                sqs.append(torch.dot(sf, sf))
+            else:
+                pg.block(j, sf, sqs)
+        return self._block_total(sqs, pg)
 
-    def diff_sq(self, ts: list[Tensor], buf: Flat) -> Tensor:
+    def _block_total(self, sqs: list[Tensor], pg: PlanGroups | None) -> Tensor:
+        cd = self.compute_dtype
+        if not sqs:
+            if pg is not None:
+                self.group_sums = torch.zeros(pg.n, dtype=cd, device=self.device)
+            return torch.zeros((), dtype=cd, device=self.device)
+        parts = torch.stack(sqs)
+        if pg is not None:
+            self.group_sums = pg.block_sums(parts, cd)
+        return parts.sum()
+
+    def diff_sq(self, ts: list[Tensor], buf: Flat, groups: bool = False) -> Tensor:
         # The difference goes to a block-sized scratch that stays in cache: the buffer is only
         # read, never written back.
         cd = self.compute_dtype
+        pg = self.groups if groups else None
+        if pg is not None:
+            pg.begin()
         scratch = torch.empty(min(self.block, self.numel), dtype=cd, device=self.device)
-        sqs = []
-        for s, view in zip(self.sources(ts, None), buf.views, strict=True):
+        sqs: list[Tensor] = []
+        for j, (s, view) in enumerate(zip(self.sources(ts, None), buf.views, strict=True)):
             assert s is not None
             d = scratch[: s.numel()]
             if s.dtype == cd:
                 torch.sub(view, s, out=d)
             else:
                 torch.sub(view.to(cd), s.to(cd), out=d)
-            sqs.append(torch.dot(d, d))
-        return torch.stack(sqs).sum() if sqs else torch.zeros((), dtype=cd, device=self.device)
+            if pg is None:
+                sqs.append(torch.dot(d, d))
+            else:
+                pg.block(j, d, sqs)
+        return self._block_total(sqs, pg)
 
 
 def make_plans(locals_: list[Tensor], kernels: Kernels, block: int | None = None) -> list[Plan]:

@@ -6,7 +6,9 @@
 * ``/runs``: every run under the log directory with its verdict, the rule behind it, and counts.
   A run that cannot be read, for any reason, is a row with its own error: it never breaks the
   list.
-* ``/run?run=NAME``: one run's summary, advice, episodes, alerts and curves.
+* ``/run?run=NAME``: one run's summary, advice, episodes, alerts and curves, and its per-group
+  statistics as a grid of group x step (``layers``, :func:`~warmup_monitor.report.heatmap.
+  layer_grid`; ``null`` when the run logged none), drawn as heatmaps by the tab.
 
 A run is a directory under ``--logdir`` that holds event files; its name is its path relative to
 the log directory (``.`` for the log directory itself), as in TensorBoard's own run list. ``run``
@@ -35,6 +37,7 @@ from werkzeug import wrappers
 from warmup_monitor.report.analysis import RunSummary, summarize
 from warmup_monitor.report.events import event_files, read_regular_file
 from warmup_monitor.report.figure import SPIKE_FACTOR, downsample
+from warmup_monitor.report.heatmap import layer_grid
 from warmup_monitor.report.runs import ReportError, RunData, load_run
 from warmup_monitor.schema import ALERTS_FILENAME, WARMUP_STEPS
 
@@ -47,6 +50,8 @@ PLUGIN_NAME = "warmup_monitor"
 MAX_DIRS = 20000
 #: Points per curve sent to the browser (min/max envelope beyond that).
 MAX_POINTS = 2000
+#: Step columns of the per-group heatmaps sent to the browser.
+MAX_LAYER_COLUMNS = 500
 #: Bytes of each event file searched for the monitor's key when deciding whether the tab is
 #: active (the keys are logged from the first step on, near the start of the file).
 ACTIVE_SCAN_BYTES = 4 * 2**20
@@ -264,6 +269,7 @@ class WarmupPlugin(base_plugin.TBPlugin):
             if len(s):
                 curves[key] = _curve(s.steps, s.values)
         initial = summary.initial_loss
+        grid = layer_grid(run.series, MAX_LAYER_COLUMNS)
         return {
             "run": name,
             "prefix": run.prefix,
@@ -271,4 +277,5 @@ class WarmupPlugin(base_plugin.TBPlugin):
             "alerts": [a.to_dict() for a in run.alerts],
             "curves": curves,
             "spike_threshold": None if initial is None else SPIKE_FACTOR * initial,
+            "layers": None if grid is None else grid.to_json(),
         }

@@ -172,6 +172,17 @@ async function showRun(name, detail) {
     'values under the cursor. Shaded: unstable episodes; dotted: end of warmup.'));
   const charts = el('div', {class: 'wm-charts'});
   parts.push(charts);
+  const inside = el('div', {class: 'wm-layers'});
+  if (data.layers) {
+    parts.push(el('h4', {}, `Inside the model: ${data.layers.groups.length} groups` +
+      (runs.length > 1 ? ` (${data.run})` : '')));
+    parts.push(el('p', {class: 'wm-muted'},
+      'Rows: groups of layers, the bottom of the network at the bottom; colour: log10 of the ' +
+      'value (the mean of log10 over a column when a column spans several steps). A collapse ' +
+      'shows as the bottom rows\' gradient share going dark; an exploding layer as its update ' +
+      'ratio going bright. Hover for values; dotted: end of warmup.'));
+    parts.push(inside);
+  }
   parts.push(el('h4', {}, `Episodes (${s.episodes.length}) and alerts (${data.alerts.length})`));
   parts.push(episodeList(data));
   detail.replaceChildren(...parts);
@@ -184,6 +195,132 @@ async function showRun(name, detail) {
     box.appendChild(el('div', {class: 'wm-chart-title'}, title));
     state.plots.push(chart(box, key, runs, log, sync));
   }
+  if (data.layers) {
+    for (const [stat, title] of HEATMAPS) {
+      if (!data.layers[stat].some((row) => row.some((v) => v != null))) continue;
+      const box = inside.appendChild(el('div', {class: 'wm-chart wm-heatmap', 'data-heatmap': stat}));
+      box.appendChild(el('div', {class: 'wm-chart-title'}, title));
+      state.plots.push(heatmap(box, data, stat, sync));
+    }
+  }
+}
+
+// ------------------------------------------------------------------ per-group heatmaps
+
+const HEATMAPS = [
+  ['grad_share', 'gradient share of each group: group norm / global norm (log10)'],
+  ['update_ratio', 'update ratio of each group: ‖Δθ‖ / ‖θ‖ (log10)'],
+];
+// Colour maps as stops (matplotlib's viridis and magma), interpolated in RGB.
+const CMAPS = {
+  grad_share: ['#440154', '#472c7a', '#3b518b', '#2c718e', '#21908d', '#27ad81', '#5cc863',
+    '#aadc32', '#fde725'],
+  update_ratio: ['#000004', '#1c1044', '#4f127b', '#812581', '#b5367a', '#e55064', '#fb8761',
+    '#fec287', '#fcfdbf'],
+};
+// The bottom of the gradient-share scale (log10), as in the report; a value of 0 comes as ZERO.
+const SHARE_FLOOR = -7;
+const ZERO = -99;
+
+function rgb(hex) {
+  return [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16));
+}
+
+function colour(stops, t) {
+  t = Math.min(1, Math.max(0, t)) * (stops.length - 1);
+  const i = Math.min(stops.length - 2, Math.floor(t));
+  const a = rgb(stops[i]), b = rgb(stops[i + 1]), f = t - i;
+  return `rgb(${a.map((x, k) => Math.round(x + (b[k] - x) * f)).join(',')})`;
+}
+
+function shortNames(groups) {
+  // Without the dotted prefix every group shares (model.transformer.h.0 -> h.0).
+  if (groups.length < 2) return groups.slice();
+  const parts = groups.map((g) => g.split('.'));
+  let common = 0;
+  while (parts.every((p) => p.length > common + 1 && p[common] === parts[0][common])) common++;
+  return parts.map((p) => p.slice(common).join('.'));
+}
+
+function heatLimits(rows, stat) {
+  const vals = rows.flat().filter((v) => v != null && v > ZERO).sort((a, b) => a - b);
+  if (!vals.length) return [-1, 0];
+  let lo = vals[Math.floor(0.01 * (vals.length - 1))], hi = vals[vals.length - 1];
+  if (stat === 'grad_share') { lo = Math.max(SHARE_FLOOR, Math.min(lo, -1)); hi = 0; }
+  if (hi - lo < 1) lo = hi - 1;
+  return [Math.floor(lo * 2) / 2, Math.ceil(hi * 2) / 2];
+}
+
+function heatmap(box, data, stat, sync) {
+  const L = data.layers;
+  const rows = L[stat], xs = L.steps, w = L.width, n = L.groups.length;
+  const names = shortNames(L.groups);
+  const [lo, hi] = heatLimits(rows, stat);
+  const stops = CMAPS[stat];
+  const every = Math.max(1, Math.ceil(n / 24));
+  const ticks = [];
+  for (let g = 0; g < n; g += every) ticks.push(g);
+  const readout = el('div', {class: 'wm-muted wm-readout'}, 'hover a cell for its group, step and value');
+  const end = data.summary.effective_warmup || data.summary.planned_warmup;
+  const paint = (u) => {
+    const ctx = u.ctx;
+    const {left, top, width, height} = u.bbox;
+    ctx.save();
+    ctx.beginPath(); ctx.rect(left, top, width, height); ctx.clip();
+    for (let g = 0; g < n; g++) {
+      const y0 = u.valToPos(g + 0.5, 'y', true), y1 = u.valToPos(g - 0.5, 'y', true);
+      const row = rows[g];
+      for (let i = 0; i < xs.length; i++) {
+        const v = row[i];
+        if (v == null) continue;
+        const x0 = u.valToPos(xs[i] - 0.5, 'x', true), x1 = u.valToPos(xs[i] + w - 0.5, 'x', true);
+        ctx.fillStyle = colour(stops, (v - lo) / (hi - lo));
+        ctx.fillRect(x0, y0, Math.max(1, x1 - x0 + 0.5), Math.max(1, y1 - y0 + 0.5));
+      }
+    }
+    if (end != null) {
+      const x = u.valToPos(end - 0.5, 'x', true);
+      ctx.strokeStyle = '#ffffff'; ctx.setLineDash([2, 3]); ctx.lineWidth = 1.5;
+      ctx.beginPath(); ctx.moveTo(x, top); ctx.lineTo(x, top + height); ctx.stroke();
+    }
+    ctx.restore();
+  };
+  const read = (u) => {
+    const {left, top} = u.cursor;
+    if (left == null || left < 0) return;
+    const step = u.posToVal(left, 'x'), g = Math.round(u.posToVal(top, 'y'));
+    const i = Math.floor((step - xs[0] + 0.5) / w);
+    if (g < 0 || g >= n || i < 0 || i >= xs.length) return;
+    const v = rows[g][i];
+    const span = w > 1 ? `steps ${xs[i]}-${xs[i] + w - 1}` : `step ${xs[i]}`;
+    readout.textContent = `${L.groups[g]} · ${span} · ` +
+      (v == null ? 'not logged' : v <= ZERO ? `${stat.replace('_', ' ')} 0` :
+        `${stat.replace('_', ' ')} ${Math.pow(10, v).toPrecision(3)} (log10 ${v.toFixed(2)})`);
+  };
+  const opts = {
+    width: Math.min(1100, Math.max(480, (document.body.clientWidth || 1000) - 60)),
+    height: Math.max(150, Math.min(600, 13 * n + 60)),
+    series: [{label: 'step'}, {label: stat, stroke: 'transparent', points: {show: false}}],
+    scales: {x: {time: false, auto: false, range: [xs[0] - 0.5, xs[xs.length - 1] + w - 0.5]},
+      y: {auto: false, range: [-0.5, n - 0.5]}},
+    axes: [{label: 'optimizer step', size: 40},
+      {size: Math.min(240, Math.max(60, 24 + 8 * Math.max(...names.map((s) => s.length)))),
+        splits: () => ticks, values: (u, vals) => vals.map((v) => names[v] ?? '')}],
+    cursor: {sync: {key: sync.key}, drag: {x: true, y: false}, points: {show: false}},
+    legend: {show: false},
+    hooks: {draw: [paint], setCursor: [read]},
+  };
+  const plot = new uPlot(opts, [xs, xs.map(() => null)], box);
+  const bar = el('div', {class: 'wm-colorbar'}, [
+    el('span', {}, `10^${lo}`),
+    el('span', {class: 'wm-ramp'}),
+    el('span', {}, `10^${hi}`),
+  ]);
+  bar.querySelector('.wm-ramp').style.background =
+    `linear-gradient(to right, ${stops.join(', ')})`;
+  box.appendChild(bar);
+  box.appendChild(readout);
+  return plot;
 }
 
 function lrIsLog(runs) {
@@ -408,6 +545,9 @@ function addStyle() {
     .wm-episode { margin: 4px 0; font-size: 13px; }
     .wm-episode > summary { cursor: pointer; }
     .u-legend { font-size: 12px; text-align: left; }
+    .wm-colorbar { display: flex; align-items: center; gap: 6px; font-size: 12px; margin: 2px 0; }
+    .wm-ramp { display: inline-block; width: 240px; height: 10px; border: 1px solid #d0d7de; }
+    .wm-readout { font-size: 12px; min-height: 16px; }
   `;
   document.head.appendChild(style);
 }
