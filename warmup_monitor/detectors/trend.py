@@ -5,7 +5,8 @@ allowed); the rule uses the one whose recent errors are smallest, and calls a va
 it is above that forecast by more than ``k`` robust noise scales (in the value's own units, as a
 z-score would), and at least by a small ratio. Until the noise is known (the first
 ``early_samples`` values) a conservative ratio applies instead, so the rule decides from the
-second value. :class:`LossTrendDetector` and :class:`GradNormSpikeDetector` are the two uses.
+second value. :class:`GradNormSpikeDetector` uses it (a notice); the loss rule, whose noise is
+heavy-tailed, is :mod:`warmup_monitor.detectors.loss_trend`.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class _LogTrendSpike:
 
     **Forecasts.** Holt's linear trend on ``y = log(x)`` with fast, middle and slow smoothing
     (:attr:`smoothing`): a level ``m`` (at the step of the last value it took in) and a slope
-    ``b`` per step (for a loss, never above 0: a rising loss is not a trend to follow),
+    ``b`` per step,
     predicting ``p = m + b min(h, 3 g)`` for a value ``h`` steps later (``g`` the usual gap: a
     run of spikes does not run the slope on). Each keeps ``s``, the exponentially weighted mean
     of its absolute errors (weight ``max(1/(n+1), 0.01)``, from a prior of 20 % noise). The rule
@@ -112,7 +113,6 @@ class _LogTrendSpike:
 
     kind: AlertKind = AlertKind.LOSS_TREND_SPIKE
     what = "value"
-    decreasing_only = False
     #: (level, slope) smoothing of the fast, the middle and the slow forecast.
     smoothing = ((0.5, 0.3), (0.2, 0.05), (0.05, 0.01))
     #: Clipped errors in a row after which a slower forecast takes the fast one's level.
@@ -217,7 +217,7 @@ class _LogTrendSpike:
         if d1 * d2 <= 0.0 or min(abs(d1), abs(d2)) <= 2.0 * math.sqrt(2.0) * sigma:
             return 0.0
         slope = min(d1 / max(s1 - s0, 1.0), d2 / max(step - s1, 1.0), key=abs)
-        return min(slope, 0.0) if self.decreasing_only else slope
+        return slope
 
     def _remember(self, step: int, y: float) -> None:
         self._recent = [*self._recent[-1:], [float(step), y]]
@@ -309,8 +309,6 @@ class _LogTrendSpike:
             fit.clipped = 0
         level = pred + fit.alpha * r
         slope = fit.slope + fit.beta * ((level - fit.level) / h - fit.slope)
-        if self.decreasing_only:
-            slope = min(slope, 0.0)
         fit.level, fit.slope, fit.at = level, slope, step
 
     def _alert(self, step: int, value: float, pred: float, r: float, tau: float) -> Alert:
@@ -400,7 +398,6 @@ class GradNormSpikeDetector(_LogTrendSpike):
 
     kind = AlertKind.GRAD_NORM_SPIKE
     what = "gradient norm"
-    decreasing_only = False
 
     def __init__(
         self,
