@@ -252,3 +252,17 @@ def test_broken_event_files_are_diagnosed(
     code, _, err = run_main(["report", str(run)], capsys)
     assert code == 4
     assert why in err and "none of the monitor's keys" not in err
+
+
+def test_one_version_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 22 item 8: the package, its metadata and ``warmup-monitor --version`` say 0.2.0,
+    from one place (``warmup_monitor.__version__``, read by ``pyproject.toml``)."""
+    from importlib.metadata import version
+
+    import warmup_monitor
+    from warmup_monitor import cli
+
+    assert warmup_monitor.__version__ == "0.2.0"
+    assert version("warmup_monitor") == warmup_monitor.__version__
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == "warmup-monitor 0.2.0"

@@ -41,9 +41,12 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    from warmup_monitor import __version__
+
     parser = argparse.ArgumentParser(
         prog="warmup-monitor", description="Tools around the WarmupMonitor callback."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     report = sub.add_parser(
         "report",
