@@ -107,13 +107,13 @@ class WarmupController:
        warmup or the ``grace_steps`` after it, at least ``cooldown_steps`` after the last
        action. Consecutive flagged steps, and flagged steps less than ``window_steps`` apart,
        form one *episode*; its first step is the onset.
-    2. It **acts** on ``loss_spike``, ``non_finite``, ``oscillation``,
-       ``persistent_instability``, ``edge_of_stability`` and ``loss_divergence`` at once;
-       on ``loss_trend_spike`` once ``min_alerts`` steps were flagged within
-       ``window_steps``, or at once when a loss kind and a gradient kind flag a step. Steps
-       flagged by ``grad_norm_spike``, ``grad_norm_rise`` or ``persistent_instability`` alone
-       count only once a loss kind is in the episode (gradient norms of healthy runs bounce
-       off a low, or climb, for tens of steps).
+    2. It **acts** on ``loss_spike``, ``non_finite``, ``persistent_instability``,
+       ``edge_of_stability`` and ``loss_divergence`` at once; on ``loss_trend_spike`` once
+       ``min_alerts`` steps were flagged within ``window_steps``, or at once when a gradient
+       kind (a notice by default: ``grad_norm_spike``, ``grad_norm_rise``, ``oscillation``)
+       comes on the same step. Notices are not ``trigger_kinds`` by default; opted in, steps
+       flagged by gradient kinds or ``persistent_instability`` alone count only once a loss
+       kind is in the episode (healthy gradient norms bounce off a low, or climb, for long).
     3. **Acting** lowers the factor to ``backoff`` times the factor that broke (at most
        ``rewarm_from``; never below the first factor of the ramp), announced by an
        ``lr_backoff`` alert, and re-warms from there to the peak over an extended warmup: by
