@@ -13,6 +13,7 @@ import inspect
 import math
 import os
 import pickle
+import re
 from typing import Any
 
 import pytest
@@ -118,7 +119,7 @@ ADAPTER_BAD: dict[str, list[tuple[Any, str]]] = {
     "detection": [(True, "detection"), (AdaptiveWarmup(), "detection")],
     "curvature": [("on", "curvature"), (1, "curvature")],
     "statistics": [("exact", "statistics")],
-    "window": [({"log_every_n_steps": 2}, "window")],
+    "window": [("every", "window"), (2, "window")],
     "on_alert": [("print", "on_alert")],
     "alerts_file": [(5, "alerts_file"), ("", "alerts_file")],
     "log_key_prefix": [(5, "log_key_prefix"), (None, "log_key_prefix")],
@@ -172,11 +173,11 @@ def test_each_bad_adapter_argument_is_named(
         if name not in _adapter_params(WarmupMonitor):
             pytest.skip("a LoopMonitor argument")
         kwargs: dict[str, Any] = {"warmup_steps": 10, name: value}
-        with pytest.raises((ValueError, TypeError), match=rf"`{shown}"):
+        with pytest.raises((ValueError, TypeError), match=rf"`WarmupMonitor\.{shown}`"):
             WarmupMonitor(**kwargs)
     else:
         args: dict[str, Any] = {"optimizers": _OPT, "warmup_steps": 10, name: value}
-        with pytest.raises((ValueError, TypeError), match=rf"`{shown}"):
+        with pytest.raises((ValueError, TypeError), match=rf"`LoopMonitor\.{shown}`"):
             LoopMonitor(**args)
 
 
@@ -184,9 +185,10 @@ def test_a_bad_field_fails_whatever_the_other_options_are() -> None:
     # The options of a capability that is off are still checked where they are given.
     with pytest.raises(ValueError, match=r"`AdaptiveWarmup\.max_extensions`"):
         WarmupMonitor(warmup_steps=5, adaptive=AdaptiveWarmup(max_extensions=-1))
-    with pytest.raises(ValueError, match=r"`AdaptiveWarmup\.max_warmup_steps` must be >= war"):
+    match = r"`AdaptiveWarmup\.max_warmup_steps` must be >= `WarmupMonitor\.warmup_steps` \(5\)"
+    with pytest.raises(ValueError, match=match):
         WarmupMonitor(warmup_steps=5, adaptive=AdaptiveWarmup(max_warmup_steps=4))
-    with pytest.raises(ValueError, match="`schedule_kwargs`"):
+    with pytest.raises(ValueError, match=r"`WarmupMonitor\.schedule_kwargs`"):
         WarmupMonitor(warmup_steps=5, schedule_kwargs={"tau": 3})  # nothing to apply them to
 
 
@@ -277,3 +279,101 @@ def test_loop_monitor_pickles_before_inside_and_after(tmp_path: os.PathLike) -> 
     assert copies[1].engine.optimizers[0] is not opt
     assert isinstance(copies[1].engine.optimizers[0], torch.optim.SGD)
     assert read_scalars(str(tmp_path))["warmup/loss"].keys() == set(range(6))
+
+
+# ------------------------------------------------------------------ issue 22, item 7: errors
+
+
+def test_a_wrong_object_is_named_with_the_right_article() -> None:
+    with pytest.raises(TypeError, match=r"`WarmupMonitor\.adaptive` must be an AdaptiveWarmup"):
+        WarmupMonitor(warmup_steps=10, adaptive=Detection())
+    with pytest.raises(TypeError, match=r"`WarmupMonitor\.detection` must be a Detection"):
+        WarmupMonitor(warmup_steps=10, detection=AdaptiveWarmup())
+    with pytest.raises(TypeError, match=r"`LoopMonitor\.window` must be a Window"):
+        LoopMonitor(_OPT, warmup_steps=10, window="every")
+
+
+@pytest.mark.parametrize("adapter", ["WarmupMonitor", "LoopMonitor"])
+def test_plain_mappings_build_the_config_objects(adapter: str) -> None:
+    mappings: dict[str, Any] = {
+        "adaptive": {"backoff": 0.3},
+        "detection": {"trend_sigmas": 6.0},
+        "curvature": {"every_n_steps": 50},
+        "statistics": {"cosine": "sketch"},
+        "window": {"log_every_n_steps": 5},
+    }
+    expected = {
+        "adaptive": AdaptiveWarmup(backoff=0.3),
+        "detection": Detection(trend_sigmas=6.0),
+        "curvature": CurvatureProbe(every_n_steps=50),
+        "statistics": Statistics(cosine="sketch"),
+        "window": Window(log_every_n_steps=5),
+    }
+    if adapter == "WarmupMonitor":
+        monitor: Any = WarmupMonitor(warmup_steps=10, **mappings)
+    else:
+        monitor = LoopMonitor(_OPT, warmup_steps=10, model=torch.nn.Linear(1, 1), **mappings)
+    for name, obj in expected.items():
+        assert getattr(monitor.config, name) == obj
+    # The class's own errors: a bad value or an unknown key names `Class.field`.
+    with pytest.raises(ValueError, match=r"`AdaptiveWarmup\.backoff`"):
+        WarmupMonitor(warmup_steps=10, adaptive={"backoff": 1.5})
+    with pytest.raises(TypeError, match=r"`Window\.log_every_n_step` is no field of Window"):
+        WarmupMonitor(warmup_steps=10, window={"log_every_n_step": 5})
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["transient", "monitor", "episode_end", "warmup_extended", "lr_backoff", "rollback",
+     "warmup_exhausted"],
+)  # fmt: skip
+def test_trigger_kinds_refuse_what_is_never_instability_evidence(kind: str) -> None:
+    with pytest.raises(ValueError, match=r"`AdaptiveWarmup\.trigger_kinds` .*'loss_spike'") as err:
+        AdaptiveWarmup(trigger_kinds=["loss_spike", kind])
+    assert "'transient'," not in str(err.value)  # the allowed kinds do not list it
+    # The notices are opt-in corroboration.
+    kinds = ("grad_norm_spike", "grad_norm_rise", "oscillation")
+    assert AdaptiveWarmup(trigger_kinds=kinds).trigger_kinds == tuple(sorted(kinds))
+
+
+@pytest.mark.parametrize(
+    ("old", "value", "home"),
+    [
+        ("log_every_n_steps", 5, "window=Window(log_every_n_steps=5)"),
+        ("check_every_n_steps", 2, "window=Window(check_every_n_steps=2)"),
+        ("post_warmup_steps", 50, "window=Window(post_warmup_steps=50)"),
+        ("post_warmup_log_every_n_steps", 5, "window=Window(post_warmup_log_every_n_steps=5)"),
+        ("spike_factor", 5.0, "detection=Detection(spike_factor=5.0)"),
+        ("initial_loss_steps", 3, "detection=Detection(initial_loss_steps=3)"),
+        ("detector", None, "detection=Detection(...)"),
+        ("cosine", "off", "statistics=Statistics(cosine='off')"),
+        ("cosine_reference_dtype", "float64", "statistics=Statistics(reference_dtype='float64')"),
+        ("update_ratio", False, "statistics=Statistics(update_ratio=False)"),
+        ("on_exhausted", "stop", "adaptive=AdaptiveWarmup(on_exhausted='stop')"),
+        ("extend_fraction", 0.5, "adaptive=AdaptiveWarmup(extend_fraction=0.5)"),
+        ("max_extensions", 2, "adaptive=AdaptiveWarmup(max_extensions=2)"),
+        ("max_warmup_steps", 99, "adaptive=AdaptiveWarmup(max_warmup_steps=99)"),
+        ("grace_steps", 9, "adaptive=AdaptiveWarmup(grace_steps=9)"),
+        ("backoff", 0.3, "adaptive=AdaptiveWarmup(backoff=0.3)"),
+        ("rewarm_from", 0.2, "adaptive=AdaptiveWarmup(rewarm_from=0.2)"),
+        ("user_schedule", "cosine", "adaptive=AdaptiveWarmup(user_schedule='cosine')"),
+        ("curvature_every_n_steps", 50, "curvature=CurvatureProbe(every_n_steps=50)"),
+        ("curvature_iters", 5, "curvature=CurvatureProbe(max_iters=5)"),
+        ("curvature_loss", None, "curvature=CurvatureProbe(loss_fn=None)"),
+        ("curvature_feeds_controller", False, "curvature=CurvatureProbe(feeds_controller=False)"),
+    ],
+)
+@pytest.mark.parametrize("adapter", ["WarmupMonitor", "LoopMonitor"])
+def test_an_old_keyword_names_its_new_home(old: str, value: Any, home: str, adapter: str) -> None:
+    with pytest.raises(TypeError, match=rf"{adapter}: `{old}` moved .* pass {re.escape(home)}$"):
+        if adapter == "WarmupMonitor":
+            WarmupMonitor(warmup_steps=10, **{old: value})
+        else:
+            LoopMonitor(_OPT, warmup_steps=10, **{old: value})
+    # Several at once: grouped by their new home.
+    with pytest.raises(TypeError, match=re.escape("window=Window(log_every_n_steps=5, post_")):
+        WarmupMonitor(warmup_steps=10, log_every_n_steps=5, post_warmup_steps=7)
+    # An unknown keyword keeps Python's own error; the signature is the constructor's.
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nonsense'"):
+        WarmupMonitor(warmup_steps=10, nonsense=1)
+    assert "warmup_steps" in inspect.signature(WarmupMonitor).parameters

@@ -171,7 +171,7 @@ def test_loop_monitor_needs_the_model_for_layers() -> None:
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"`Statistics\.layers` needs the model.*model=model"):
         LoopMonitor(opt, warmup_steps=5, statistics=Statistics(layers="auto"))
-    with pytest.raises(TypeError, match=r"`model` must be a torch\.nn\.Module"):
+    with pytest.raises(TypeError, match=r"`LoopMonitor\.model` must be a torch\.nn\.Module"):
         LoopMonitor(opt, warmup_steps=5, model="net")  # type: ignore[arg-type]
     assert Statistics(layers=["a", "b"]).layers == ("a", "b")  # a list is kept as a tuple
     assert Statistics().layers == "off"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 
 def check_int(name: str, value: Any, *, minimum: int) -> int:
@@ -53,3 +55,51 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
         allowed = ", ".join(repr(c) for c in choices)
         raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}")
     return str(value)
+
+
+#: The 0.1 keywords of ``WarmupMonitor`` and ``LoopMonitor`` (CHANGELOG.md, "Breaking: one
+#: object per capability"): keyword -> (argument, class, field) of its 0.2 home.
+MOVED_KEYWORDS: dict[str, tuple[str, str, str]] = {
+    **{k: ("window", "Window", k) for k in ("log_every_n_steps", "check_every_n_steps",
+                                            "post_warmup_steps", "post_warmup_log_every_n_steps")},
+    "spike_factor": ("detection", "Detection", "spike_factor"),
+    "initial_loss_steps": ("detection", "Detection", "initial_loss_steps"),
+    "detector": ("detection", "Detection", ""),  # InstabilityDetector's keywords are its fields
+    "cosine": ("statistics", "Statistics", "cosine"),
+    "cosine_reference_dtype": ("statistics", "Statistics", "reference_dtype"),
+    "update_ratio": ("statistics", "Statistics", "update_ratio"),
+    **{k: ("adaptive", "AdaptiveWarmup", k) for k in ("on_exhausted", "extend_fraction",
+       "max_extensions", "max_warmup_steps", "grace_steps", "backoff", "rewarm_from",
+       "user_schedule")},
+    "curvature_every_n_steps": ("curvature", "CurvatureProbe", "every_n_steps"),
+    "curvature_iters": ("curvature", "CurvatureProbe", "max_iters"),
+    "curvature_loss": ("curvature", "CurvatureProbe", "loss_fn"),
+    "curvature_feeds_controller": ("curvature", "CurvatureProbe", "feeds_controller"),
+}  # fmt: skip
+
+_Init = TypeVar("_Init", bound=Callable[..., None])
+
+
+def refuse_moved_keywords(init: _Init) -> _Init:
+    """Wrap a constructor so that a 0.1 keyword raises a ``TypeError`` naming its 0.2 home
+    (``window=Window(log_every_n_steps=5)``) instead of Python's bare "unexpected keyword"."""
+    owner = init.__qualname__.split(".")[0]
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        moved = [k for k in kwargs if k in MOVED_KEYWORDS]
+        if moved:
+            homes: dict[tuple[str, str], list[str]] = {}
+            for k in moved:
+                argument, cls, name = MOVED_KEYWORDS[k]
+                given = "..." if k == "detector" else f"{name}={kwargs[k]!r}"
+                homes.setdefault((argument, cls), []).append(given)
+            new = ", ".join(f"{a}={c}({', '.join(v)})" for (a, c), v in homes.items())
+            old = ", ".join(f"`{k}`" for k in moved)
+            raise TypeError(
+                f"{owner}: {old} moved in 0.2 (CHANGELOG.md, 'Breaking: one object per "
+                f"capability'): pass {new}"
+            )
+        init(self, *args, **kwargs)
+
+    return cast(_Init, wrapper)

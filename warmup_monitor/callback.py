@@ -11,6 +11,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from warmup_monitor import _compat
+from warmup_monitor._checks import refuse_moved_keywords
 from warmup_monitor.alerts import ALERTS_FILENAME, Alert, AlertDispatcher, alerts_path
 from warmup_monitor.config import (
     AdaptiveWarmup,
@@ -67,6 +68,8 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
             ``training_step`` on the first training batch.
         statistics: What is measured (:class:`~warmup_monitor.Statistics`).
         window: Which steps are monitored and logged (:class:`~warmup_monitor.Window`).
+            Each of the five objects may also be a plain mapping of its fields
+            (``adaptive={"backoff": 0.3}``), built into it.
         on_alert: Called with each :class:`~warmup_monitor.Alert` on global rank zero, after
             the other sinks; if it raises, the error is logged and training goes on.
         alerts_file: The alerts JSONL, relative to the Trainer's ``log_dir`` (an absolute path
@@ -74,36 +77,32 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         log_key_prefix: Prefix of every logged key.
 
     Raises:
-        TypeError: an argument or a field has the wrong type (named in the message).
+        TypeError: an argument or a field has the wrong type (named ``WarmupMonitor.argument``
+            or ``Class.field``), or a 0.1 keyword is given (the message names its new home).
         ValueError: a value is out of range (named in the message, with what was given).
     """
 
+    @refuse_moved_keywords
     def __init__(
         self,
         *,
         warmup_steps: int,
         schedule: Shape | None = None,
         schedule_kwargs: Mapping[str, Any] | None = None,
-        adaptive: AdaptiveWarmup | bool = False,
-        detection: Detection | None = None,
-        curvature: CurvatureProbe | bool = False,
-        statistics: Statistics | None = None,
-        window: Window | None = None,
+        adaptive: AdaptiveWarmup | bool | Mapping[str, Any] = False,
+        detection: Detection | Mapping[str, Any] | None = None,
+        curvature: CurvatureProbe | bool | Mapping[str, Any] = False,
+        statistics: Statistics | Mapping[str, Any] | None = None,
+        window: Window | Mapping[str, Any] | None = None,
         on_alert: Callable[[Alert], Any] | None = None,
         alerts_file: str | None = ALERTS_FILENAME,
         log_key_prefix: str = "warmup/",
     ) -> None:
         config = MonitorConfig(
-            warmup_steps=warmup_steps,
-            schedule=schedule,
-            schedule_kwargs=schedule_kwargs,
-            adaptive=adaptive,  # type: ignore[arg-type]
-            detection=detection,  # type: ignore[arg-type]
-            curvature=curvature,  # type: ignore[arg-type]
-            statistics=statistics,  # type: ignore[arg-type]
-            window=window,  # type: ignore[arg-type]
-            log_key_prefix=log_key_prefix,
-        )
+            warmup_steps=warmup_steps, schedule=schedule, schedule_kwargs=schedule_kwargs,
+            adaptive=adaptive, detection=detection, curvature=curvature,  # type: ignore[arg-type]
+            statistics=statistics, window=window, log_key_prefix=log_key_prefix,  # type: ignore[arg-type]
+        )  # fmt: skip
         check_sinks(on_alert=on_alert, alerts_file=alerts_file)
         self._setup(config, on_alert, alerts_file)
 

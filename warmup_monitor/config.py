@@ -255,7 +255,11 @@ class Detection(_Validated):
 # Adaptive warmup
 # ---------------------------------------------------------------------------------------------
 
-_ALERT_KINDS = (
+#: The alert kinds that can be evidence of instability, what ``trigger_kinds`` may hold: the
+#: instability kinds and the notices (opt-in corroboration). Not ``transient`` (an excursion
+#: that recovered at once), ``episode_end`` (a summary), ``monitor`` (the monitor's own trouble)
+#: nor the controller's own actions.
+_TRIGGER_KINDS = (
     "loss_spike",
     "loss_trend_spike",
     "grad_norm_spike",
@@ -263,11 +267,8 @@ _ALERT_KINDS = (
     "oscillation",
     "persistent_instability",
     "edge_of_stability",
-    "transient",
-    "monitor",
     "loss_divergence",
     "grad_norm_rise",
-    "episode_end",
 )
 
 
@@ -279,11 +280,12 @@ def _kinds(name: str, value: Any) -> tuple[str, ...] | None:
     out = []
     for k in value:
         kind = str(getattr(k, "value", k))
-        if kind in ("warmup_extended", "warmup_exhausted", "lr_backoff", "rollback"):
-            raise ValueError(f"`{name}` must not hold the controller's own {kind!r}")
-        if kind not in _ALERT_KINDS:
-            allowed = ", ".join(repr(c) for c in _ALERT_KINDS)
-            raise ValueError(f"`{name}` must hold alert kinds among {allowed}, got {k!r}")
+        if kind not in _TRIGGER_KINDS:
+            allowed = ", ".join(repr(c) for c in _TRIGGER_KINDS)
+            raise ValueError(
+                f"`{name}` must hold alert kinds that can be evidence of instability, among "
+                f"{allowed}, got {k!r}"
+            )
         out.append(kind)
     if not out:
         raise ValueError(
@@ -334,7 +336,9 @@ class AdaptiveWarmup(_Validated):
     alert: ``"warn"``, ``"stop"`` (training stops) or ``"raise"``
     (:class:`~warmup_monitor.controller.WarmupExhaustedError`)."""
     trigger_kinds: tuple[str, ...] | None = _spec(None, _kinds)
-    """Alert kinds that count as instability (default: every instability kind)."""
+    """Alert kinds that count as instability (default: every instability kind; the notices
+    ``grad_norm_spike``, ``grad_norm_rise`` and ``oscillation`` may be added; ``transient``,
+    ``episode_end``, ``monitor`` and the controller's own actions are refused)."""
     user_schedule: Shape = _spec("linear", _choice(*SHAPES))
     """With ``schedule=None`` the monitor stretches the lrs your scheduler actually set (it
     records them); this shape over ``warmup_steps`` is the model of a
@@ -468,12 +472,25 @@ class Window(_Validated):
 
 
 def _object(cls: type, name: str, value: Any, *, allow_bool: bool) -> Any:
+    """``value`` as a ``cls``: an instance, a plain mapping of its fields (built, so the
+    class's own checks name ``Class.field``) or, with ``allow_bool``, ``True``/``False``/None."""
     if allow_bool and isinstance(value, bool):
         return cls() if value else None
     if value is None and allow_bool:
         return None
+    if isinstance(value, Mapping):
+        known = [f.name for f in fields(cls)]
+        for key in value:
+            if key not in known:
+                raise TypeError(
+                    f"`{cls.__name__}.{key}` is no field of {cls.__name__} (given in `{name}`); "
+                    f"its fields: {', '.join(known)}"
+                )
+        return cls(**value)
     if not isinstance(value, cls):
-        kinds = f"a {cls.__name__}, True or False" if allow_bool else f"a {cls.__name__}"
+        article = "an" if cls.__name__[0] in "AEIOU" else "a"
+        kinds = f"{article} {cls.__name__}, a mapping of its fields"
+        kinds += ", True or False" if allow_bool else ""
         raise TypeError(f"`{name}` must be {kinds}, got {value!r}")
     return value
 
@@ -483,7 +500,8 @@ class MonitorConfig:
     """The whole configuration of one monitor, checked as a whole once.
 
     Built by ``WarmupMonitor`` and ``LoopMonitor`` from their arguments (``True``/``False`` for
-    ``adaptive`` and ``curvature`` become an object with the defaults or ``None``).
+    ``adaptive`` and ``curvature`` become an object with the defaults or ``None``; a plain mapping
+    of fields is built into its object).
 
     Raises:
         TypeError: an argument or field has the wrong type (named in the message).
@@ -499,55 +517,57 @@ class MonitorConfig:
     statistics: Statistics = field(default_factory=Statistics)
     window: Window = field(default_factory=Window)
     log_key_prefix: str = "warmup/"
+    owner: str = field(default="WarmupMonitor", repr=False, compare=False)
+    """The adapter whose arguments these are: errors name them ``owner.argument``."""
 
     def __post_init__(self) -> None:
-        w0 = _int(1)("warmup_steps", self.warmup_steps)
+        o = self.owner
+        w0 = _int(1)(f"{o}.warmup_steps", self.warmup_steps)
         if self.schedule is not None:
-            _choice(*SHAPES)("schedule", self.schedule)
+            _choice(*SHAPES)(f"{o}.schedule", self.schedule)
         kwargs = self.schedule_kwargs
         if kwargs is not None and not isinstance(kwargs, Mapping):
-            raise TypeError(f"`schedule_kwargs` must be a dict or None, got {kwargs!r}")
+            raise TypeError(f"`{o}.schedule_kwargs` must be a dict or None, got {kwargs!r}")
         set_ = object.__setattr__
-        set_(self, "adaptive", _object(AdaptiveWarmup, "adaptive", self.adaptive, allow_bool=True))
-        set_(
-            self, "curvature", _object(CurvatureProbe, "curvature", self.curvature, allow_bool=True)
-        )
-        for name, cls in (("detection", Detection), ("statistics", Statistics), ("window", Window)):
-            value = getattr(self, name)
-            set_(
-                self, name, cls() if value is None else _object(cls, name, value, allow_bool=False)
-            )
+        objects = {"adaptive": AdaptiveWarmup, "detection": Detection, "curvature": CurvatureProbe,
+                   "statistics": Statistics, "window": Window}  # fmt: skip
+        for name, cls in objects.items():
+            value, optional = getattr(self, name), name in ("adaptive", "curvature")
+            if value is None and not optional:
+                value = cls()
+            set_(self, name, _object(cls, f"{o}.{name}", value, allow_bool=optional))
         if not isinstance(self.log_key_prefix, str):
-            raise TypeError(f"`log_key_prefix` must be a str, got {self.log_key_prefix!r}")
+            raise TypeError(f"`{o}.log_key_prefix` must be a str, got {self.log_key_prefix!r}")
         shape = self.schedule or (self.adaptive.user_schedule if self.adaptive else None)
         if kwargs:
             if shape is None:
                 raise ValueError(
-                    "`schedule_kwargs` was given without `schedule` (or adaptive warmup's "
-                    f"`user_schedule`) to apply to, got {dict(kwargs)!r}"
+                    f"`{o}.schedule_kwargs` was given without `{o}.schedule` (or "
+                    f"`AdaptiveWarmup.user_schedule`) to apply to, got {dict(kwargs)!r}"
                 )
             try:
                 shape_params(shape, w0, kwargs)
             except (TypeError, ValueError) as err:
-                raise type(err)(f"`schedule_kwargs`: {err}") from None
+                raise type(err)(f"`{o}.schedule_kwargs`: {err}") from None
         cap = self.adaptive.max_warmup_steps if self.adaptive else None
         if cap is not None and cap < w0:
             raise ValueError(
-                f"`AdaptiveWarmup.max_warmup_steps` must be >= warmup_steps ({w0}), got {cap}"
+                f"`AdaptiveWarmup.max_warmup_steps` must be >= `{o}.warmup_steps` ({w0}), got {cap}"
             )
 
 
-def check_sinks(*, on_alert: Any, alerts_file: Any) -> None:
-    """Check the adapters' sink options: ``on_alert`` and ``alerts_file``.
+def check_sinks(*, on_alert: Any, alerts_file: Any, owner: str = "WarmupMonitor") -> None:
+    """Check the adapters' sink options: ``on_alert`` and ``alerts_file`` (named
+    ``owner.argument`` in errors).
 
     Raises:
         TypeError: ``on_alert`` is not callable, or ``alerts_file`` is not a path.
         ValueError: ``alerts_file`` is empty.
     """
-    _callable("on_alert", on_alert)
+    _callable(f"{owner}.on_alert", on_alert)
     if alerts_file is None:
         return
     if not isinstance(alerts_file, (str, os.PathLike)):
-        raise TypeError(f"`alerts_file` must be a file path or None, got {alerts_file!r}")
+        raise TypeError(f"`{owner}.alerts_file` must be a file path or None, got {alerts_file!r}")
     if os.fspath(alerts_file) == "":
-        raise ValueError("`alerts_file` must be a file path or None, got ''")
+        raise ValueError(f"`{owner}.alerts_file` must be a file path or None, got ''")

@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from warmup_monitor._checks import refuse_moved_keywords
 from warmup_monitor.alerts import Alert, AlertDispatcher
 from warmup_monitor.config import (
     AdaptiveWarmup,
@@ -92,6 +93,7 @@ class LoopMonitor:
         TypeError, ValueError: a bad argument or field, named in the message.
     """
 
+    @refuse_moved_keywords
     def __init__(
         self,
         optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
@@ -103,11 +105,11 @@ class LoopMonitor:
         model: torch.nn.Module | None = None,
         schedule: Shape | None = None,
         schedule_kwargs: Mapping[str, Any] | None = None,
-        adaptive: AdaptiveWarmup | bool = False,
-        detection: Detection | None = None,
-        curvature: CurvatureProbe | bool = False,
-        statistics: Statistics | None = None,
-        window: Window | None = None,
+        adaptive: AdaptiveWarmup | bool | Mapping[str, Any] = False,
+        detection: Detection | Mapping[str, Any] | None = None,
+        curvature: CurvatureProbe | bool | Mapping[str, Any] = False,
+        statistics: Statistics | Mapping[str, Any] | None = None,
+        window: Window | Mapping[str, Any] | None = None,
         log_key_prefix: str = "warmup/",
     ) -> None:
         opts = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers
@@ -115,15 +117,18 @@ class LoopMonitor:
         opts = list(opts) if ok else []
         if not opts or not all(isinstance(o, torch.optim.Optimizer) for o in opts):
             raise TypeError(
-                f"`optimizers` must be a torch optimizer or a sequence of them, got {optimizers!r}"
+                "`LoopMonitor.optimizers` must be a torch optimizer or a sequence of them, "
+                f"got {optimizers!r}"
             )
         if len({id(o) for o in opts}) != len(opts):
-            raise ValueError("`optimizers` holds the same optimizer twice")
+            raise ValueError("`LoopMonitor.optimizers` holds the same optimizer twice")
         if model is not None and not isinstance(model, torch.nn.Module):
-            raise TypeError(f"`model` must be a torch.nn.Module or None, got {model!r}")
+            raise TypeError(f"`LoopMonitor.model` must be a torch.nn.Module or None, got {model!r}")
         if writer is not None and not callable(getattr(writer, "add_scalar", None)):
-            raise TypeError(f"`writer` must be a TensorBoard SummaryWriter or None, got {writer!r}")
-        check_sinks(on_alert=on_alert, alerts_file=alerts_file)
+            raise TypeError(
+                f"`LoopMonitor.writer` must be a TensorBoard SummaryWriter or None, got {writer!r}"
+            )
+        check_sinks(on_alert=on_alert, alerts_file=alerts_file, owner="LoopMonitor")
         config = MonitorConfig(
             warmup_steps=warmup_steps,
             schedule=schedule,
@@ -134,6 +139,7 @@ class LoopMonitor:
             statistics=statistics,  # type: ignore[arg-type]
             window=window,  # type: ignore[arg-type]
             log_key_prefix=log_key_prefix,
+            owner="LoopMonitor",
         )
         if model is None and config.statistics.layers != "off":
             raise ValueError(
@@ -147,7 +153,7 @@ class LoopMonitor:
                 "(back-off and re-warm still act). Pass LoopMonitor(..., model=model) to roll "
                 "back, or AdaptiveWarmup(rollback=False) to turn it off without this warning.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,  # past refuse_moved_keywords: the caller's line
             )
             config = replace(config, adaptive=replace(config.adaptive, rollback=False))
         self._setup(config, opts, writer, alerts_file, on_alert, model)
