@@ -489,9 +489,11 @@ def test_alerts_follow_default_root_dir_when_the_logger_has_no_dir(
     with caplog.at_level(logging.WARNING, logger="warmup_monitor"):
         fit(pl, root, [monitor], model=model, max_steps=6, logger=logger)
     said = [r.getMessage() for r in caplog.records if "default_root_dir" in r.getMessage()]
+    path = os.path.join(os.path.abspath(root), ALERTS_FILENAME)
     assert said == [
-        f"warmup_monitor: the first logger has no log_dir; the alerts file goes to "
-        f"the Trainer's default_root_dir {os.path.abspath(root)}"
+        "warmup_monitor: the Trainer has no logger with a log_dir; WarmupMonitor.alerts_file "
+        f"goes to the Trainer's default_root_dir: {path}"
+        " (pass an absolute path, or None for no file)"
     ]
     lines = _jsonl(os.path.join(root, ALERTS_FILENAME))
     assert [(a["step"], a["kind"]) for a in lines] == [(3, "loss_spike")]

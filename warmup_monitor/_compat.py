@@ -28,6 +28,7 @@ __all__ = [
     "tensorboard_writers",
     "unscaled",
     "warn_averaging_before",
+    "warn_short_run",
 ]
 
 log = logging.getLogger("warmup_monitor")
@@ -66,22 +67,48 @@ def tensorboard_writers(trainer: Any) -> list[Any]:
     return [lg.experiment for lg in trainer.loggers if isinstance(lg, types)]  # type: ignore[attr-defined]
 
 
-def log_dir(trainer: Any) -> str:
-    """The run's log directory: the Trainer's ``log_dir``, or its ``default_root_dir`` when the
-    first logger has none (said once, so that the alerts file is never silently elsewhere).
+def log_dir(trainer: Any, alerts_file: str | None = None) -> str:
+    """The run's log directory: the Trainer's ``log_dir``, or its ``default_root_dir`` when no
+    logger has one (``logger=False`` included). Then, where a relative ``alerts_file`` goes is
+    said once, at WARNING, so that the alerts file is never silently elsewhere.
 
     Every rank must call it (``trainer.log_dir`` broadcasts from rank zero).
     """
     path = trainer.log_dir
+    no_dir = path is None or not trainer.loggers
     if path is None:
         path = trainer.default_root_dir
-        if trainer.is_global_zero:
-            log.warning(
-                "warmup_monitor: the first logger has no log_dir; the alerts file goes to the "
-                "Trainer's default_root_dir %s",
-                os.path.abspath(path),
-            )
+    if no_dir and trainer.is_global_zero and alerts_file and not os.path.isabs(alerts_file):
+        log.warning(
+            "warmup_monitor: the Trainer has no logger with a log_dir; WarmupMonitor.alerts_file "
+            "goes to the Trainer's default_root_dir: %s (pass an absolute path, or None for no "
+            "file)",
+            os.path.abspath(os.path.join(str(path), alerts_file)),
+        )
     return str(path)
+
+
+def warn_short_run(trainer: Any, warmup_steps: int) -> None:
+    """Warn when the run's optimizer steps (``max_steps``, or
+    ``trainer.estimated_stepping_batches``: epochs, batches and accumulation) end before
+    ``warmup_steps`` do."""
+    if 0 < trainer.max_steps < warmup_steps:
+        rank_zero_warn(
+            f"WarmupMonitor: warmup_steps={warmup_steps} is longer than the "
+            f"Trainer's max_steps={trainer.max_steps}: training ends during warmup."
+        )
+        return
+    try:
+        total = float(trainer.estimated_stepping_batches)
+    except Exception:  # no estimate (an iterable dataset without a length): nothing to say
+        return
+    if total < warmup_steps:
+        rank_zero_warn(
+            f"WarmupMonitor: WarmupMonitor.warmup_steps={warmup_steps} is longer than the run: "
+            f"it has {int(total)} optimizer steps (trainer.estimated_stepping_batches: "
+            f"max_epochs={trainer.max_epochs}, accumulate_grad_batches="
+            f"{trainer.accumulate_grad_batches}), so training ends during warmup."
+        )
 
 
 def is_fsdp1(trainer: Any) -> bool:

@@ -156,12 +156,8 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._log_dir = _compat.log_dir(trainer)  # broadcast from rank zero: every rank calls it
-        if 0 < trainer.max_steps < self.config.warmup_steps:
-            _compat.rank_zero_warn(
-                f"WarmupMonitor: warmup_steps={self.config.warmup_steps} is longer than the "
-                f"Trainer's max_steps={trainer.max_steps}: training ends during warmup."
-            )
+        # broadcast from rank zero: every rank calls it
+        self._log_dir = _compat.log_dir(trainer, self.alerts_file)
         probe = self.config.curvature
         if probe is not None and probe.loss_fn is None and not pl_module.automatic_optimization:
             raise ValueError(
@@ -176,6 +172,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
             self._engine.reset()  # a new Trainer (or a fresh run) starts a fresh watch
             self._probe_batch = None
         self._restored = False
+        _compat.warn_short_run(trainer, self.config.warmup_steps)
         metrics_sinks, alert_sinks = [], []
         if trainer.is_global_zero:
             prefix = self.config.log_key_prefix

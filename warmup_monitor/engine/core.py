@@ -18,6 +18,7 @@ from warmup_monitor.controller import WarmupController
 from warmup_monitor.curvature.probe import CurvatureProber
 from warmup_monitor.detectors import InstabilityDetector
 from warmup_monitor.engine import host, per_group, rollback, state
+from warmup_monitor.engine.ramp import RampCheck
 from warmup_monitor.engine.watch import (
     Losses,
     Pending,
@@ -142,6 +143,7 @@ class MonitorEngine:
         self._model: nn.Module | None = None  # names the groups of ``Statistics.layers``
         self.losses = Losses()
         self._warned: set[str] = set()
+        self._ramp = RampCheck(self.config.warmup_steps, self.config.schedule is None)
         self._released = True
         self._raise_exhausted = True  # off while an interrupted run is wound up
 
@@ -387,6 +389,7 @@ class MonitorEngine:
             )
             self._complete(watch)
         if not self.is_active(watch.step, watch.index):
+            self._ramp.see(watch.index, watch.step, watch.progress, None)
             # Past the window: count the step, do nothing else.
             watch.step += 1
             watch.progress += 1
@@ -408,6 +411,7 @@ class MonitorEngine:
             base = watch.lr_factor.scheduler_lrs()
         else:
             base = [float(g["lr"]) for g in watch.optimizer.param_groups]
+        self._ramp.see(watch.index, watch.step, watch.progress, base[0] if base else None)
         watch.pending = Pending(
             step=watch.step,
             progress=watch.progress,
