@@ -34,9 +34,12 @@ import sys
 import time
 from typing import Any
 
+from bench_models import MODELS  # the benchmark models, as script source
+
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-RUN = r"""
+RUN = (
+    r"""
 import json, sys, time, warnings, logging
 warnings.filterwarnings("ignore"); logging.disable(logging.WARNING)
 import torch, pytorch_lightning as pl
@@ -65,41 +68,10 @@ for name in ("before_step", "add_loss", "end_batch", "after_step", "_complete", 
     if hasattr(en.MonitorEngine, name):
         setattr(en.MonitorEngine, name, timed(getattr(en.MonitorEngine, name)))
 
-class LM(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = torch.nn.Embedding(64, 64)
-        self.rnn = torch.nn.GRU(64, 144, batch_first=True)
-        self.head = torch.nn.Linear(144, 64)
-    def training_step(self, batch, i):
-        x, y = batch
-        h, _ = self.rnn(self.emb(x))
-        return torch.nn.functional.cross_entropy(self.head(h).flatten(0, 1), y.flatten())
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-class MLP(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = torch.nn.Sequential(*[m for _ in range(200)
-                                         for m in (torch.nn.Linear(64, 64), torch.nn.Tanh())])
-    def training_step(self, batch, i):
-        x, y = batch
-        return torch.nn.functional.mse_loss(self.net(x), y)
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-g = torch.Generator().manual_seed(0)
-if model_name == "mlp200":
-    Model = MLP
-    x = torch.randn(steps * 32, 64, generator=g)
-    loader = DataLoader(TensorDataset(x, torch.tanh(x.roll(1, 1))), batch_size=32)
-else:
-    Model = LM
-    data = torch.randint(0, 64, (steps * 16, 33), generator=g)
-    loader = DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=16)
+"""
+    + MODELS
+    + r"""
+Model, loader = model_and_loader(model_name, steps)
 n_params = sum(p.numel() for p in Model().parameters())
 try:
     from warmup_monitor import Window
@@ -121,6 +93,7 @@ trainer.fit(Model(), loader)
 fit = time.perf_counter() - t0
 print(json.dumps({"params": n_params, "host_s": spent[0], "fit_s": fit, "steps": steps}))
 """
+)
 
 
 def run(

@@ -75,6 +75,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_models import MODELS  # the benchmark models, as script source
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "char_transformer.py"
@@ -484,7 +485,8 @@ def print_e2e(result: dict[str, Any], args: argparse.Namespace) -> None:
 # Per-group statistics, end to end
 # --------------------------------------------------------------------------------------------
 
-LAYERS_RUN = r"""
+LAYERS_RUN = (
+    r"""
 import json, sys, time, warnings, logging
 warnings.filterwarnings("ignore"); logging.disable(logging.WARNING)
 import torch, pytorch_lightning as pl
@@ -493,41 +495,11 @@ torch.set_num_threads(int(sys.argv[5]))
 model_name, variant, out = sys.argv[1], sys.argv[2], sys.argv[6]
 steps, every = int(sys.argv[3]), int(sys.argv[4])
 
-class LM(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = torch.nn.Embedding(64, 64)
-        self.rnn = torch.nn.GRU(64, 144, batch_first=True)
-        self.head = torch.nn.Linear(144, 64)
-    def training_step(self, batch, i):
-        x, y = batch
-        h, _ = self.rnn(self.emb(x))
-        return torch.nn.functional.cross_entropy(self.head(h).flatten(0, 1), y.flatten())
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-class MLP(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = torch.nn.Sequential(*[m for _ in range(200)
-                                         for m in (torch.nn.Linear(64, 64), torch.nn.Tanh())])
-    def training_step(self, batch, i):
-        x, y = batch
-        return torch.nn.functional.mse_loss(self.net(x), y)
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-g = torch.Generator().manual_seed(0)
-if model_name == "mlp200":
-    model = MLP()
-    x = torch.randn(steps * 32, 64, generator=g)
-    loader = DataLoader(TensorDataset(x, torch.tanh(x.roll(1, 1))), batch_size=32)
-else:
-    model = LM()
-    data = torch.randint(0, 64, (steps * 16, 33), generator=g)
-    loader = DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=16)
+"""
+    + MODELS
+    + r"""
+Model, loader = model_and_loader(model_name, steps)
+model = Model()
 callbacks = []
 if variant != "bare":
     from warmup_monitor import Statistics, WarmupMonitor, Window
@@ -544,6 +516,7 @@ trainer.fit(model, loader)
 print(json.dumps({"fit_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
                   "steps": steps}))
 """
+)
 LAYER_VARIANTS = ["bare", "off", "on"]
 LAYER_MODELS = ["gru", "mlp200"]
 
