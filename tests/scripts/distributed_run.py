@@ -31,6 +31,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from sharding import shard_linear_layers
+
 from warmup_monitor import Alert, Statistics, WarmupMonitor, Window
 
 warnings.filterwarnings("ignore")
@@ -51,13 +53,7 @@ class Net(pl.LightningModule):
 
     def configure_model(self) -> None:
         if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = self.device_mesh["data_parallel"]
-            for layer in self.layers:
-                if isinstance(layer, torch.nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(self.layers, mesh=mesh)
+            shard_linear_layers(self.layers, self.device_mesh["data_parallel"])
 
     def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
         x, y = batch

@@ -29,6 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 sys.path.insert(0, os.path.dirname(HERE))
 from rollback_witness import witness_class  # noqa: E402
+from sharding import shard_linear_layers  # noqa: E402 (this folder: sys.path[0])
 
 from warmup_monitor import AdaptiveWarmup, Alert, Detection, WarmupMonitor  # noqa: E402
 
@@ -52,13 +53,7 @@ class Net(pl.LightningModule):
 
     def configure_model(self) -> None:
         if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = self.device_mesh["data_parallel"]
-            for layer in self.layers:
-                if isinstance(layer, torch.nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(self.layers, mesh=mesh)
+            shard_linear_layers(self.layers, self.device_mesh["data_parallel"])
 
     def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
         x, y = batch
