@@ -5,7 +5,8 @@ consecutive-gradient cosine and update ratio every optimizer step during warmup,
 alerts (console, TensorBoard, ``warmup_alerts.jsonl``, a hook) when training turns unstable.
 
 ``WarmupMonitor`` is imported lazily: the report command and the TensorBoard plugin import this
-package without paying for Lightning.
+package without paying for Lightning. ``summarize(run_dir_or_trainer)`` (the verdict, episodes and
+advice, shown as rich text or HTML in a notebook) is imported lazily too.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from warmup_monitor.detectors import InstabilityDetector
 
 if TYPE_CHECKING:
     from warmup_monitor.callback import WarmupMonitor
+    from warmup_monitor.report.summary import Summary, summarize
 
 __all__ = [
     "AdaptiveWarmup",
@@ -25,8 +27,10 @@ __all__ = [
     "Detection",
     "InstabilityDetector",
     "Statistics",
+    "Summary",
     "WarmupMonitor",
     "Window",
+    "summarize",
 ]
 __version__ = "0.2.0"
 
@@ -36,4 +40,8 @@ def __getattr__(name: str) -> Any:
         from warmup_monitor.callback import WarmupMonitor
 
         return WarmupMonitor
+    if name in ("summarize", "Summary"):  # the report stack (tensorboard, rich) on first use
+        from warmup_monitor.report import summary
+
+        return getattr(summary, name)
     raise AttributeError(f"module 'warmup_monitor' has no attribute {name!r}")
