@@ -13,6 +13,7 @@ import re
 import traceback
 from html.parser import HTMLParser
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -176,6 +177,18 @@ def test_summarize_a_trainer_a_monitor_and_the_directory_agree(
     # The directory above the run (root/run/version_0) holds one run: that one.
     root = Path(log_dir).parent.parent
     assert warmup_monitor.summarize(root).report.verdict == from_path.verdict
+
+
+def test_a_trainer_of_either_namespace_without_instability(ns: ModuleType, tmp_path: Path) -> None:
+    """``pytorch_lightning`` and ``lightning.pytorch`` Trainers are both recognized; a quiet run
+    past its warmup is healthy, with no episode."""
+    trainer = fit(ns, tmp_path, [WarmupMonitor(warmup_steps=4)], max_steps=12)
+    summary = warmup_monitor.summarize(trainer)
+    alerts = Path(trainer.log_dir) / ALERTS_FILENAME  # written at the first alert
+    assert not alerts.exists() or not [r for r in records(alerts) if r["kind"] in INSTABILITY]
+    assert summary.verdict == verdict.HEALTHY
+    assert field(rendered(summary), "episodes") == "0"
+    assert summary.guidance.startswith("No step had an instability alert")
 
 
 # ---------------------------------------------------------------------------------- HTML
