@@ -100,7 +100,7 @@ class MonitorEngine:
         adaptive = config.adaptive
         #: The snapshots a rollback restores (``AdaptiveWarmup(rollback=True)``), or ``None``.
         self.snapshots = (
-            Snapshots(adaptive.snapshot_device)
+            Snapshots(adaptive.snapshot_device, anchor_step=adaptive.anchor_step)
             if adaptive is not None and adaptive.rollback
             else None
         )
