@@ -7,6 +7,7 @@ adaptive=...)``, rollback on (``AdaptiveWarmup()`` defaults: snapshots in host m
 snapshot every 10 steps, the two most recent kept; here ``snapshot_every_n_steps=1`` so that two
 are kept after two steps) and rollback off (``AdaptiveWarmup(rollback=False)``). A
 ``ModelCheckpoint`` saves at the last step, inside the window in which a rollback can still act.
+A third run adds the anchor snapshot (``AdaptiveWarmup(anchor_step=1)``): three kept.
 
 Reported per run: the bytes of the parameters, of one snapshot (``Snapshot.nbytes``: the
 model's ``state_dict`` and the optimizer's per-parameter state) and of all kept snapshots
@@ -43,7 +44,7 @@ def _status(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def one_run(optimizer: str, rollback: bool, width: int, layers: int, steps: int) -> dict[str, Any]:
+def one_run(optimizer: str, mode: str, width: int, layers: int, steps: int) -> dict[str, Any]:
     """One fit in this process; the figures of the docstring."""
     warnings.filterwarnings("ignore")
     import pytorch_lightning as pl
@@ -70,7 +71,12 @@ def one_run(optimizer: str, rollback: bool, width: int, layers: int, steps: int)
                 return torch.optim.AdamW(self.parameters(), lr=1e-4)
             return torch.optim.SGD(self.parameters(), lr=1e-4, momentum=0.9)
 
-    adaptive = AdaptiveWarmup(rollback=rollback, snapshot_every_n_steps=1 if rollback else None)
+    rollback = mode != "off"
+    adaptive = AdaptiveWarmup(
+        rollback=rollback,
+        snapshot_every_n_steps=1 if rollback else None,
+        anchor_step=1 if mode == "anchor" else None,
+    )
     monitor = WarmupMonitor(warmup_steps=100, adaptive=adaptive, alerts_file=None)
     with tempfile.TemporaryDirectory() as tmp:
         saver = pl.callbacks.ModelCheckpoint(dirpath=tmp, every_n_train_steps=steps)
@@ -94,6 +100,7 @@ def one_run(optimizer: str, rollback: bool, width: int, layers: int, steps: int)
     out: dict[str, Any] = {
         "optimizer": optimizer,
         "rollback": rollback,
+        "anchor": mode == "anchor",
         "parameters": sum(p.numel() for p in model.parameters()),
         "param_bytes": params,
         "rss_end_bytes": rss,
@@ -120,12 +127,12 @@ def main() -> None:
     ap.add_argument("--one", nargs=2, metavar=("OPTIMIZER", "ROLLBACK"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        result = one_run(args.one[0], args.one[1] == "on", args.width, args.layers, args.steps)
+        result = one_run(args.one[0], args.one[1], args.width, args.layers, args.steps)
         print(json.dumps(result))
         return
     runs = []
     for optimizer in ("adamw", "sgd"):
-        for rollback in ("on", "off"):
+        for rollback in ("on", "off", "anchor"):
             cmd = [sys.executable, os.path.abspath(__file__), "--one", optimizer, rollback]
             cmd += ["--width", str(args.width), "--layers", str(args.layers)]
             cmd += ["--steps", str(args.steps)]
@@ -135,14 +142,16 @@ def main() -> None:
     print("| optimizer | params | one snapshot | kept (total) | RSS at end, on - off | "
           "checkpoint, on / off |")  # fmt: skip
     print("|---|---|---|---|---|---|")
-    for on, off in zip(runs[::2], runs[1::2], strict=True):
-        print(
-            f"| {on['optimizer']} | {on['param_bytes'] / mib:.0f} MiB "
-            f"| {on['snapshot_bytes'] / mib:.0f} MiB ({on['per_snapshot_x_params']:.2f}x) "
-            f"| {on['snapshots_total_bytes'] / mib:.0f} MiB ({on['total_x_params']:.2f}x) "
-            f"| {(on['rss_end_bytes'] - off['rss_end_bytes']) / mib:+.0f} MiB "
-            f"| {on['checkpoint_bytes'] / mib:.0f} / {off['checkpoint_bytes'] / mib:.0f} MiB |"
-        )
+    for on, off, anchor in zip(runs[::3], runs[1::3], runs[2::3], strict=True):
+        for run, name in ((on, on["optimizer"]), (anchor, f"{on['optimizer']} + anchor")):
+            print(
+                f"| {name} | {run['param_bytes'] / mib:.0f} MiB "
+                f"| {run['snapshot_bytes'] / mib:.0f} MiB ({run['per_snapshot_x_params']:.2f}x) "
+                f"| {run['snapshots_total_bytes'] / mib:.0f} MiB ({run['total_x_params']:.2f}x)"
+                f" ({run['snapshots_kept']} kept) "
+                f"| {(run['rss_end_bytes'] - off['rss_end_bytes']) / mib:+.0f} MiB "
+                f"| {run['checkpoint_bytes'] / mib:.0f} / {off['checkpoint_bytes'] / mib:.0f} MiB |"
+            )
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as f:
         json.dump({"args": vars(args) | {"one": None}, "runs": runs}, f, indent=1)

@@ -85,6 +85,7 @@ BAD: dict[type, dict[str, list[Any]]] = {
         "user_schedule": ["linar", None],
         "rollback": ["yes", 1],
         "snapshot_every_n_steps": [0, 2.5],
+        "anchor_step": [-1, 2.5, "2"],
         "snapshot_device": ["gpu", None],
         "rollback_loss_ratio": [1.0, NAN, "2"],
     },
@@ -100,6 +101,7 @@ BAD: dict[type, dict[str, list[Any]]] = {
         "sketch_fraction": [0.0, 1.5, NAN],
         "update_ratio": ["no", 1],
         "layers": ["", "(", [], ["x", "[a"], 3, [3], None],
+        "layers_every_n_steps": [0, 2.5, None],
     },
     Window: {
         "log_every_n_steps": [0, 1.5],

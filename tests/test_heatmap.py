@@ -51,6 +51,20 @@ def test_the_grid_holds_the_logged_values_in_depth_order(layered_run: str) -> No
     np.testing.assert_allclose((shares**2).sum(axis=0), 1.0, rtol=1e-5)
 
 
+def test_a_thinned_run_fills_every_column(tmp_path: Path) -> None:
+    """``Statistics(layers_every_n_steps=5)``: a column per logged step, none empty."""
+    run_dir = make_real_run(tmp_path, layers=True, max_steps=23, layers_every=5)
+    scalars = read_scalars(run_dir)  # TensorBoard's own reader
+    logged = scalars["warmup/layers/net.0/grad_share"]
+    assert sorted(logged) == [0, 5, 10, 15, 20]
+    grid = layer_grid(load_run(run_dir).series)
+    assert grid is not None and grid.width == 5
+    assert grid.steps.tolist() == [0, 5, 10, 15, 20]
+    for stat in LAYER_STATS:
+        assert not np.isnan(grid.log10[stat]).any()
+    assert grid.log10["grad_share"][0, 2] == pytest.approx(math.log10(logged[10]), abs=1e-6)
+
+
 @pytest.mark.parametrize("one_event", [False, True])
 def test_groups_come_back_in_the_order_they_were_logged(tmp_path: Path, one_event: bool) -> None:
     names = ["wte", "wpe", "h.0", "h.1", "h.10", "h.2", "ln_f"]  # not sorted in any way

@@ -76,7 +76,7 @@ def test_quiet_steps_take_no_host_sync(
     monitor = WarmupMonitor(
         warmup_steps=8,
         window=Window(log_every_n_steps=4, check_every_n_steps=4),
-        statistics=Statistics(layers=layers),
+        statistics=Statistics(layers=layers, layers_every_n_steps=1),
     )
     watched = _run(os.path.join(str(tmp_path), "watched"), monitor, monkeypatch)
     # Not one .item()/float()/bool() more than training itself, on any step.
@@ -94,7 +94,9 @@ def test_quiet_steps_take_no_host_sync(
 def test_every_step_reads_once_when_logging_every_step(
     tmp_path: os.PathLike, monkeypatch: Any, layers: str
 ) -> None:
-    monitor = WarmupMonitor(warmup_steps=8, statistics=Statistics(layers=layers))
+    monitor = WarmupMonitor(
+        warmup_steps=8, statistics=Statistics(layers=layers, layers_every_n_steps=1)
+    )
     watched = _run(tmp_path, monitor, monkeypatch)
     assert _deltas(watched.read_counts) == [1] * 8
 

@@ -170,7 +170,9 @@ def test_loop_monitor_needs_the_model_for_layers() -> None:
     net = nn.Linear(2, 1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"`Statistics\.layers` needs the model.*model=model"):
-        LoopMonitor(opt, warmup_steps=5, statistics=Statistics(layers="auto"))
+        LoopMonitor(
+            opt, warmup_steps=5, statistics=Statistics(layers="auto", layers_every_n_steps=1)
+        )
     with pytest.raises(TypeError, match=r"`LoopMonitor\.model` must be a torch\.nn\.Module"):
         LoopMonitor(opt, warmup_steps=5, model="net")  # type: ignore[arg-type]
     assert Statistics(layers=["a", "b"]).layers == ("a", "b")  # a list is kept as a tuple
@@ -325,7 +327,9 @@ def test_lightning_with_gradient_accumulation_logs_exact_per_group_values(
     groups = ["net.0", "net.2", "net.4"]
     ref = _Reference(groups)
     monitor = WarmupMonitor(
-        warmup_steps=6, statistics=Statistics(layers="auto"), window=Window(log_every_n_steps=2)
+        warmup_steps=6,
+        statistics=Statistics(layers="auto", layers_every_n_steps=1),
+        window=Window(log_every_n_steps=2),
     )
     trainer = pl.Trainer(
         max_steps=6,
@@ -345,6 +349,36 @@ def test_lightning_with_gradient_accumulation_logs_exact_per_group_values(
     assert set(ref.expected) == set(range(6))
 
 
+@pytest.mark.parametrize(("log_every", "layers_every"), [(1, 3), (2, 3)])
+def test_per_group_values_come_on_logging_steps_that_are_multiples_of_layers_every_n_steps(
+    tmp_path: os.PathLike, log_every: int, layers_every: int
+) -> None:
+    groups = ["net.0", "net.2", "net.4"]
+    ref = _Reference(groups)
+    monitor = WarmupMonitor(
+        warmup_steps=12,
+        statistics=Statistics(layers="auto", layers_every_n_steps=layers_every),
+        window=Window(log_every_n_steps=log_every),
+    )
+    trainer = pl.Trainer(
+        max_steps=12,
+        callbacks=[monitor, ref],
+        logger=pl.loggers.TensorBoardLogger(str(tmp_path), name="", version=""),
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(_Net(), make_loader(n=48, batch_size=4))
+    scalars = read_scalars(str(tmp_path))
+    expected_steps = {s for s in range(12) if s % log_every == 0 and s % layers_every == 0}
+    for g in groups:
+        for stat in ("grad_norm", "grad_share", "update_ratio"):
+            assert set(scalars[f"warmup/layers/{g}/{stat}"]) == expected_steps
+    assert set(scalars["warmup/grad_norm"]) == {s for s in range(12) if s % log_every == 0}
+    _assert_logged(scalars, {s: v for s, v in ref.expected.items() if s in expected_steps})
+
+
 def test_plain_loop_under_bf16_autocast_and_a_grad_scaler_sees_unscaled_gradients(
     tmp_path: os.PathLike,
 ) -> None:
@@ -356,7 +390,7 @@ def test_plain_loop_under_bf16_autocast_and_a_grad_scaler_sees_unscaled_gradient
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     writer = SummaryWriter(str(tmp_path))
     monitor = LoopMonitor(opt, warmup_steps=5, writer=writer, model=model,
-                          statistics=Statistics(layers="auto"))  # fmt: skip
+                          statistics=Statistics(layers="auto", layers_every_n_steps=1))  # fmt: skip
     expected: dict[int, dict] = {}
     gen = torch.Generator().manual_seed(0)
     for step in range(5):
@@ -387,8 +421,9 @@ def test_per_group_keys_follow_the_prefix_and_the_optimizer_index(tmp_path: os.P
     opt_a = torch.optim.SGD(model[0].parameters(), lr=0.1)
     opt_b = torch.optim.SGD(model[2].parameters(), lr=0.1)
     writer = SummaryWriter(str(tmp_path))
+    every = Statistics(layers="auto", layers_every_n_steps=1)
     monitor = LoopMonitor([opt_a, opt_b], warmup_steps=3, writer=writer, model=model,
-                          statistics=Statistics(layers="auto"), log_key_prefix="wm/")  # fmt: skip
+                          statistics=every, log_key_prefix="wm/")  # fmt: skip
     for _ in range(3):
         loss = model(torch.randn(4, 3)).pow(2).mean()
         loss.backward()
@@ -415,8 +450,8 @@ def test_off_logs_no_per_group_key_and_a_zero_gradient_logs_no_share(
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     got: list[dict[str, float]] = []
     for layers in ("off", "auto"):
-        monitor = LoopMonitor(opt, warmup_steps=3, model=model,
-                              statistics=Statistics(layers=layers))  # fmt: skip
+        stats = Statistics(layers=layers, layers_every_n_steps=1)
+        monitor = LoopMonitor(opt, warmup_steps=3, model=model, statistics=stats)
         monitor.engine.metrics_sinks.append(lambda m, s: got.append(m))
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
@@ -449,7 +484,7 @@ def test_a_group_added_mid_training_gets_exact_per_group_values_after(
         opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     writer = SummaryWriter(str(tmp_path))
     monitor = LoopMonitor(opt, warmup_steps=6, writer=writer, model=model,
-                          statistics=Statistics(layers="auto"))  # fmt: skip
+                          statistics=Statistics(layers="auto", layers_every_n_steps=1))  # fmt: skip
     expected: dict[int, dict] = {}
     gen = torch.Generator().manual_seed(0)
     groups = ["0", "2"]

@@ -63,6 +63,7 @@ def make_real_run(
     max_steps: int = 60,
     version: int = 0,
     layers: bool = False,
+    layers_every: int = 1,
 ) -> str:
     """A real Lightning run with WarmupMonitor and a TensorBoardLogger; returns its log dir.
     With ``layers``, per-group statistics too (groups ``net.0`` and ``net.2``)."""
@@ -77,7 +78,9 @@ def make_real_run(
             WarmupMonitor(
                 warmup_steps=warmup_steps,
                 detection=Detection(episodes=False),
-                statistics=Statistics(layers="auto" if layers else "off"),
+                statistics=Statistics(
+                    layers="auto" if layers else "off", layers_every_n_steps=layers_every
+                ),
             )
         ],
         model=model,

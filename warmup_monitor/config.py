@@ -360,6 +360,11 @@ class AdaptiveWarmup(_Validated):
     snapshot_every_n_steps: int | None = _spec(None, _optional(_int(1)))
     """With ``rollback``: a snapshot every this many optimizer steps during warmup and its grace
     window; the last two are kept (>= 1; default ``max(1, warmup_steps // 10)``)."""
+    anchor_step: int | None = _spec(None, _optional(_int(0)))
+    """With ``rollback``: also keep the snapshot taken before this update (for example 2) for
+    the whole watch, the **anchor**, so that an episode that began before both recent
+    snapshots (a collapse found late) can return to it; one more snapshot of memory (3x the
+    parameters' bytes with AdamW); ``None``: no anchor."""
     snapshot_device: Literal["cpu", "same"] = _spec("cpu", _choice("cpu", "same"))
     """Where snapshots live: ``"cpu"`` (host memory) or ``"same"`` (each tensor's device)."""
     rollback_loss_ratio: float = _spec(2.0, _float(above=1.0))
@@ -442,6 +447,10 @@ class Statistics(_Validated):
     list of them, matched in full against module names (``r"transformer\.h\.\d+"``), the
     parameters no pattern names forming the group ``_other``. Needs the model:
     ``LoopMonitor(model=...)``."""
+    layers_every_n_steps: int = _spec(10, _int(1))
+    """Per-group statistics on the logging steps that are multiples of this (step 0 always):
+    each such step costs about 0.05 ms per group on a CPU (``benchmarks/README_overhead.md``),
+    so the default keeps a 200-group model within 1 % of a step; ``1``: every logging step."""
 
 
 @dataclass(frozen=True, repr=False)

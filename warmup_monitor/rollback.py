@@ -10,7 +10,9 @@ restore them: :mod:`warmup_monitor.engine.rollback`): every
 
 into buffers allocated once (on the CPU, pinned when CUDA is available, or on each tensor's own
 device with ``snapshot_device="same"``) and reused: the two most recent snapshots are kept. A
-``DTensor`` (FSDP2) is kept as the shard this rank holds.
+``DTensor`` (FSDP2) is kept as the shard this rank holds. With ``AdaptiveWarmup.anchor_step``
+the snapshot taken before that update is kept too, for the whole watch (the **anchor**): an
+episode whose onset precedes both recent snapshots (a collapse found late) returns to it.
 
 When the controller asks for a rollback (:attr:`~warmup_monitor.controller.WarmupController.
 rollback_request`), :meth:`Snapshots.restore` copies the last snapshot taken before the
@@ -207,40 +209,52 @@ class Snapshots:
     Args:
         device: ``"cpu"`` (host memory, pinned when CUDA is available) or ``"same"`` (each
             tensor's own device).
-        keep: How many snapshots are kept (>= 1).
+        keep: How many recent snapshots are kept (>= 1).
+        anchor_step: The snapshot taken before this update is the anchor: kept apart from the
+            recent ones (its buffers are never reused) until :meth:`clear`; ``None``: none.
     """
 
-    def __init__(self, device: str = "cpu", keep: int = 2) -> None:
+    def __init__(self, device: str = "cpu", keep: int = 2, anchor_step: int | None = None) -> None:
         if device not in ("cpu", "same"):
             raise ValueError(f"`device` must be 'cpu' or 'same', got {device!r}")
         self.device = device
         self.keep = keep
+        self.anchor_step = anchor_step
         self._ring: list[Snapshot] = []
         self._spare: Snapshot | None = None
+        self._anchor: Snapshot | None = None
 
     def __len__(self) -> int:
         return len(self._ring)
 
     @property
     def steps(self) -> list[int]:
-        """The steps of the kept snapshots, oldest first."""
-        return [s.step for s in self._ring]
+        """The steps of the kept snapshots (the anchor's included), oldest first."""
+        return [s.step for s in self.snapshots]
 
     @property
     def snapshots(self) -> list[Snapshot]:
-        """The kept snapshots, oldest first (read them; they are the monitor's buffers)."""
-        return list(self._ring)
+        """The kept snapshots, the anchor included, oldest first (read them; they are the
+        monitor's buffers)."""
+        kept = list(self._ring) if self._anchor is None else [self._anchor, *self._ring]
+        return sorted(kept, key=lambda s: s.step)
+
+    @property
+    def anchor(self) -> Snapshot | None:
+        """The anchor snapshot (``anchor_step``), once taken."""
+        return self._anchor
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the kept snapshots (and the buffer being reused)."""
+        """Bytes held by the kept snapshots (the anchor's and the buffer being reused)."""
         spare = self._spare.nbytes if self._spare is not None else 0
-        return sum(s.nbytes for s in self._ring) + spare
+        return sum(s.nbytes for s in self.snapshots) + spare
 
     def clear(self) -> None:
-        """Drop every snapshot."""
+        """Drop every snapshot, the anchor too."""
         self._ring = []
         self._spare = None
+        self._anchor = None
 
     def take(
         self,
@@ -249,12 +263,14 @@ class Snapshots:
         optimizers: Sequence[torch.optim.Optimizer],
         monitor: dict[int, Any],
     ) -> Snapshot:
-        """Copy the state before update ``step``; the oldest snapshot's buffers are reused."""
+        """Copy the state before update ``step``; the oldest snapshot's buffers are reused
+        (the anchor, at ``anchor_step``, gets buffers of its own)."""
         start = time.perf_counter()
+        anchor = step == self.anchor_step
         if self._ring and self._ring[-1].step == step:
             self._ring.pop()  # the same step again (a rollback landed on it): take it afresh
-        reuse = self._spare
-        if len(self._ring) >= self.keep:
+        reuse = self._spare if not anchor else None
+        if len(self._ring) >= self.keep and not anchor:
             reuse = self._ring.pop(0)
         model_state = _copy_tree(reuse.model if reuse else None, model.state_dict(), self.device)
         opt_states = [
@@ -270,6 +286,9 @@ class Snapshots:
         snap = Snapshot(step, model_state, opt_states, monitor)
         snap.nbytes = _nbytes(model_state) + _nbytes(opt_states)
         snap.seconds = time.perf_counter() - start
+        if anchor:
+            self._anchor = snap
+            return snap
         self._ring.append(snap)
         self._spare = None
         return snap
@@ -281,7 +300,7 @@ class Snapshots:
         by copying it into the live model and optimizer state; ``None`` (nothing changed) if
         none is kept. Newer snapshots are dropped: they hold the episode. The random
         generators are left alone (time goes on; the module docstring)."""
-        older = [s for s in self._ring if s.step < before]
+        older = [s for s in self.snapshots if s.step < before]
         if not older:
             return None
         snap = older[-1]
@@ -315,6 +334,8 @@ class Snapshots:
             older = [i for i, s in enumerate(ring) if s.step < onset_from]
             ring = ring[older[-1] :] if older else ring
         ring = [s for s in ring if s.step != current]
+        if self._anchor is not None and self._anchor.step != current:
+            ring = [self._anchor, *ring]  # a late onset still returns to it after a resume
         return {
             "snapshots": [
                 {"step": s.step, "model": s.model, "optimizers": s.optimizers, "monitor": s.monitor}
@@ -333,5 +354,8 @@ class Snapshots:
             monitor = {int(k): v for k, v in dict(entry.get("monitor", {})).items()}
             snap = Snapshot(int(entry["step"]), model, opts, monitor)
             snap.nbytes = _nbytes(model) + _nbytes(opts)
-            self._ring.append(snap)
+            if snap.step == self.anchor_step:
+                self._anchor = snap
+            else:
+                self._ring.append(snap)
         self._ring = self._ring[-self.keep :]

@@ -164,7 +164,7 @@ def main() -> None:
         warmup_steps=6,
         window=Window(post_warmup_steps=10),
         on_alert=alerts.append,
-        statistics=Statistics(layers="auto") if args.layers else None,
+        statistics=Statistics(layers="auto", layers_every_n_steps=1) if args.layers else None,
     )
     callbacks: list[pl.Callback] = [monitor]
     per_module = PerModule()

@@ -83,6 +83,7 @@ class MonitorEngine:
         window = config.window
         self.log_every_n_steps = window.log_every_n_steps
         self.check_every_n_steps = window.check_every_n_steps
+        self._layers_every = config.statistics.layers_every_n_steps
         self.post_warmup_steps = window.post_warmup_steps
         self.post_warmup_log_every_n_steps = window.post_log_every
         self.key_prefix = config.log_key_prefix
@@ -99,7 +100,7 @@ class MonitorEngine:
         adaptive = config.adaptive
         #: The snapshots a rollback restores (``AdaptiveWarmup(rollback=True)``), or ``None``.
         self.snapshots = (
-            Snapshots(adaptive.snapshot_device)
+            Snapshots(adaptive.snapshot_device, anchor_step=adaptive.anchor_step)
             if adaptive is not None and adaptive.rollback
             else None
         )
@@ -402,8 +403,9 @@ class MonitorEngine:
         watch.released = False
         follow_groups(watch, self.config.statistics, self._model)
         do_log = self.should_log(watch.step, watch.index)
-        sums = watch.stats.local_sums(groups=do_log and watch.groups is not None)  # per group: on
-        if watch.update is not None and do_log:  # logging steps, in the same pass
+        per_group = do_log and watch.groups is not None and watch.step % self._layers_every == 0
+        sums = watch.stats.local_sums(groups=per_group)  # in the same pass as the global sums
+        if watch.update is not None and do_log:
             watch.update.snapshot(groups=sums.numel() > 2)
         watch.stepped = False
         factor = watch.factor()

@@ -27,9 +27,14 @@ def request(self: MonitorEngine) -> RollbackRequest | None:
 
 
 def snapshot_due(self: MonitorEngine) -> bool:
-    """Whether a snapshot is due now, before the next update of optimizer 0."""
+    """Whether a snapshot is due now, before the next update of optimizer 0: the controller's
+    cadence, or the anchor's step (``AdaptiveWarmup.anchor_step``)."""
     w = self._watches[0] if self._watches else None
-    return w is not None and w.controller is not None and w.controller.snapshot_due(w.progress)
+    c = w.controller if w is not None else None
+    if w is None or c is None:
+        return False
+    anchor = self.snapshots.anchor_step if self.snapshots is not None else None
+    return c.snapshot_due(w.progress) or (anchor == w.progress and c.rollback and not c.exhausted)
 
 
 def possible(self: MonitorEngine) -> bool:

@@ -113,7 +113,10 @@ def layer_grid(
     if all_steps.size == 0:
         return None
     lo, hi = int(all_steps[0]), int(all_steps[-1])
-    width = max(1, -(-(hi - lo + 1) // max_columns))
+    # A column spans at least the logging interval (``Statistics.layers_every_n_steps``), so
+    # that a thinned run draws no empty stripes between its columns.
+    gap = int(np.diff(all_steps).min()) if all_steps.size > 1 else 1
+    width = max(1, -(-(hi - lo + 1) // max_columns), gap)
     columns = -(-(hi - lo + 1) // width)
     steps = lo + width * np.arange(columns, dtype=np.int64)
     out: dict[str, np.ndarray] = {}

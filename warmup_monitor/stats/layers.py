@@ -261,6 +261,8 @@ class PlanGroups:
                 at += n
             self.cuts.append(None if len(gs) == 1 else segs)
             self.seg_groups.append(gs)
+        #: Per block: the segments' lengths (``None``: one group), for ``Tensor.split``.
+        self.lengths = [None if c is None else [b - a for a, b in c] for c in self.cuts]
         self._full = [g for gs in self.seg_groups for g in gs]
         self._full_index = torch.tensor(self._full, dtype=torch.long, device=device)
         self._seen: list[int] = []
@@ -273,12 +275,11 @@ class PlanGroups:
 
     def block(self, j: int, x: Tensor, out: list[Tensor]) -> None:
         """Append the sum of squares of each group's part of block ``j`` (``x``) to ``out``."""
-        cuts = self.cuts[j]
-        if cuts is None:
+        lengths = self.lengths[j]
+        if lengths is None:
             out.append(torch.dot(x, x))
-        else:
-            for a, b in cuts:
-                part = x[a:b]
+        else:  # one split (a C++ call) instead of a Python slice per segment
+            for part in x.split(lengths):
                 out.append(torch.dot(part, part))
         self._seen.extend(self.seg_groups[j])
 
