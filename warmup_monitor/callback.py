@@ -173,6 +173,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
             self._probe_batch = None
         self._restored = False
         _compat.warn_short_run(trainer, self.config.warmup_steps)
+        _compat.warn_lr_monitor(trainer, self.config)
         metrics_sinks, alert_sinks = [], []
         if trainer.is_global_zero:
             prefix = self.config.log_key_prefix
