@@ -145,6 +145,15 @@ def test_the_closing_record_carries_the_last_monitored_step(tmp_path: os.PathLik
     assert len(ends) == 1
     assert ends[0].step == last_monitored
     assert f"when monitoring ended after step {last_monitored}" in ends[0].message
+    # One vocabulary: the tab's row (the report's facts) says the range and the peak in the
+    # words of the record.
+    (episode,) = [e for e in summarize(load_run(trainer.log_dir)).episodes if e.id is not None]
+    facts = episode.facts()
+    assert facts[0] == f"episode 1: {span(6, last_monitored)}"
+    assert facts[1] == count(2, "flagged step")
+    assert span(6, last_monitored) in ends[0].message
+    assert facts[3] == "peak loss 20x the initial loss, at step 6"  # the scripted 20 / 1
+    assert facts[3] in ends[0].message
 
 
 def test_a_second_fit_continues_the_episode_the_first_left_open(tmp_path: os.PathLike) -> None:
