@@ -56,11 +56,12 @@ def _fit(tmp_path: os.PathLike, bar: Any, **monitor: Any) -> tuple[pl.Trainer, B
 
 
 def _expected(taken: int, scaled: bool) -> str | None:
-    """The field after ``taken`` optimizer steps, with the linear factor of the last update."""
+    """The field after ``taken`` optimizer steps, with the linear factor of the next update."""
     if taken >= WARMUP:
         return None
-    factor = taken / WARMUP  # (t + 1) / W for the update t = taken - 1
-    return f"{taken}/{WARMUP}" + (f" x{factor:.2f}" if scaled else "")
+    factor = (taken + 1) / WARMUP  # (t + 1) / W for the update t = taken
+    shown = f" x{factor:.2f}" if scaled and factor != 1.0 else ""
+    return f"{taken}/{WARMUP}{shown}"
 
 
 @pytest.mark.parametrize("bar", [TQDMProgressBar, RichProgressBar])
@@ -71,7 +72,7 @@ def test_the_bar_shows_the_warmup_step_and_factor_while_warming_up(
     assert sorted(reader.metrics) == list(range(1, STEPS + 1))
     for taken, metrics in reader.metrics.items():
         assert metrics.get("warmup") == _expected(taken, scaled=True), taken
-    assert reader.metrics[3]["warmup"] == "3/8 x0.38"  # the issue's example, written out
+    assert reader.metrics[3]["warmup"] == "3/8 x0.50"  # written out: (3 + 1) / 8
     if bar is TQDMProgressBar:  # what the bar showed: tqdm prints a string as is
         assert sorted(reader.postfix) == list(range(1, STEPS))
         for taken, shown in reader.postfix.items():
@@ -105,3 +106,40 @@ def test_progress_bar_false_leaves_the_bar_alone(
 def test_progress_bar_must_be_a_bool() -> None:
     with pytest.raises(TypeError, match=r"`WarmupMonitor\.progress_bar` must be True or False"):
         WarmupMonitor(warmup_steps=4, progress_bar="yes")  # type: ignore[arg-type]
+
+
+def test_an_extended_warmup_and_its_back_off_show_at_once(
+    tmp_path: os.PathLike, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A spike at step 12, after the 10-step warmup: the back-off halves the factor and the
+    warmup is extended by extend_fraction x 10 steps past step 12 (to 23 steps); the factor
+    re-warms on the straight line from 0.5 at step 12 to 1 at step 22, the new last warmup
+    update. The field reappears at once with the new length and factor."""
+    from conftest import ten_x_only
+
+    from warmup_monitor import AdaptiveWarmup
+
+    warmup, spike, steps = 10, 12, 24
+    new_end = (spike + 1) + warmup  # extend_fraction=1.0: + 1.0 x 10 past the spike's step
+    reader = BarReader()
+    monitor = WarmupMonitor(
+        warmup_steps=warmup,
+        schedule="linear",
+        adaptive=AdaptiveWarmup(backoff=0.5, cooldown_steps=0, rollback=False),
+        detection=ten_x_only(),
+    )
+    model = tiny_module_class(pl)(scripted=lambda s: 20.0 if s == spike else 1.0)
+    trainer = pl.Trainer(
+        max_steps=steps, callbacks=[monitor, reader, TQDMProgressBar()], logger=False,
+        default_root_dir=str(tmp_path), enable_progress_bar=True, enable_model_summary=False,
+        enable_checkpointing=False, accelerator="cpu", devices=1,
+    )  # fmt: skip
+    trainer.fit(model, make_loader(n=128))
+    for taken in range(warmup, spike + 1):
+        assert "warmup" not in reader.metrics[taken], taken  # warmup done at factor 1
+    for taken in range(spike + 1, steps + 1):
+        factor = min(1.0, 0.5 + 0.5 * (taken - spike) / (new_end - 1 - spike))
+        shown = f" x{factor:.2f}" if factor != 1.0 else ""
+        text = f"{taken}/{new_end}{shown}" if taken < new_end else None
+        assert reader.metrics[taken].get("warmup") == text, taken
+    capsys.readouterr()

@@ -76,7 +76,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
             is used as is); ``None`` writes no file.
         log_key_prefix: Prefix of every logged key.
         progress_bar: Show ``warmup 120/500 x0.24`` in Lightning's progress bar while warming
-            up (steps taken / warmup length, and the monitor's lr factor when not 1; see
+            up (steps taken / warmup length, and the monitor's next lr factor if not 1; see
             :mod:`warmup_monitor.progress`); ``False``: leave the bar alone.
 
     Raises:

@@ -5,9 +5,9 @@ build their metrics with ``get_metrics(trainer, pl_module)``) shows one more fie
 
 - ``120/500``: optimizer steps taken / the planned warmup length (extended by the adaptive
   controller, if it acted);
-- `` x0.24``: the factor the monitor multiplied the lr of the last update by, shown only
-  when it is not 1 (a ``schedule``, or an adaptive back-off or slowed ramp); a watch-only
-  monitor never shows it.
+- `` x0.24``: the factor the monitor multiplies the lr of the next update by (a back-off
+  shows at once), only when it is not 1 (a ``schedule``, or an adaptive back-off or slowed
+  ramp); a watch-only monitor never shows it.
 
 After warmup the field is gone, unless the factor stays below 1 (a held back-off): then it
 reads ``done x0.45``. A Trainer without a progress bar is left alone. The field is added by
@@ -47,7 +47,7 @@ def field_text(engine: MonitorEngine) -> str | None:
         return None
     warmup = engine.planned_warmup_steps(0)
     controller = engine.controller
-    factor = 1.0 if controller is None else controller.factor(taken - 1)
+    factor = 1.0 if controller is None else controller.factor(taken)  # the next update's
     scaled = f" x{factor:.2f}" if abs(factor - 1.0) > 1e-12 else ""
     if taken < warmup:
         return f"{taken}/{warmup}{scaled}"
