@@ -190,6 +190,7 @@ def test_ranges_counts_and_ratios_read_as_words() -> None:
     assert span(32, 32) == "step 32" and span(32, 40) == "steps 32-40"
     assert count(1, "extension") == "1 extension" and count(2, "extension") == "2 extensions"
     assert [ratio(x) for x in (1.04, 1.0, 23.4, 0.052)] == ["1.0", "1.0", "23", "0.052"]
+    assert (ratio(None), ratio(math.inf)) == ("-", "inf")
     # A run that ended inside its warmup, with one flagged step (32), in one episode, and its
     # peak loss 1.04x the initial one at step 2.
     n, peak_step, flagged = 40, 2, 32

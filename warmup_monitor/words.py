@@ -33,9 +33,11 @@ def times(n: int) -> str:
 def ratio(x: float | None) -> str:
     """A ratio (of losses, of lrs) with 2 significant digits, trailing zero kept:
     ``1.04 -> "1.0"``, ``23.4 -> "23"``, ``0.052 -> "0.052"``, ``1234 -> "1234"``; ``"-"``
-    when unknown or not finite."""
-    if x is None or not math.isfinite(x):
+    when unknown, ``"inf"`` or ``"nan"`` when not finite."""
+    if x is None:
         return "-"
+    if not math.isfinite(x):
+        return str(float(x))
     if abs(x) >= 10:
         return f"{x:.0f}"
     return f"{x:#.2g}".rstrip(".")
