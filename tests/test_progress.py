@@ -103,9 +103,14 @@ def test_progress_bar_false_leaves_the_bar_alone(
     capsys.readouterr()
 
 
-def test_progress_bar_must_be_a_bool() -> None:
+def test_progress_bar_must_be_a_bool_and_survives_a_copy() -> None:
+    import pickle
+
     with pytest.raises(TypeError, match=r"`WarmupMonitor\.progress_bar` must be True or False"):
         WarmupMonitor(warmup_steps=4, progress_bar="yes")  # type: ignore[arg-type]
+    off = WarmupMonitor(warmup_steps=4, progress_bar=False)
+    assert pickle.loads(pickle.dumps(off)).progress_bar is False
+    assert pickle.loads(pickle.dumps(WarmupMonitor(warmup_steps=4))).progress_bar is True
 
 
 def test_an_extended_warmup_and_its_back_off_show_at_once(
