@@ -324,9 +324,7 @@ def test_healthy_with_disagreeing_gradients_keeps_warmup() -> None:
 def test_transient_only_is_healthy() -> None:
     r = summarize(synthetic_run(alerts=[_alert(50, "transient")]))
     assert r.verdict == HEALTHY
-    assert r.advice[0].startswith(
-        "1 excursion(s) recovered at once (transient alerts at step(s) 50)"
-    )
+    assert r.advice[0].startswith("1 excursion recovered at once (transient alerts at step 50)")
 
 
 def test_an_episode_closed_by_transient_is_not_instability_but_a_loss_spike_is() -> None:

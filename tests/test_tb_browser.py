@@ -225,8 +225,8 @@ def test_episodes_are_rows_that_expand_to_their_steps(server: Server, browser: B
         "return d.length && d.map(x => x.querySelector('summary').textContent)"
     )
     assert rows[0] == (
-        "episode 0: steps 12-13 · 2 flagged step(s) · loss_spike, loss_trend_spike · "
-        "peak 50.0x @12 · recovered"
+        "episode 0: steps 12-13 · 2 flagged steps · loss_spike, loss_trend_spike · "
+        "peak loss 50x the initial loss, at step 12 · recovered"
     )
     expanded = browser.js(
         "const d = document.querySelector('details.wm-episode');"

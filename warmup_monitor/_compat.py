@@ -111,6 +111,34 @@ def warn_short_run(trainer: Any, warmup_steps: int) -> None:
         )
 
 
+def warn_lr_monitor(trainer: Any, config: Any) -> None:
+    """Warn when a ``LearningRateMonitor`` (either namespace) watches an optimizer whose lr the
+    monitor scales (``schedule`` set, or adaptive warmup on): it logs the lr the scheduler
+    set, not the one the update used (the factor, back-offs included, is applied inside
+    ``optimizer.step`` and taken off after it)."""
+    if config.schedule is None and config.adaptive is None:
+        return  # watch-only: the lr the scheduler set is the lr used
+    found = [
+        cb
+        for cb in getattr(trainer, "callbacks", [])
+        if any(k.__name__ == "LearningRateMonitor" for k in type(cb).__mro__)
+    ]
+    if not found:
+        return
+    why = (
+        f"WarmupMonitor.schedule={config.schedule!r}"
+        if config.schedule is not None
+        else "WarmupMonitor.adaptive"
+    )
+    prefix = config.log_key_prefix
+    rank_zero_warn(
+        "WarmupMonitor: LearningRateMonitor logs the lr your scheduler set, not the lr the "
+        f"updates used: with {why} the monitor multiplies it by its factor inside "
+        "optimizer.step (its back-offs too), which LearningRateMonitor never sees. The lr "
+        f"used is the `{prefix}lr` key (the factor: `{prefix}lr_factor`)."
+    )
+
+
 def is_fsdp1(trainer: Any) -> bool:
     """Whether gradients are FSDP1 flat shards on each rank (``FSDPStrategy``, GPU only)."""
     return type(trainer.strategy).__name__ == "FSDPStrategy"

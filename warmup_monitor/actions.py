@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from warmup_monitor.alerts import Alert, AlertKind
+from warmup_monitor.words import count as _count
 
 __all__ = [
     "GRAD_KINDS",
@@ -124,7 +125,17 @@ def action_alerts(
         scaled = "" if lr is None else f" (lr {lr[0]:.3g} -> {lr[1]:.3g})"
         ceiling = details.get("ceiling")
         if ceiling is not None:
-            then = f"; it broke again after a re-warm, so it stays at {ceiling:.3g} from now on"
+            # Held, not for ever: a later back-off (while extensions are left) lowers it again.
+            left = count[1] - count[0]
+            until = (
+                f"(no re-warm) until a next back-off ({_count(left, 'extension')} left)"
+                if left > 0
+                else "(no re-warm) for the rest of training (no extension left)"
+            )
+            then = (
+                "; instability came back after an earlier back-off, so it is held at "
+                f"{ceiling:.3g} {until}"
+            )
         else:
             room = target >= after - 1e-12
             then = f", and re-warms to the peak by step {full_step}" + (
@@ -151,17 +162,18 @@ def action_alerts(
                 },
             )
         )
-        how = f"re-warms from {after:.3g} after a back-off"
+        how = f"re-warms from {after:.3g} after a back-off and reaches the peak at step {full_step}"
+        if details.get("ceiling") is not None:
+            how = f"is held at {after:.3g} (no re-warm: instability came back after a back-off)"
     else:
-        how = f"continues from {before:.3g} without a jump"
+        how = f"continues from {before:.3g} without a jump and reaches the peak at step {full_step}"
     out.append(
         Alert(
             step=step,
             kind=AlertKind.WARMUP_EXTENDED,
             message=(
                 f"warmup extended from {old_end} to {new_end} steps after {causes} (extension "
-                f"{count[0]} of {count[1]}); the {what} {how} and reaches the peak at step "
-                f"{full_step}"
+                f"{count[0]} of {count[1]}); the {what} {how}"
             ),
             value=float(new_end),
             threshold=float(cap),
@@ -208,15 +220,19 @@ def exhausted_alert(
     recommended, advice = recommend(lr, level)
     if reason == "caps":
         why = (
-            f"after {extensions} extension(s) and a warmup of {warmup_steps} steps "
-            f"(caps: {max_extensions} extensions, {max_warmup_steps} steps)"
+            f"after {_count(extensions, 'extension')} and a warmup of {warmup_steps} steps "
+            f"(caps: {_count(max_extensions, 'extension')}, {max_warmup_steps} steps)"
         )
     else:
         why = (
             "with the lr factor already at the peak and no back-off configured (`backoff` "
             "and `rewarm_from` are 1: nothing left to slow down)"
         )
-    advice += f", or start with a warmup of at least {warmup_steps} steps"
+    # Longer than the warmup this run had (extended or not), never the same length again.
+    advice += (
+        f", or start with a warmup longer than this run's {warmup_steps} steps (at least "
+        f"{2 * warmup_steps})"
+    )
     if reason == "at_one":
         advice += ", or let the monitor re-warm (e.g. `backoff=0.5`)"
     if level < 0.1:

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
-from warmup_monitor import _compat
+from warmup_monitor import _compat, progress
 from warmup_monitor._checks import refuse_moved_keywords
 from warmup_monitor.alerts import ALERTS_FILENAME, Alert, AlertDispatcher, alerts_path
 from warmup_monitor.config import (
@@ -75,6 +75,9 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         alerts_file: The alerts JSONL, relative to the Trainer's ``log_dir`` (an absolute path
             is used as is); ``None`` writes no file.
         log_key_prefix: Prefix of every logged key.
+        progress_bar: Show ``warmup 120/500 x0.24`` in Lightning's progress bar while warming
+            up (steps taken / warmup length, and the monitor's next lr factor if not 1; see
+            :mod:`warmup_monitor.progress`); ``False``: leave the bar alone.
 
     Raises:
         TypeError: an argument or a field has the wrong type (named ``WarmupMonitor.argument``
@@ -97,6 +100,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         on_alert: Callable[[Alert], Any] | None = None,
         alerts_file: str | None = ALERTS_FILENAME,
         log_key_prefix: str = "warmup/",
+        progress_bar: bool = True,
     ) -> None:
         config = MonitorConfig(
             warmup_steps=warmup_steps, schedule=schedule, schedule_kwargs=schedule_kwargs,
@@ -104,10 +108,11 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
             statistics=statistics, window=window, log_key_prefix=log_key_prefix,  # type: ignore[arg-type]
         )  # fmt: skip
         check_sinks(on_alert=on_alert, alerts_file=alerts_file)
-        self._setup(config, on_alert, alerts_file)
+        self._setup(config, on_alert, alerts_file, progress.check_flag(progress_bar))
 
-    def _setup(self, config: MonitorConfig, on_alert: Any, alerts_file: str | None) -> None:
-        self.config = config
+    def _setup(self, config: MonitorConfig, on_alert: Any, alerts_file: str | None,
+               progress_bar: bool = True) -> None:  # fmt: skip
+        self.config, self.progress_bar = config, progress_bar
         self.on_alert = on_alert
         self.alerts_file = alerts_file
         self._engine = MonitorEngine(config)
@@ -144,10 +149,12 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         state = self.state_dict()
         state.pop("snapshots", None)  # a copy is no checkpoint: it starts without snapshots
         return {"config": self.config, "on_alert": self.on_alert,
-                "alerts_file": self.alerts_file, "state": state}  # fmt: skip
+                "alerts_file": self.alerts_file, "state": state,
+                "progress_bar": self.progress_bar}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._setup(state["config"], state["on_alert"], state["alerts_file"])
+        self._setup(state["config"], state["on_alert"], state["alerts_file"],
+                    state.get("progress_bar", True))  # fmt: skip
         self.load_state_dict(state["state"])
         self._restored = False  # a copy is no checkpoint: the next Trainer decides (global_step)
 
@@ -173,6 +180,8 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
             self._probe_batch = None
         self._restored = False
         _compat.warn_short_run(trainer, self.config.warmup_steps)
+        _compat.warn_lr_monitor(trainer, self.config)
+        progress.attach(trainer, self._engine, on=self.progress_bar)  # until teardown
         metrics_sinks, alert_sinks = [], []
         if trainer.is_global_zero:
             prefix = self.config.log_key_prefix
@@ -273,6 +282,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
         if stage in ("fit", "interrupted"):  # "interrupted": from on_exception
             self._engine.detach(close_episodes=True, interrupted=stage == "interrupted")
             self._restored = False  # a state loaded after on_fit_start (FSDP, DeepSpeed) is spent
+        progress.detach(trainer)
         if self._dispatcher is not None:
             self._dispatcher.close()
 

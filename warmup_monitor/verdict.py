@@ -33,6 +33,8 @@ import math
 import statistics
 from collections.abc import Sequence
 
+from warmup_monitor.words import span
+
 __all__ = [
     "BEFORE_STEPS",
     "COME_BACK_TOLERANCE",
@@ -153,7 +155,7 @@ def judge(
         )
     first, last_flag = int(flagged_steps[0]), int(flagged_steps[-1])
     if ended_in_warmup:
-        return UNSTABLE, f"{where}, with instability alerts (steps {first}-{last_flag})"
+        return UNSTABLE, f"{where}, with instability alerts ({span(first, last_flag)})"
     if not len(loss_values):
         return UNSTABLE, "instability alerts, and no loss logged to show a recovery"
     quiet = max(RECOVERY_STEPS, len(loss_values) // 10)

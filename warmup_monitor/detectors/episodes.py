@@ -18,6 +18,8 @@ from warmup_monitor.alerts import INSTABILITY_KINDS, Alert, AlertKind
 from warmup_monitor.detectors._common import finite_float as _finite_float
 from warmup_monitor.detectors._common import int_or as _int_or
 from warmup_monitor.verdict import BEFORE_STEPS, recovery
+from warmup_monitor.words import peak_loss
+from warmup_monitor.words import span as _span
 
 __all__ = ["EPISODE_KINDS", "Episodes"]
 
@@ -38,10 +40,6 @@ def _floats(values: Any) -> list[float]:
     if not isinstance(values, (list, tuple)):
         return []
     return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-
-
-def _span(a: int, b: int) -> str:
-    return f"step {a}" if a == b else f"steps {a}-{b}"
 
 
 class Episodes:
@@ -174,18 +172,25 @@ class Episodes:
                 out.append(opening)
         return out
 
-    def close(self, step: int, *, interrupted: bool = False) -> list[Alert]:
+    def close(
+        self, step: int, *, interrupted: bool = False, monitoring_ended: bool = True
+    ) -> list[Alert]:
         """End the open episode, if any, at ``step`` (not recovered); return its summary.
 
         Args:
-            step: The last step observed.
+            step: The last step monitored: the record is stamped with it.
             interrupted: Training stopped on an exception (outcome ``"interrupted"``), rather
-                than monitoring ending normally (``"open_at_end"``).
+                than ending normally (``"open_at_end"``).
+            monitoring_ended: The monitoring window ended (no step after ``step`` is
+                watched); ``False``: training stopped inside the window, and a further fit
+                or a resume continues the episode (its later record replaces this one).
         """
         if self._open is None:
             return []
         last = max(step, int(self._open["last"]))
-        return [self._end(last, recovered=False, why="", interrupted=interrupted)]
+        return [
+            self._end(last, recovered=False, interrupted=interrupted, window_ended=monitoring_ended)
+        ]
 
     # ------------------------------------------------------------------ internals
 
@@ -243,7 +248,13 @@ class Episodes:
             counts[kind] = counts.get(kind, 0) + 1
 
     def _end(
-        self, step: int, *, recovered: bool | None, why: str = "", interrupted: bool = False
+        self,
+        step: int,
+        *,
+        recovered: bool | None,
+        why: str = "",
+        interrupted: bool = False,
+        window_ended: bool = True,
     ) -> Alert:
         """End the open episode; ``recovered=None``: it ended quiet, judge its quiet losses;
         ``False``: :meth:`close` (``interrupted``: on an exception)."""
@@ -264,15 +275,22 @@ class Episodes:
         elif interrupted:
             state = "was still open when training was interrupted (an exception)"
             outcome = "interrupted"
+        elif window_ended:
+            state = f"was still open when monitoring ended after step {step}"
+            outcome = "open_at_end"
         else:
-            state, outcome = "was still open when monitoring ended", "open_at_end"
+            state = (
+                f"was still open when training stopped after step {step} (if training goes "
+                "on, so does the episode, and a later record closes it)"
+            )
+            outcome = "open_at_end"
         message = (
             f"episode {ep['id']} ({_span(start, end)}, {ep['count']} flagged: {kinds}) {state}"
         )
         if why and recovered is not True:
             message += f" ({why})"
         if peak is not None:
-            message += f"; peak loss {peak:.3g}x the initial at step {ep['peak_step']}"
+            message += f"; {peak_loss(peak, ep['peak_step'])}"
         details: dict[str, Any] = {
             "episode": ep["id"],
             "start": start,

@@ -7,6 +7,7 @@ from typing import Any
 
 from warmup_monitor._checks import check_int as _check_int
 from warmup_monitor.alerts import Alert, AlertKind
+from warmup_monitor.words import span as _span
 
 __all__ = ["PersistenceDetector"]
 
@@ -80,7 +81,7 @@ class PersistenceDetector:
             self._start, self._length, self._escalated, self._kinds = None, 0, False, []
             if escalated:
                 return None
-            span = f"step {start}" if length == 1 else f"steps {start}-{start + length - 1}"
+            span = _span(start, start + length - 1)
             return Alert(
                 step=step,
                 kind=AlertKind.TRANSIENT,

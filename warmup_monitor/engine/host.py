@@ -166,15 +166,24 @@ def stop(self: MonitorEngine, *, close_episodes: bool, interrupted: bool) -> Non
                 errors.append(err)
                 w.records = []
         for w in self._watches:
-            if w.episodes is not None:
+            if w.episodes is not None and w.hook is not None:  # not stopped already
+                # A fit that stops inside the window keeps its open episode in the state: a
+                # further fit (or a resume) continues it, and its own record closes it.
+                until = self.monitor_until(w.index)
+                window_ended = w.step >= until
+                self._episode_states[w.index] = w.episodes.state_dict()
                 if close_episodes:
-                    ended = w.episodes.close(max(w.step - 1, 0), interrupted=interrupted)
+                    last = int(min(w.step, until)) - 1  # the last step monitored
+                    ended = w.episodes.close(
+                        max(last, 0), interrupted=interrupted, monitoring_ended=window_ended
+                    )
                     self.alert_count += len(ended)
                     try:
                         dispatch(self, ended, w.index)
                     except Exception as err:
                         errors.append(err)
-                self._episode_states[w.index] = w.episodes.state_dict()
+                if window_ended or interrupted:
+                    self._episode_states[w.index] = w.episodes.state_dict()
     finally:
         self._raise_exhausted = True
         for w in self._watches:

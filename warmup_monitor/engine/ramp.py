@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import warnings
 
+from warmup_monitor.words import span
+
 
 class RampCheck:
     """Warn once when the user's lr still rises after ``warmup_steps`` (only when the user's
@@ -43,7 +45,7 @@ class RampCheck:
             warnings.warn(
                 f"warmup_monitor: your lr scheduler still raised the lr after "
                 f"WarmupMonitor.warmup_steps={end}: the lr stopped rising at step "
-                f"{peak_step}{still}, so the monitor judged steps {end}-{peak_step} as after "
+                f"{peak_step}{still}, so the monitor judged {span(end, peak_step)} as after "
                 "warmup; set WarmupMonitor.warmup_steps to your scheduler's warmup length",
                 UserWarning,
                 stacklevel=4,

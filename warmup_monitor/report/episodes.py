@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from warmup_monitor.schema import EPISODE_OUTCOMES, Alert, AlertKind, is_instability
+from warmup_monitor.words import count, peak_loss, span
 
 __all__ = ["Episode", "group_episodes", "step_ranges"]
 
@@ -56,10 +57,34 @@ class Episode:
     steps: list[list[int]] = field(default_factory=list)
     alerts: list[int] = field(default_factory=list)
 
+    def facts(self) -> list[str]:
+        """The episode in words, one fact each (the tab's row): what and where, the flagged
+        steps, the kinds, the peak loss, how it ended; in the words of the alerts."""
+        where = span(self.start, self.end)
+        out = [
+            f"alert at {where}" if self.id is None else f"episode {self.id}: {where}",
+            count(self.count, "flagged step"),
+            ", ".join(self.kinds),
+        ]
+        if self.peak_ratio is not None and math.isfinite(self.peak_ratio):
+            out.append(peak_loss(self.peak_ratio, self.peak_step))
+        if self.outcome == "interrupted":
+            out.append("interrupted (training crashed)")
+        elif self.outcome == "open_at_end":
+            out.append("still open when monitoring or training ended: not recovered")
+        elif self.recovered is not None:
+            out.append("recovered" if self.recovered else "not recovered")
+        elif self.outcome == "ended_quiet":
+            out.append("ended quiet (no loss to judge recovery)")
+        elif self.id is not None and not self.closed:
+            out.append("still open at the end")
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (a non-finite peak ratio becomes ``None``)."""
+        """JSON-ready (a non-finite peak ratio becomes ``None``), with :meth:`facts`."""
         peak = self.peak_ratio
         return {
+            "facts": self.facts(),
             "id": self.id,
             "start": self.start,
             "end": self.end,

@@ -54,6 +54,7 @@ import numpy as np
 from tensorboard.compat.proto import event_pb2
 from tensorboard.util import tensor_util
 
+from warmup_monitor import words
 from warmup_monitor.schema import MAX_STEP
 
 __all__ = [
@@ -578,9 +579,8 @@ def superseded_note(data: EventData, prefix: str = "") -> str | None:
         return None
     count = sum(v[0] for v in found)
     lo, hi = min(v[1] for v in found), max(v[2] for v in found)
-    where = f"step {lo}" if lo == hi else f"steps {lo}-{hi}"
-    points = "1 logged point" if count == 1 else f"{count} logged points"
     return (
-        f"{points} ({where}) written again later, by a resumed or restarted run or a repeated "
-        "step: the later values are used; TensorBoard shows both"
+        f"{words.count(count, 'logged point')} ({words.span(lo, hi)}) written again later, by "
+        "a resumed or restarted run or a repeated step: the later values are used; TensorBoard "
+        "shows both"
     )

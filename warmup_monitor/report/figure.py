@@ -30,6 +30,7 @@ from warmup_monitor.report.analysis import HEALTHY, RECOVERED, TOO_SHORT, RunSum
 from warmup_monitor.report.events import Series
 from warmup_monitor.report.runs import RunData
 from warmup_monitor.schema import AlertKind, is_instability
+from warmup_monitor.words import peak_loss, ratio
 
 __all__ = ["MAX_OVERLAY", "MAX_POINTS", "downsample", "render_png"]
 
@@ -136,11 +137,9 @@ def caption(summary: RunSummary) -> str:
     else:  # a file written before episodes: one group per alert
         parts.append(f"{len(summary.instability_steps)} unstable step(s)")
     if summary.peak_loss_ratio is not None:
-        parts.append(
-            f"peak loss {_g(summary.peak_loss_ratio)}x initial @{summary.peak_loss_ratio_step}"
-        )
+        parts.append(peak_loss(summary.peak_loss_ratio, summary.peak_loss_ratio_step))
     if summary.final_loss_ratio is not None:
-        parts.append(f"final {_g(summary.final_loss_ratio)}x")
+        parts.append(f"final loss {ratio(summary.final_loss_ratio)}x")
     if summary.recommended_peak_lr is not None:
         parts.append(f"advice: peak lr ≈ {_g(summary.recommended_peak_lr)}")
     return ", ".join(parts)

@@ -23,6 +23,7 @@ from rich.text import Text
 
 from warmup_monitor.report.analysis import HEALTHY, RECOVERED, TOO_SHORT, RunSummary
 from warmup_monitor.report.figure import downsample, render_png
+from warmup_monitor.words import count, ratio, span
 
 __all__ = [
     "clean_text",
@@ -90,8 +91,8 @@ def _alerts_text(r: RunSummary) -> str:
     grouped = [e for e in r.episodes if e.id is not None]
     if grouped:
         lines.append(
-            f"{len(grouped)} episode(s): "
-            + ", ".join(f"{e.start}-{e.end}" for e in grouped[:4])
+            f"{count(len(grouped), 'episode')}: "
+            + ", ".join(span(e.start, e.end, noun=False) for e in grouped[:4])
             + (f" +{len(grouped) - 4}" if len(grouped) > 4 else "")
         )
     lines += [f"{k} x{len(v)} @ {_steps(v)}" for k, v in sorted(r.alerts_by_kind.items())]
@@ -129,7 +130,7 @@ def summary_table(summaries: Sequence[RunSummary]) -> Table:
             Text(_extensions_text(r)),
             Text(clean_text(_alerts_text(r), newlines=True)),
             Text(_fmt(r.initial_loss, ".4g")),
-            Text(f"{_fmt(r.peak_loss_ratio)} @{_fmt_step(r.peak_loss_ratio_step)}"),
+            Text(f"{ratio(r.peak_loss_ratio)} @{_fmt_step(r.peak_loss_ratio_step)}"),
             Text(f"{_fmt(r.peak_grad_norm)} @{_fmt_step(r.peak_grad_norm_step)}"),
             Text(_cosine_text(r)),
         )
@@ -193,7 +194,7 @@ def render_html(
             e(_extensions_text(r)),
             f"<pre>{e(_alerts_text(r))}</pre>",
             e(_fmt(r.initial_loss, ".4g")),
-            e(f"{_fmt(r.peak_loss_ratio)} ({_fmt_step(r.peak_loss_ratio_step)})"),
+            e(f"{ratio(r.peak_loss_ratio)} ({_fmt_step(r.peak_loss_ratio_step)})"),
             e(f"{_fmt(r.peak_grad_norm)} ({_fmt_step(r.peak_grad_norm_step)})"),
             f"<pre>{e(_cosine_text(r))}</pre>",
         ]

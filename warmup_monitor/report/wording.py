@@ -23,6 +23,8 @@ from warmup_monitor.report.analysis import (
     RunSummary,
 )
 from warmup_monitor.schema import AlertKind
+from warmup_monitor.words import count, ratio
+from warmup_monitor.words import times as _times
 
 __all__ = ["advise"]
 
@@ -50,10 +52,6 @@ def _steps_text(steps: list[int], limit: int = 6) -> str:
     shown = ", ".join(str(s) for s in steps[:limit])
     more = len(steps) - limit
     return shown + (f", ... (+{more} more)" if more > 0 else "")
-
-
-def _times(n: int) -> str:
-    return "once" if n == 1 else "twice" if n == 2 else f"{n} times"
 
 
 def _g(x: float) -> str:
@@ -163,7 +161,7 @@ def advise(r: RunSummary) -> list[str]:
         )
     if r.verdict == RECOVERED and r.final_loss_ratio is not None:
         out.append(
-            f"it recovered: the loss ended at {_g(r.final_loss_ratio)}x the initial loss, "
+            f"it recovered: the loss ended at {ratio(r.final_loss_ratio)}x the initial loss, "
             "but the instability cost steps"
         )
     return out
@@ -176,8 +174,9 @@ def _advise_healthy(r: RunSummary) -> list[str]:
     transient = r.alerts_by_kind.get(AlertKind.TRANSIENT.value, [])
     if transient:
         out.append(
-            f"{len(transient)} excursion(s) recovered at once (transient alerts at step(s) "
-            f"{_steps_text(transient)}): nothing to change for them"
+            f"{count(len(transient), 'excursion')} recovered at once (transient alerts at "
+            f"{'step' if len(transient) == 1 else 'steps'} {_steps_text(transient)}): nothing "
+            "to change for them"
         )
     a = r.aligned_from
     quiet = r.peak_loss_ratio is None or r.peak_loss_ratio <= 1.5

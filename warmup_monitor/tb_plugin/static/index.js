@@ -452,13 +452,7 @@ function episodeList(data) {
   }
   for (const e of s.episodes) {
     const ranges = e.steps.map(([a, b]) => a === b ? String(a) : `${a}-${b}`).join(', ');
-    const what = e.id == null ? `alert at step ${e.start}` : `episode ${e.id}: steps ${e.start}-${e.end}`;
-    const facts = [what, `${e.count} flagged step(s)`, e.kinds.join(', ')];
-    if (e.peak_ratio != null) facts.push(`peak ${e.peak_ratio.toPrecision(3)}x @${e.peak_step}`);
-    if (e.outcome === 'interrupted') facts.push('interrupted (training crashed)');
-    else if (e.recovered != null) facts.push(e.recovered ? 'recovered' : 'not recovered');
-    else if (e.outcome === 'ended_quiet') facts.push('ended quiet (no loss to judge recovery)');
-    else if (e.id != null && !e.closed) facts.push('still open at the end');
+    const facts = e.facts;  // worded by the report (warmup_monitor.report.episodes.Episode.facts)
     const details = el('details', {class: 'wm-episode'}, [
       el('summary', {}, facts.join(' · ')),
       el('p', {class: 'wm-muted'}, 'flagged steps: ' + ranges),
