@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -22,13 +23,13 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import fit, make_loader, tiny_module_class
+from conftest import NAMESPACES, fit, make_loader, tiny_module_class
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
 from warmup_monitor import Statistics, WarmupMonitor
 from warmup_monitor.cli import main
 from warmup_monitor.report import RECOVERED, RunSummary, load_run, summarize
-from warmup_monitor.schema import ALERTS_FILENAME
+from warmup_monitor.schema import ALERTS_FILENAME, Alert, AlertKind
 
 JUMP_AT, JUMP_FOR, JUMP = 12, 2, 40.0
 STEPS = 48
@@ -319,3 +320,50 @@ def test_csv_and_mlflow_readers_skip_and_name_what_they_cannot_read(tmp_path: Pa
     assert got.problems == ["metrics: 2 lines that are not '<time> <value> <step>'; skipped"]
     # What the report makes of it: a run without the monitor's other keys is still read.
     assert load_run(str(tmp_path / "mlruns")).source == "mlflow"
+
+
+@pytest.mark.parametrize("ns", NAMESPACES, ids=lambda m: m.__name__)
+def test_each_namespace_logger_that_takes_text_gets_a_sink(
+    ns: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLFlowLogger of either Lightning namespace gets the artifacts, a logger with a public
+    log_text the table; CSVLogger and TensorBoardLogger (written by the dispatcher) none."""
+    from warmup_monitor.logger_text import MlflowArtifacts, TableText, text_sinks
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    loggers = [
+        ns.loggers.MLFlowLogger(tracking_uri=f"file:{tmp_path / 'mlruns'}"),
+        ns.loggers.CSVLogger(str(tmp_path)),
+        ns.loggers.TensorBoardLogger(str(tmp_path)),
+        TableLogger(),
+    ]
+    sinks = text_sinks(loggers, "warmup/alerts")
+    assert [type(s) for s in sinks] == [MlflowArtifacts, TableText]
+    assert sinks[0].logger is loggers[0] and sinks[1].logger is loggers[3]
+
+
+def test_mlflow_artifacts_continue_what_the_run_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second fit (or a resume) into the same MLflow run adds its alerts after the ones the
+    run's artifacts already hold, instead of replacing them."""
+    from mlflow.tracking import MlflowClient
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from warmup_monitor.logger_text import MlflowArtifacts
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file:{tmp_path / 'mlruns'}"
+    logger = MLFlowLogger(tracking_uri=uri)
+    first = Alert(3, AlertKind.LOSS_SPIKE, "loss 12 is 12x the initial loss", 12.0, 10.0)
+    second = Alert(9, AlertKind.NON_FINITE, "the loss is nan", math.nan)
+    MlflowArtifacts(logger)(first)
+    MlflowArtifacts(logger)(second)  # a new fit: a new sink on the same run
+    client = MlflowClient(uri)
+    text = client.download_artifacts(logger.run_id, "warmup_alerts.txt", str(tmp_path))
+    assert Path(text).read_text(encoding="utf-8").splitlines() == [
+        "[step 3] loss_spike: loss 12 is 12x the initial loss (value 12.0, threshold 10.0)",
+        "[step 9] non_finite: the loss is nan (value nan, threshold nan)",
+    ]
+    jsonl = client.download_artifacts(logger.run_id, ALERTS_FILENAME, str(tmp_path / "j"))
+    assert [r["step"] for r in jsonl_records(jsonl)] == [3, 9]
