@@ -17,6 +17,8 @@ TensorBoard gets each alert as text from :class:`~warmup_monitor.alerts.AlertDis
 
 A logger whose call raises never stops training nor the other sinks: the first failure of each
 logger is logged with its traceback, the later ones at DEBUG.
+
+This module imports no Lightning (loggers are known by their public methods and class names).
 """
 
 from __future__ import annotations
@@ -143,19 +145,10 @@ class MlflowArtifacts(_Sink):
         client.log_text(run_id, "\n".join(self.records) + "\n", ALERTS_FILENAME)
 
 
-def _mlflow_logger_types() -> tuple[type, ...]:
-    """``MLFlowLogger`` of each installed Lightning namespace (neither needs MLflow)."""
-    types: list[type] = []
-    try:
-        from pytorch_lightning.loggers import MLFlowLogger
-
-        types.append(MLFlowLogger)
-        from lightning.pytorch.loggers import MLFlowLogger as LMLFlowLogger
-
-        types.append(LMLFlowLogger)
-    except ImportError:
-        pass
-    return tuple(types)
+def _is_mlflow_logger(logger: Any) -> bool:
+    """Whether ``logger`` is an ``MLFlowLogger`` of either Lightning namespace (or a subclass),
+    known by its class name: this module imports no Lightning."""
+    return any(k.__name__ == "MLFlowLogger" for k in type(logger).__mro__)
 
 
 def text_sinks(loggers: Iterable[Any], key: str) -> list[_Sink]:
@@ -167,10 +160,9 @@ def text_sinks(loggers: Iterable[Any], key: str) -> list[_Sink]:
         loggers: The Trainer's loggers.
         key: The key of the alerts table (``<prefix>alerts``).
     """
-    mlflow = _mlflow_logger_types()
     sinks: list[_Sink] = []
     for logger in loggers:
-        if mlflow and isinstance(logger, mlflow):
+        if _is_mlflow_logger(logger):
             sinks.append(MlflowArtifacts(logger))
         elif callable(getattr(logger, "log_text", None)):
             sinks.append(TableText(logger, key))
