@@ -367,3 +367,15 @@ def test_mlflow_artifacts_continue_what_the_run_holds(
     ]
     jsonl = client.download_artifacts(logger.run_id, ALERTS_FILENAME, str(tmp_path / "j"))
     assert [r["step"] for r in jsonl_records(jsonl)] == [3, 9]
+
+
+def test_a_csv_run_without_the_monitor_is_said_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CSVLogger run of a plain Lightning model (no monitor): exit 5, naming the file and
+    the logger, as for event files."""
+    (tmp_path / "metrics.csv").write_text("epoch,step,train_loss\n0,0,1.0\n0,1,0.5\n")
+    code = main(["report", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 5
+    assert "metrics.csv holds none of the monitor's keys" in err and "CSVLogger" in err

@@ -302,7 +302,7 @@ def load_run(
     if source != ALERTS_ONLY and not any(key in series for key in CORE_KEYS):
         logger = {TENSORBOARD: "TensorBoardLogger", CSV: "CSVLogger", MLFLOW: "MLFlowLogger"}
         raise NoWarmupKeysError(
-            f"{name}: the {_WHAT[source]} hold none of the monitor's keys "
+            f"{name}: {_WHAT[source]} none of the monitor's keys "
             f"({', '.join(prefix + k for k in CORE_KEYS)}); was WarmupMonitor in the Trainer's "
             f"callbacks, with the {logger[source]}"
             + (f", and log_key_prefix={prefix!r}?" if prefix != DEFAULT_PREFIX else "?")
@@ -361,10 +361,9 @@ def load_run(
 
 #: What holds the scalars, by source, for the messages.
 _WHAT = {
-    TENSORBOARD: "event files",
-    CSV: CSV_FILENAME,
-    MLFLOW: "MLflow run's metrics",
-    ALERTS_ONLY: "alerts",
+    TENSORBOARD: "the event files hold",
+    CSV: f"{CSV_FILENAME} holds",
+    MLFLOW: "the MLflow run's metrics hold",
 }
 
 
