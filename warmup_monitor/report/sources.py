@@ -51,17 +51,14 @@ MLFLOW_ARTIFACTS = "artifacts"
 #: Where a run's scalars are, by what is in its directory (the first that matches wins).
 TENSORBOARD, CSV, MLFLOW, ALERTS_ONLY = "tensorboard", "csv", "mlflow", "alerts"
 
-#: A longer key file or row is not a metric the monitor wrote; it is skipped (and said).
-_MAX_POINTS = 50_000_000
-
 
 @dataclass
 class ScalarData:
     """The scalars of one run read from ``metrics.csv`` or an MLflow run.
 
     Attributes:
-        scalars: key -> :class:`~warmup_monitor.report.events.Series`, one value per step, in
-            the order the keys first appear.
+        scalars: key -> :class:`~warmup_monitor.report.events.Series`, one value per step (keys
+            in column order for ``metrics.csv``, in name order for MLflow).
         records: Points read.
         problems: One sentence per thing that could not be read.
     """
@@ -197,7 +194,7 @@ def read_mlflow_metrics(path: str) -> ScalarData:
             out.problems.append(f"metrics/{key}: could not be read ({e.strerror or e}); skipped")
             continue
         points: list[tuple[int, float]] = []
-        for line in data.splitlines()[:_MAX_POINTS]:
+        for line in data.splitlines():
             parts = line.split()
             if not parts:
                 continue
