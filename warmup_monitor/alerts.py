@@ -85,12 +85,15 @@ class TextWriter(Protocol):
 
 
 class AlertDispatcher:
-    """Sends each alert to every sink: logging, JSONL file, TensorBoard text and a user hook.
+    """Sends each alert to every sink: logging, JSONL file, TensorBoard text, the other loggers'
+    text and a user hook.
 
     Args:
         jsonl_path: File the alerts are appended to, one JSON object a line, flushed per alert.
             ``None`` writes no file.
         text_writers: TensorBoard writers that receive the alert as text under ``text_tag``.
+        text_sinks: Other loggers' text sinks, each called with the alert
+            (:func:`warmup_monitor.logger_text.text_sinks`: W&B's table, MLflow's artifacts).
         on_alert: A user callable given each :class:`Alert`. If it raises, the exception is
             logged (with traceback) and training goes on; the other sinks have already received
             the alert.
@@ -109,6 +112,7 @@ class AlertDispatcher:
         *,
         jsonl_path: str | os.PathLike[str] | None = None,
         text_writers: Iterable[TextWriter] = (),
+        text_sinks: Iterable[Callable[[Alert], Any]] = (),
         on_alert: Callable[[Alert], Any] | None = None,
         text_tag: str = "warmup/alerts",
         log_level: int = logging.WARNING,
@@ -117,6 +121,7 @@ class AlertDispatcher:
     ) -> None:
         self.jsonl_path = None if jsonl_path is None else os.fspath(jsonl_path)
         self.text_writers = list(text_writers)
+        self.text_sinks = list(text_sinks)
         self.on_alert = on_alert
         self.text_tag = text_tag
         self.log_level = log_level
@@ -136,6 +141,11 @@ class AlertDispatcher:
                 writer.add_text(self.text_tag, _markdown(alert), global_step=alert.step)
             except Exception:  # a broken writer must not hide the alert elsewhere
                 log.exception("warmup_monitor: could not write the alert to TensorBoard")
+        for sink in self.text_sinks:
+            try:
+                sink(alert)
+            except Exception:  # the logger_text sinks say their own failures; a safety net
+                log.exception("warmup_monitor: could not send the alert to a logger")
         if self.on_alert is not None:
             try:
                 self.on_alert(alert)

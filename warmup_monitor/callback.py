@@ -23,6 +23,7 @@ from warmup_monitor.config import (
     check_sinks,
 )
 from warmup_monitor.engine import MonitorEngine
+from warmup_monitor.logger_text import text_sinks
 from warmup_monitor.rollback import Snapshots
 from warmup_monitor.schedules import Shape
 from warmup_monitor.tensorboard import write_layout
@@ -41,7 +42,8 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
     From the first optimizer step until ``warmup_steps`` plus ``Window.post_warmup_steps``,
     the monitor reads the gradients once per optimizer step (after accumulation and AMP
     unscaling, before clipping), logs the keys of :mod:`warmup_monitor.schema` through every
-    logger the Trainer has, and sends each alert to Python logging, TensorBoard text,
+    logger the Trainer has, and sends each alert to Python logging, the loggers that take text
+    (TensorBoard text, a W&B table, MLflow artifacts: :mod:`warmup_monitor.logger_text`),
     ``warmup_alerts.jsonl`` in the run's log directory and ``on_alert``.
 
     A Trainer whose ``global_step`` is 0 at ``fit`` starts a fresh watch (a reused callback in a
@@ -191,6 +193,7 @@ class WarmupMonitor(*_compat.callback_bases()):  # type: ignore[misc]
             self._dispatcher = AlertDispatcher(
                 jsonl_path=alerts_path(self.alerts_file, self._log_dir),
                 text_writers=writers,
+                text_sinks=text_sinks(trainer.loggers, f"{prefix}alerts"),  # W&B, MLflow
                 on_alert=self.on_alert,
                 text_tag=f"{prefix}alerts",
                 fresh=self._engine.steps_taken(0) == 0,  # one run per file; a resume appends

@@ -3,7 +3,8 @@
 ``warmup-monitor report RUN_DIR [RUN_DIR ...] [--json] [--out DIR] [--prefix PREFIX]``
 
 Exit codes: 0 reported; 1 internal error; 2 usage error; 3 a RUN_DIR does not exist or is not a
-directory; 4 no event file in a RUN_DIR, or none that could be read (empty, not an event file,
+directory; 4 no run in a RUN_DIR (no event file, metrics.csv, MLflow run or alerts file), or no
+event file that could be read (empty, not an event file,
 damaged from its first byte); 5 a run without the monitor's keys; 6 reported, but something was
 skipped (a truncated or corrupted event file, a bad JSONL line: each is named, ``line N: why;
 skipped``); 7 the ``--out`` files could not be written. With several problems the lowest of 3-7
@@ -52,13 +53,15 @@ def _parser() -> argparse.ArgumentParser:
         "report",
         help="summarize runs: verdict, alerts, advice",
         description=(
-            "Read the TensorBoard event files and warmup_alerts.jsonl of each run and print a "
-            "summary with a verdict and advice. A directory without event files of its own is "
-            "searched for runs below it (e.g. lightning_logs/ holds version_0/, version_1/)."
+            "Read the scalars (TensorBoard event files, a CSVLogger's metrics.csv or an MLflow "
+            "file-store run) and warmup_alerts.jsonl of each run and print a summary with a "
+            "verdict and advice; a directory with warmup_alerts.jsonl alone is judged from its "
+            "alerts. A directory without a run of its own is searched for runs below it (e.g. "
+            "lightning_logs/ holds version_0/, version_1/; mlruns/ holds MLflow runs)."
         ),
         epilog=(
-            "exit codes: 0 reported; 2 usage; 3 no such directory; 4 no (readable) event "
-            "files; 5 no warmup keys; 6 reported, something skipped; 7 could not write --out"
+            "exit codes: 0 reported; 2 usage; 3 no such directory; 4 no run (or no readable "
+            "event file); 5 no warmup keys; 6 reported, something skipped; 7 could not write --out"
         ),
     )
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run's log directory")

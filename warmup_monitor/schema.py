@@ -51,6 +51,7 @@ __all__ = [
     "JsonlWriter",
     "is_instability",
     "json_float",
+    "jsonl_line",
     "key",
     "kind_value",
     "parse_alert_line",
@@ -445,6 +446,15 @@ def _strict(x: Any) -> Any:
     return x
 
 
+def jsonl_line(alert: Alert) -> str:
+    """The alert as one line of ``warmup_alerts.jsonl`` (strict JSON, no newline)."""
+    record = alert.to_dict()
+    try:
+        return json.dumps(record, allow_nan=False)
+    except ValueError:  # a non-finite float in the details
+        return json.dumps(_strict(record), allow_nan=False)
+
+
 class JsonlWriter:
     """Appends alerts to a ``warmup_alerts.jsonl`` file, one strict-JSON line each, flushed.
 
@@ -491,12 +501,7 @@ class JsonlWriter:
         if self._file is None:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-        record = alert.to_dict()
-        try:
-            line = json.dumps(record, allow_nan=False)
-        except ValueError:  # a non-finite float in the details
-            line = json.dumps(_strict(record), allow_nan=False)
-        self._file.write(line + "\n")
+        self._file.write(jsonl_line(alert) + "\n")
         self._file.flush()
 
     def close(self) -> None:

@@ -123,6 +123,9 @@ class RunSummary:
     advice: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: Where the scalars were read (:attr:`~warmup_monitor.report.runs.RunData.source`);
+    #: ``"alerts"``: nowhere, the verdict rests on the alerts alone.
+    source: str = "tensorboard"
 
     @property
     def alert_count(self) -> int:
@@ -316,6 +319,8 @@ def summarize(run: RunData) -> RunSummary:
     judged, reason = verdict(
         unstable_steps, loss, initial, last_step=last_step, effective_warmup=effective
     )
+    if run.source == "alerts":
+        reason += "; judged from the alerts alone: no logged scalars were found"
     summary = RunSummary(
         name=run.name,
         path=run.path,
@@ -351,6 +356,7 @@ def summarize(run: RunData) -> RunSummary:
         actions=actions,
         problems=list(run.problems),
         notes=list(run.notes),
+        source=run.source,
     )
     summary.advice = advise(summary)
     return summary

@@ -1,8 +1,10 @@
 """Find runs on disk and load what the monitor left there: scalars and the alerts JSONL.
 
 A run directory holds ``events.out.tfevents.*`` files (TensorBoardLogger writes them in
-``<root>/<name>/version_N/``) and, next to them, ``warmup_alerts.jsonl``. A directory without
-event files of its own is searched for run directories below it.
+``<root>/<name>/version_N/``) and, next to them, ``warmup_alerts.jsonl``; or a ``CSVLogger``'s
+``metrics.csv`` and the JSONL; or it is an MLflow file-store run; or it holds the JSONL alone
+(:mod:`warmup_monitor.report.sources` reads the scalars of the other loggers). A directory
+without a run of its own is searched for run directories below it.
 
 This module imports no Lightning and no torch.
 """
@@ -17,11 +19,23 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from warmup_monitor.report.events import (
+    EventData,
     Series,
     event_files,
     read_event_files,
     read_regular_file,
     superseded_note,
+)
+from warmup_monitor.report.sources import (
+    ALERTS_ONLY,
+    CSV,
+    CSV_FILENAME,
+    MLFLOW,
+    TENSORBOARD,
+    alerts_file_of,
+    detect_source,
+    read_csv_metrics,
+    read_mlflow_metrics,
 )
 from warmup_monitor.schema import (
     ALERTS_FILENAME,
@@ -122,6 +136,9 @@ class RunData:
         records: Event records read.
         prefix: The metric key prefix the run was read with.
         extra: Scalars logged outside the prefix that the report shows (``val_loss``).
+        source: Where the scalars were read: ``"tensorboard"``, ``"csv"`` (a ``CSVLogger``'s
+            ``metrics.csv``), ``"mlflow"`` (an MLflow file-store run) or ``"alerts"`` (none:
+            the alerts JSONL alone).
     """
 
     name: str
@@ -134,32 +151,46 @@ class RunData:
     records: int = 0
     prefix: str = DEFAULT_PREFIX
     extra: dict[str, Series] = field(default_factory=dict)
+    source: str = TENSORBOARD
 
 
 def find_run_dirs(path: str) -> list[str]:
-    """Run directories at or below ``path``: those with event files of their own, sorted.
+    """Run directories at or below ``path``, sorted: those holding the monitor's scalars by
+    themselves (event files, a ``CSVLogger``'s ``metrics.csv``, an MLflow file-store run;
+    :func:`~warmup_monitor.report.sources.detect_source`); where none is found, those holding a
+    ``warmup_alerts.jsonl`` alone.
 
     Raises:
         RunNotFoundError: ``path`` does not exist or is not a directory.
-        NoEventFilesError: no event file at any depth.
+        NoEventFilesError: no run at any depth.
     """
     if not os.path.exists(path):
         raise RunNotFoundError(f"{path}: no such directory")
     if not os.path.isdir(path):
         raise RunNotFoundError(f"{path}: not a directory (give the run's log directory)")
-    if event_files(path):
+    here = detect_source(path)
+    if here is not None and here != ALERTS_ONLY:
         return [path]
-    found = []
+    found: list[str] = []
+    alerts_only: list[str] = [path] if here == ALERTS_ONLY else []
     for root, dirs, _files in os.walk(path):
         dirs.sort()
-        if event_files(root):
+        source = detect_source(root)
+        if source == MLFLOW:
+            dirs.clear()  # metrics/ and artifacts/ of one run hold no other run
+        if source == ALERTS_ONLY and root != path:
+            alerts_only.append(root)
+        elif source is not None and source != ALERTS_ONLY:
             found.append(root)
-    if not found:
-        raise NoEventFilesError(
-            f"{path}: no TensorBoard event file (events.out.tfevents.*) here or below; "
-            "is this the TensorBoardLogger's log directory?"
-        )
-    return found
+    if found:
+        return found
+    if alerts_only:
+        return alerts_only
+    raise NoEventFilesError(
+        f"{path}: no run of the monitor here or below: no TensorBoard event file "
+        f"(events.out.tfevents.*), no CSVLogger {CSV_FILENAME}, no MLflow run, no "
+        f"{ALERTS_FILENAME}; is this the logger's log directory?"
+    )
 
 
 def read_alerts_jsonl(path: str) -> tuple[list[Alert], list[str]]:
@@ -226,7 +257,14 @@ def load_run(
     *,
     _seen: tuple[str, ...] = (),
 ) -> RunData:
-    """Load one run directory (one that holds event files).
+    """Load one run: the monitor's scalars and alerts, from whatever logger wrote them.
+
+    The source is found from what the directory holds
+    (:func:`~warmup_monitor.report.sources.detect_source`): TensorBoard event files, a
+    ``CSVLogger``'s ``metrics.csv``, an MLflow file-store run (``mlruns/<exp>/<run>``), or only
+    a ``warmup_alerts.jsonl``: then the verdict rests on the alerts alone, and a note says so
+    (:attr:`RunData.source` is ``"alerts"``). A directory holding exactly one run below it
+    (a logger's ``<name>/`` holding one ``version_N/``) is read as that run.
 
     A run the monitor resumed from a checkpoint written in another log directory (Lightning
     writes a resumed fit to a new ``version_N``) says so in its alerts file; the run it
@@ -239,62 +277,65 @@ def load_run(
             (:func:`discover_prefix`), falling back to ``"warmup/"``.
 
     Raises:
-        NoEventFilesError: ``path`` holds no event file.
+        NoEventFilesError: ``path`` holds no run of the monitor.
         UnreadableEventsError: no event file could be read at all.
-        NoWarmupKeysError: none of the monitor's keys is in the event files.
+        NoWarmupKeysError: none of the monitor's keys is in the run's scalars.
     """
     name = name or path
-    files = event_files(path)
-    if not files:
-        raise NoEventFilesError(f"{name}: no TensorBoard event file (events.out.tfevents.*)")
-    events = read_event_files(files)
-    if events.unreadable:
-        raise UnreadableEventsError(
-            f"{name}: no event file could be read: " + "; ".join(events.problems)
+    source = detect_source(path)
+    if source is None and os.path.isdir(path):
+        below = _runs_below(path)
+        if len(below) == 1:
+            return load_run(below[0], name=name, prefix=prefix, _seen=_seen)
+    if source is None:
+        raise NoEventFilesError(
+            f"{name}: no run of the monitor: no TensorBoard event file (events.out.tfevents.*), "
+            f"no CSVLogger {CSV_FILENAME}, no MLflow run, no {ALERTS_FILENAME}"
         )
+    scalars, texts, records, problems, events = _read_scalars(path, name, source)
     if prefix is None:
-        prefix = discover_prefix(list(events.scalars)) or DEFAULT_PREFIX
-    series = {tag[len(prefix) :]: s for tag, s in events.scalars.items() if tag.startswith(prefix)}
-    if not any(key in series for key in CORE_KEYS):
+        prefix = discover_prefix(list(scalars)) or DEFAULT_PREFIX
+    notes = [ALERTS_ONLY_NOTE] if source == ALERTS_ONLY else []
+    if events is not None and (note := superseded_note(events, prefix)) is not None:
+        notes.append(note)
+    series = {tag[len(prefix) :]: s for tag, s in scalars.items() if tag.startswith(prefix)}
+    if source != ALERTS_ONLY and not any(key in series for key in CORE_KEYS):
+        logger = {TENSORBOARD: "TensorBoardLogger", CSV: "CSVLogger", MLFLOW: "MLFlowLogger"}
         raise NoWarmupKeysError(
-            f"{name}: the event files hold none of the monitor's keys "
+            f"{name}: {_WHAT[source]} none of the monitor's keys "
             f"({', '.join(prefix + k for k in CORE_KEYS)}); was WarmupMonitor in the Trainer's "
-            "callbacks, with a TensorBoardLogger"
+            f"callbacks, with the {logger[source]}"
             + (f", and log_key_prefix={prefix!r}?" if prefix != DEFAULT_PREFIX else "?")
-            + (f" (also: {'; '.join(events.problems)})" if events.problems else "")
+            + (f" (also: {'; '.join(problems)})" if problems else "")
         )
     extra = {}
     val_tags = sorted(
-        (t for t, v in events.scalars.items() if len(v) and not t.startswith(prefix)),
+        (t for t, v in scalars.items() if len(v) and not t.startswith(prefix)),
         key=lambda t: (len(t), t),
     )
     for tag in val_tags:
         if VAL_LOSS.search(tag):
-            extra["val_loss"] = events.scalars[tag]
+            extra["val_loss"] = scalars[tag]
             break
-    problems = list(events.problems)
-    notes: list[str] = []
-    if (note := superseded_note(events, prefix)) is not None:
-        notes.append(note)
-    jsonl = os.path.join(path, ALERTS_FILENAME)
-    texts = {t: rows for t, rows in events.texts.items() if t.startswith(prefix)}
+    jsonl = alerts_file_of(path, source)
+    texts = {t: rows for t, rows in texts.items() if t.startswith(prefix)}
     alerts: list[Alert]
     if os.path.lexists(jsonl):
         alerts, jsonl_problems = read_alerts_jsonl(jsonl)
         problems.extend(jsonl_problems)
-        source = "jsonl"
+        alerts_source = "jsonl"
     elif text := [
         row
         for tag in (f"{prefix}alerts", f"{prefix}alerts/text_summary")  # torch's add_text
         for row in texts.get(tag, [])
     ]:
         alerts = _alerts_from_text(text)
-        source = "tensorboard"
+        alerts_source = "tensorboard"
         notes.append(
             f"no {ALERTS_FILENAME}: alerts were read from the TensorBoard text (without details)"
         )
     else:
-        alerts, source = [], "none"
+        alerts, alerts_source = [], "none"
         counted = series.get("alerts")
         if counted is not None and len(counted) and float(counted.values.max()) > 0:
             problems.append(
@@ -307,14 +348,56 @@ def load_run(
         path=path,
         series=series,
         alerts=alerts,
-        alerts_source=source,
+        alerts_source=alerts_source,
         problems=problems,
         notes=notes,
-        records=events.records,
+        records=records,
         prefix=prefix,
         extra=extra,
+        source=source,
     )
     return _with_earlier(run, _seen)
+
+
+#: What holds the scalars, by source, for the messages.
+_WHAT = {
+    TENSORBOARD: "the event files hold",
+    CSV: f"{CSV_FILENAME} holds",
+    MLFLOW: "the MLflow run's metrics hold",
+}
+
+
+def _runs_below(path: str) -> list[str]:
+    """The runs below ``path`` (:func:`find_run_dirs`), none when there is none."""
+    try:
+        return [p for p in find_run_dirs(path) if p != path]
+    except ReportError:
+        return []
+
+
+def _read_scalars(
+    path: str, name: str, source: str
+) -> tuple[dict[str, Series], dict[str, list[tuple[int, str]]], int, list[str], EventData | None]:
+    """``(scalars by tag, texts by tag, records read, problems, the event data)`` of the run
+    at ``path``, from its ``source`` (the event data only for event files)."""
+    if source == TENSORBOARD:
+        events = read_event_files(event_files(path))
+        if events.unreadable:
+            raise UnreadableEventsError(
+                f"{name}: no event file could be read: " + "; ".join(events.problems)
+            )
+        return events.scalars, events.texts, events.records, list(events.problems), events
+    if source == ALERTS_ONLY:
+        return {}, {}, 0, [], None
+    data = read_csv_metrics(path) if source == CSV else read_mlflow_metrics(path)
+    return data.scalars, {}, data.records, list(data.problems), None
+
+
+#: The note on a run read from its alerts file alone.
+ALERTS_ONLY_NOTE = (
+    f"read from {ALERTS_FILENAME} alone (no TensorBoard event file, metrics.csv or MLflow "
+    "metrics here): the verdict rests on the alerts only, without the logged loss"
+)
 
 
 #: How many earlier runs a chain of resumes is followed back.
