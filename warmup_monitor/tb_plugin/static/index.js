@@ -452,7 +452,8 @@ function episodeList(data) {
   }
   for (const e of s.episodes) {
     const ranges = e.steps.map(([a, b]) => a === b ? String(a) : `${a}-${b}`).join(', ');
-    const what = e.id == null ? `alert at step ${e.start}` : `episode ${e.id}: steps ${e.start}-${e.end}`;
+    const span = e.start === e.end ? `step ${e.start}` : `steps ${e.start}-${e.end}`;
+    const what = e.id == null ? `alert at step ${e.start}` : `episode ${e.id}: ${span}`;
     const facts = [what, `${e.count} flagged step(s)`, e.kinds.join(', ')];
     if (e.peak_ratio != null) facts.push(`peak ${e.peak_ratio.toPrecision(3)}x @${e.peak_step}`);
     if (e.outcome === 'interrupted') facts.push('interrupted (training crashed)');
@@ -477,7 +478,7 @@ function episodeList(data) {
 }
 
 function alertTable(alerts) {
-  const fmt = (v) => typeof v === 'number' ? v.toPrecision(4) : String(v);
+  const fmt = (v) => v == null ? '\u2014' : typeof v === 'number' ? v.toPrecision(4) : String(v);
   return el('table', {class: 'wm-table'}, [
     el('thead', {}, el('tr', {}, ['step', 'kind', 'message', 'value', 'threshold']
       .map((h) => el('th', {}, h)))),
