@@ -49,6 +49,7 @@ GRACE_FRACTION = 0.5
 
 _VERDICT_COLOR = {HEALTHY: "#1a7f37", RECOVERED: "#9a6700", TOO_SHORT: "#57606a"}
 _UNSTABLE_COLOR = "#cf222e"
+_PLANNED_COLOR = "#8c959f"  # the planned end of a warmup that was extended
 # Distinct marks for the controller's actions: (marker, label).
 _ACTIONS = {
     AlertKind.WARMUP_EXTENDED.value: (">", "warmup extended"),
@@ -126,8 +127,10 @@ def _g(x: float | None) -> str:
 
 
 def caption(summary: RunSummary, name: str | None = None) -> str:
-    """One line on a run: verdict and key numbers (``name``: the run's short name)."""
-    parts = [f"{summary.name if name is None else name}: {summary.verdict}"]
+    """One line on a run: verdict and key numbers (``name``: the run's short name; ``""``:
+    none, the title names the run)."""
+    label = summary.name if name is None else name
+    parts = [f"{label or 'verdict'}: {summary.verdict}"]
     w, e = summary.planned_warmup, summary.effective_warmup
     if w is not None:
         parts.append(f"warmup {w}" + (f"→{e}" if e is not None and e != w else ""))
@@ -313,7 +316,7 @@ def _overlay(plt: Any, runs: Sequence[RunData], summaries: Sequence[RunSummary])
         fig.text(
             0.01 if single else 0.025,
             y,
-            caption(summary, name),
+            caption(summary, "" if single else name),
             fontsize=8.5,
             color=_verdict_color(summary.verdict),
             va="top",
@@ -367,18 +370,14 @@ def _strip(
             mec="black", mew=0.6, transform=ax.transData + shift,
         )  # fmt: skip
         used.add(kind)
-    planned, eff = summary.planned_warmup, summary.effective_warmup
     last = span[1] if span is not None else None
-    ends = [(eff, color)] if eff else []
-    if planned and planned != eff:
-        ends.append((planned, "#8c959f"))  # the planned end, when warmup was extended
     beyond = []
-    for end, shade in ends:
+    for end, shade, key in _warmup_ends(summary, color):
         if last is not None and end > last:
             beyond.append(end)
             continue
         ax.vlines(end, row - 0.45, row + 0.45, colors=shade, linestyles=":", lw=1.6)
-        used.add("warmup_end" if shade == color else "warmup_planned")
+        used.add(key)
     if beyond:
         ax.text(
             0.995, row, f"warmup ends at step {max(beyond)} →", transform=ax.get_yaxis_transform(),
@@ -449,11 +448,21 @@ def _marks(run: RunData, summary: RunSummary, color: Any, lr_ax: Any, loss_axes:
                 mew=1.0,
             )
             used.add("transient")
-    for end in sorted({x for x in (summary.planned_warmup, summary.effective_warmup) if x}):
+    for end, shade, key in _warmup_ends(summary, color):
         for ax in (lr_ax, *loss_axes):
-            ax.axvline(end, color=color, ls=":", lw=1.0)
-        used.add("warmup_end")
+            ax.axvline(end, color=shade, ls=":", lw=1.0)
+        used.add(key)
     return used
+
+
+def _warmup_ends(summary: RunSummary, color: Any) -> list[tuple[int, Any, str]]:
+    """(step, colour, legend key) of the end of warmup, in the run's colour, and of the planned
+    end in grey when warmup was extended."""
+    planned, eff = summary.planned_warmup, summary.effective_warmup
+    ends = [(eff, color, "warmup_end")] if eff else []
+    if planned and planned != eff:
+        ends.append((planned, _PLANNED_COLOR, "warmup_planned"))
+    return ends
 
 
 def _legend_marks(line: Any, patch: Any, used: set[str]) -> list[Any]:
@@ -477,7 +486,7 @@ def _legend_marks(line: Any, patch: Any, used: set[str]) -> list[Any]:
     if "warmup_end" in used:
         handles.append(line([], [], color=k, ls=":", label="end of warmup"))
     if "warmup_planned" in used:
-        handles.append(line([], [], color="#8c959f", ls=":", label="planned end (extended)"))
+        handles.append(line([], [], color=_PLANNED_COLOR, ls=":", label="planned end (extended)"))
     if "threshold" in used:
         handles.append(line([], [], color=k, ls=(0, (6, 3)), label="10x initial loss"))
     if "val" in used:

@@ -123,22 +123,26 @@ TABLE_WIDTH = 100
 
 
 def summary_table(
-    summaries: Sequence[RunSummary], *, wide: bool = False, names: Sequence[str] | None = None
+    summaries: Sequence[RunSummary],
+    *,
+    wide: bool = False,
+    names: Sequence[str] | None = None,
+    show_run: bool = True,
 ) -> Table:
     """One row per run. By default the columns fit :data:`TABLE_WIDTH` (2 alert steps per
     kind); ``wide`` adds the extensions' steps, the initial loss and the peak gradient norm,
-    and lists 4 steps per kind. ``names``: the runs' names as shown (default: their names)."""
+    and lists 4 steps per kind. ``names``: the runs' names as shown (default: their names);
+    ``show_run=False`` leaves the run column out (a single run, named above the table)."""
     shown = [r.name for r in summaries] if names is None else list(names)
     table = Table(
         title="warmup report", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
         collapse_padding=True,
     )  # fmt: skip
     # (header, justify, min width, max width): the alerts get the room, the verdict wraps.
-    columns: list[tuple[str, str, int | None, int | None]] = [
-        ("run", "left", None, None if wide else 24),
-        ("verdict", "left", 9, None if wide else 12),
-        ("warmup\nsteps", "right", 8, None),
-    ]
+    columns: list[tuple[str, str, int | None, int | None]] = []
+    if show_run:
+        columns.append(("run", "left", None, None if wide else 24))
+    columns += [("verdict", "left", 9, None if wide else 12), ("warmup\nsteps", "right", 8, None)]
     if wide:
         columns.append(("extended", "left", None, None))
     columns.append(("alerts\nkind xN @ steps", "left", None, None))
@@ -158,8 +162,8 @@ def summary_table(
         )
     limit = 4 if wide else 2
     for r, name in zip(summaries, shown, strict=True):
-        cells = [
-            Text(clean_text(name)),
+        cells = [Text(clean_text(name))] if show_run else []
+        cells += [
             Text(r.verdict, style=_VERDICT_STYLE.get(r.verdict, "bold red")),
             Text(_warmup_text(r)),
         ]
@@ -185,11 +189,17 @@ def print_report(summaries: Sequence[RunSummary], console: Console, *, wide: boo
     their indent). Runs are named by what differs in their paths
     (:func:`~warmup_monitor.report.names.run_names`); the shared part is said once."""
     names = run_names([r.name for r in summaries])
-    if names.pattern:
+    single = len(summaries) == 1
+    if single:
+        console.print(Text(clean_text(f"run: {summaries[0].name}"), style="bold"))
+    elif names.pattern:
         console.print(Text(clean_text(f"runs: {names.pattern}"), style="bold"))
-    console.print(summary_table(summaries, wide=wide, names=names.short))
+    console.print(summary_table(summaries, wide=wide, names=names.short, show_run=not single))
     for r, name in zip(summaries, names.short, strict=True):
-        console.print(Text.assemble(("advice for ", "bold"), (clean_text(name), "bold cyan")))
+        if single:
+            console.print(Text("advice", style="bold"))
+        else:
+            console.print(Text.assemble(("advice for ", "bold"), (clean_text(name), "bold cyan")))
         style = _VERDICT_STYLE.get(r.verdict, "bold red")
         lines = Table.grid(padding=(0, 1), pad_edge=False)
         lines.add_column(width=3, justify="right", no_wrap=True)
