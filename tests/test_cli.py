@@ -266,3 +266,35 @@ def test_one_version_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
     assert version("warmup_monitor") == warmup_monitor.__version__
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == "warmup-monitor 0.2.0"
+
+
+def test_the_table_fits_100_columns_and_wide_allows_more(
+    logs: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 22, finding 9: the table wrapped badly at 160 columns; it now fits 100 by default,
+    with ``--wide`` for more. Runs are named by what differs in their paths."""
+    monkeypatch.delenv("COLUMNS", raising=False)  # not a terminal: the default widths
+    code, out, err = run_main(["report", str(logs)], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    assert lines[0] == f"runs: {logs.as_posix()}/run/<run>"
+    rows = [line.split()[0] for line in lines if line.startswith("version_")]
+    assert rows == ["version_0", "version_1"]
+    expected = jsonl_by_kind(logs / "run" / "version_0")
+    for kind, steps in expected.items():  # each kind on one line, never folded
+        shown = ", ".join(str(s) for s in steps[:2]) + (
+            f" +{len(steps) - 2}" if len(steps) > 2 else ""
+        )
+        assert f"{kind} x{len(steps)} @ {shown}" in out
+    code, wide, err = run_main(["report", str(logs), "--wide"], capsys)
+    assert code == 0, err
+    widths = [len(line) for line in wide.splitlines()]
+    assert 100 < max(widths) <= 160
+    for head in ("peak grad", "extended"):  # two of the wide table's extra columns
+        assert head in wide and head not in out
+    for kind, steps in expected.items():
+        shown = ", ".join(str(s) for s in steps[:4]) + (
+            f" +{len(steps) - 4}" if len(steps) > 4 else ""
+        )
+        assert f"{kind} x{len(steps)} @ {shown}" in wide

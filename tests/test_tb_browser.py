@@ -235,6 +235,14 @@ def test_episodes_are_rows_that_expand_to_their_steps(server: Server, browser: B
         " [...d.querySelectorAll('tbody tr td:nth-child(2)')].map(t => t.textContent)]"
     )
     assert expanded == [False, True, "flagged steps: 12-13", ["loss_spike", "episode_end"]]
+    # Issue 22, finding 10: neither record has a threshold: an em dash, never "nan".
+    cells = browser.js(
+        "const d = document.querySelector('details.wm-episode');"
+        "return [...d.querySelectorAll('tbody tr td:nth-child(5)')].map(t => t.textContent)"
+    )
+    assert cells == ["\u2014", "\u2014"]
+    text = browser.js("return document.body.innerText")
+    assert "nan" not in text.lower().replace("non_finite", "").split(), text[:2000]
 
 
 def test_inside_tensorboard_with_a_deep_link(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -46,6 +47,25 @@ def make_prefixed_run(root: Path, prefix: str) -> str:
         warmup_steps=20, log_key_prefix=prefix, detection=Detection(episodes=False)
     )
     fit(pl, root, [monitor], model=model, max_steps=40, loader=make_loader(160, 4), logger=logger)
+    return str(logger.log_dir)
+
+
+def make_episode_run(root: Path) -> str:
+    """A real run with the monitor's defaults (episodes on): its two loss spikes make one
+    episode, closed by an ``episode_end`` record (which has no threshold)."""
+    logger = pl.loggers.TensorBoardLogger(str(root), name="run", version=0)
+    model = tiny_module_class(pl)(scripted=spiky_loss, warmup=20)
+    fit(pl, root, [WarmupMonitor(warmup_steps=20)], model=model, max_steps=60,
+        loader=make_loader(240, 4), logger=logger)  # fmt: skip
+    return str(logger.log_dir)
+
+
+def make_plain_lightning_run(root: Path) -> str:
+    """A real Lightning run with a TensorBoardLogger and no monitor."""
+    logger = pl.loggers.TensorBoardLogger(str(root), name="run", version=0)
+    model = tiny_module_class(pl)(scripted=spiky_loss, warmup=20)
+    fit(pl, root, [], model=model, max_steps=20, loader=make_loader(80, 4), logger=logger,
+        log_every_n_steps=1)  # fmt: skip
     return str(logger.log_dir)
 
 
@@ -138,6 +158,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     (logdir / "empty" / "events.out.tfevents.1.x").write_bytes(b"")
     # Issue 12: a monitor logging under another prefix.
     make_prefixed_run(logdir / "prefixed", prefix="wm/")
+    # Issue 22: a plain Lightning run (no monitor); a monitor run whose event file is damaged
+    # from its first byte (the key is still in its bytes); a run with episodes.
+    make_plain_lightning_run(logdir / "lightning")
+    shutil.copytree(run, logdir / "damaged")
+    (events,) = event_files(str(logdir / "damaged"))
+    with open(events, "r+b") as f:
+        f.write(b"\xff" * 16)
+    make_episode_run(logdir / "episodes")
     srv = Server(logdir)
     try:
         srv.wait()
@@ -158,15 +186,14 @@ def test_runs_route(server: Server) -> None:
     status, body = server.get_json(f"/data/plugin/{PLUGIN_NAME}/runs")
     assert status == 200
     rows = {r["run"]: r for r in body["runs"]}
-    # Not the directory link that leads outside.
+    # Not the directory link that leads outside, nor the runs without the monitor.
     assert set(rows) == {
         EVIL,
         "demo/run/version_0",
-        "plain",
-        "filelink",
         "badline",
-        "empty",
         "prefixed/run/version_0",
+        "damaged",
+        "episodes/run/version_0",
     }  # fmt: skip
     demo = rows["demo/run/version_0"]
     assert demo["verdict"] == "unstable but recovered" and demo["verdict_reason"]
@@ -176,7 +203,53 @@ def test_runs_route(server: Server) -> None:
     counts["transient"] -= 1
     assert demo["alerts"] == {k: n for k, n in counts.items() if n}
     assert demo["planned_warmup"] == 20
-    assert "none of the monitor's keys" in rows["plain"]["error"]
+
+
+def test_only_runs_of_the_monitor_are_listed(server: Server) -> None:
+    """Issue 22, finding 10: a plain Lightning run was listed in red as "not readable"."""
+    plain = server.logdir / "lightning" / "run" / "version_0"
+    assert event_files(str(plain)) and not (plain / ALERTS_FILENAME).exists()
+    _, body = server.get_json(f"/data/plugin/{PLUGIN_NAME}/runs")
+    rows = {r["run"]: r for r in body["runs"]}
+    for other in ("lightning/run/version_0", "plain", "filelink", "empty"):
+        assert other not in rows
+        status, one = server.get_json(f"/data/plugin/{PLUGIN_NAME}/run?run={other}")
+        assert status == 404 and one["error"] == "not a run of the monitor"
+    # A run of the monitor that cannot be read is still listed, with why.
+    assert rows["damaged"]["error"] and "verdict" not in rows["damaged"]
+    assert all(r["error"] is None for name, r in rows.items() if name != "damaged")
+
+
+def _leaves(x: Any) -> Iterator[Any]:
+    if isinstance(x, dict):
+        for v in x.values():
+            yield from _leaves(v)
+    elif isinstance(x, list):
+        for v in x:
+            yield from _leaves(v)
+    else:
+        yield x
+
+
+def test_nothing_is_nan(server: Server) -> None:
+    """Issue 22, finding 10: the ``episode_end`` row showed its threshold as "nan"."""
+    run = server.logdir / "episodes" / "run" / "version_0"
+    with open(run / ALERTS_FILENAME, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    ends = [r for r in records if r["kind"] == "episode_end"]
+    assert ends and all(r.get("threshold", "nan") == "nan" for r in ends)
+    query = urllib.parse.urlencode({"run": "episodes/run/version_0"})
+    status, body = server.get_json(f"/data/plugin/{PLUGIN_NAME}/run?{query}")
+    assert status == 200
+    served = [a for a in body["alerts"] if a["kind"] == "episode_end"]
+    assert [a["step"] for a in served] == [r["step"] for r in ends]
+    assert all(a["threshold"] is None for a in served)
+    for leaf in _leaves(body):
+        assert not (isinstance(leaf, str) and leaf.lower() == "nan")
+        assert not (isinstance(leaf, float) and math.isnan(leaf))
+    # The tab shows a missing number as an em dash.
+    _, _, js = server.get(f"/data/plugin/{PLUGIN_NAME}/index.js")
+    assert "v == null ? '\\u2014'" in js.decode()
 
 
 def test_one_bad_run_never_breaks_another(server: Server) -> None:
@@ -191,17 +264,18 @@ def test_one_bad_run_never_breaks_another(server: Server) -> None:
         f"{ALERTS_FILENAME} line {n + 1}: 'step' is not finite (inf); skipped",
         f"{ALERTS_FILENAME} line {n + 2}: nested deeper than 64 levels; skipped",
     ]
-    assert "empty (0 bytes)" in rows["empty"]["error"]
-    status, one = server.get_json(f"/data/plugin/{PLUGIN_NAME}/run?run=empty")
-    assert status == 422 and "empty (0 bytes)" in one["error"]
+    status, one = server.get_json(f"/data/plugin/{PLUGIN_NAME}/run?run=damaged")
+    assert status == 422 and one["error"] == rows["damaged"]["error"]
 
 
 def test_file_links_outside_the_logdir_are_not_read(server: Server) -> None:
     """Issue 16, defect 3: an event file reached through a file link was served."""
     _, body = server.get_json(f"/data/plugin/{PLUGIN_NAME}/runs")
-    row = {r["run"]: r for r in body["runs"]}["filelink"]
-    # Only its own file (train/loss) was read: the linked monitor file and alerts were not.
-    assert "none of the monitor's keys" in row["error"]
+    # Only its own file (train/loss) was read: the linked monitor file and alerts were not,
+    # so it is not a run of the monitor.
+    assert "filelink" not in {r["run"] for r in body["runs"]}
+    status, _ = server.get_json(f"/data/plugin/{PLUGIN_NAME}/run?run=filelink")
+    assert status == 404
 
 
 def test_a_run_logged_under_another_prefix(server: Server) -> None:

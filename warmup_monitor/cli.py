@@ -1,6 +1,10 @@
 """``warmup-monitor``: the command line.
 
-``warmup-monitor report RUN_DIR [RUN_DIR ...] [--json] [--out DIR] [--prefix PREFIX]``
+``warmup-monitor report RUN_DIR [RUN_DIR ...] [--json] [--out DIR] [--prefix PREFIX] [--wide]``
+
+The table fits 100 columns (fewer on a narrower terminal); ``--wide`` uses the terminal's whole
+width (160 columns when the output is not a terminal and ``COLUMNS`` is not set) and shows
+more: the initial loss, the extensions' steps, 4 alert steps per kind.
 
 Exit codes: 0 reported; 1 internal error; 2 usage error; 3 a RUN_DIR does not exist or is not a
 directory; 4 no run in a RUN_DIR (no event file, metrics.csv, MLflow run or alerts file), or no
@@ -27,7 +31,13 @@ from rich.console import Console
 from warmup_monitor.report.analysis import RunSummary, summarize
 from warmup_monitor.report.figure import render_png
 from warmup_monitor.report.heatmap import render_layers_png
-from warmup_monitor.report.render import clean_text, print_report, render_html, to_json
+from warmup_monitor.report.render import (
+    TABLE_WIDTH,
+    clean_text,
+    print_report,
+    render_html,
+    to_json,
+)
 from warmup_monitor.report.runs import (
     EXIT_OK,
     EXIT_OUTPUT,
@@ -70,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", help="also write DIR/report.png and DIR/report.html"
     )
     report.add_argument(
+        "--wide",
+        action="store_true",
+        help="a wider table with more columns (default: it fits 100 columns)",
+    )
+    report.add_argument(
         "--prefix",
         default=None,
         help="the monitor's log_key_prefix (default: found in each run's tags, else warmup/)",
@@ -83,10 +98,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # --help (0) and usage errors (2)
         return int(e.code or 0)
-    return _report(args.run_dirs, as_json=args.json, out=args.out, prefix=args.prefix)
+    return _report(
+        args.run_dirs, as_json=args.json, out=args.out, prefix=args.prefix, wide=args.wide
+    )
 
 
-def _report(run_dirs: Sequence[str], *, as_json: bool, out: str | None, prefix: str | None) -> int:
+def _table_width(wide: bool) -> int:
+    """The table's width: the terminal's (or ``COLUMNS``), at most :data:`TABLE_WIDTH` unless
+    ``wide``; without a terminal, :data:`TABLE_WIDTH` (160 with ``wide``)."""
+    known = sys.stdout.isatty() or "COLUMNS" in os.environ
+    terminal = Console().width if known else None
+    if wide:
+        return terminal or 160
+    return min(TABLE_WIDTH, terminal or TABLE_WIDTH)
+
+
+def _report(
+    run_dirs: Sequence[str],
+    *,
+    as_json: bool,
+    out: str | None,
+    prefix: str | None,
+    wide: bool = False,
+) -> int:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     codes: list[int] = []
     errors: list[str] = []
@@ -114,9 +148,8 @@ def _report(run_dirs: Sequence[str], *, as_json: bool, out: str | None, prefix: 
     if as_json:
         print(json.dumps(to_json(summaries, errors), indent=2))
     elif summaries:
-        # Piped output gets a wide table rather than rich's 80 columns.
-        width = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
-        print_report(summaries, Console(highlight=False, width=width))
+        width = _table_width(wide)
+        print_report(summaries, Console(highlight=False, width=width), wide=wide)
     for r in summaries:
         for note in r.notes:
             err.print(clean_text(f"note: {r.name}: {note}"), markup=False)

@@ -1,14 +1,19 @@
 """``report.png``: the curves of one or more runs, with what the monitor found drawn on them.
 
-Up to :data:`MAX_OVERLAY` runs are overlaid, one colour each, in five panels: the lr (a log axis
-when the runs' peaks differ by 10x or more), the loss (log axis; the 10x-initial-loss threshold
-dashed; the validation loss when logged), the gradient norm, the cosine of consecutive gradients,
-and the loss again, zoomed on warmup and the grace window after it. Unstable episodes are shaded
-spans on the loss panels with a marker on the curve at each instability alert; ``transient``
-alerts are hollow markers; warmup extensions, lr back-offs and rollbacks are distinct labelled
-markers on the lr curve; the end of warmup is a dotted line. A caption gives each run's verdict
-and key numbers. More runs are drawn as small multiples (one loss panel per run, titled with its
-verdict).
+Every panel spans the steps the runs logged, from the first to the last: a warmup extended past
+the end of the run is written at the right edge of its band, never stretches the axis.
+
+Up to :data:`MAX_OVERLAY` runs are overlaid, one colour each: the lr (a log axis when the runs'
+peaks differ by 10x or more) and, beside it, the loss zoomed on warmup and the grace window
+after it; then one band per run with what the monitor found (unstable episodes as bars,
+instability alerts as filled dots, ``transient`` alerts hollow, warmup extensions, lr back-offs
+and rollbacks as distinct markers side by side, the end of warmup dotted); then the loss (log
+axis; the 10x-initial-loss threshold dashed; the validation loss when logged), the gradient
+norm and the cosine of consecutive gradients. A single run also has its marks on its curves
+(shaded episodes, dots on the loss at each instability alert, actions on the lr). Runs are
+named by what differs in their paths (:func:`~warmup_monitor.report.names.run_names`); the
+title says the shared part once. A caption gives each run's verdict and key numbers. More runs
+are drawn as small multiples (one loss panel per run, titled with its verdict).
 
 Every mark is one vectorized call per run (no per-alert artist): 50 runs draw in about a second.
 matplotlib is imported (with the Agg backend) only when a picture is drawn.
@@ -20,7 +25,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,16 +32,17 @@ import numpy as np
 
 from warmup_monitor.report.analysis import HEALTHY, RECOVERED, TOO_SHORT, RunSummary
 from warmup_monitor.report.events import Series
+from warmup_monitor.report.names import run_names
 from warmup_monitor.report.runs import RunData
 from warmup_monitor.schema import AlertKind, is_instability
 from warmup_monitor.words import peak_loss, ratio
 
-__all__ = ["MAX_OVERLAY", "MAX_POINTS", "downsample", "render_png"]
+__all__ = ["MAX_OVERLAY", "MAX_POINTS", "downsample", "logged_range", "render_figure", "render_png"]
 
 #: Points per curve in the picture: longer series are reduced to a min/max envelope.
 MAX_POINTS = 4000
 #: Runs overlaid in one set of panels; more are drawn as small multiples.
-MAX_OVERLAY = 8
+MAX_OVERLAY = 6
 #: The loss threshold of the ``loss_spike`` rule, in multiples of the initial loss.
 SPIKE_FACTOR = 10.0
 #: The zoomed panel shows warmup and this fraction of it again (at least 20 steps).
@@ -45,6 +50,7 @@ GRACE_FRACTION = 0.5
 
 _VERDICT_COLOR = {HEALTHY: "#1a7f37", RECOVERED: "#9a6700", TOO_SHORT: "#57606a"}
 _UNSTABLE_COLOR = "#cf222e"
+_PLANNED_COLOR = "#8c959f"  # the planned end of a warmup that was extended
 # Distinct marks for the controller's actions: (marker, label).
 _ACTIONS = {
     AlertKind.WARMUP_EXTENDED.value: (">", "warmup extended"),
@@ -117,17 +123,15 @@ def _verdict_color(verdict: str) -> str:
     return _VERDICT_COLOR.get(verdict, _UNSTABLE_COLOR)
 
 
-def _short(name: str, limit: int = 40) -> str:
-    return name if len(name) <= limit else "…" + name[-(limit - 1) :]
-
-
 def _g(x: float | None) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.3g}"
 
 
-def caption(summary: RunSummary) -> str:
-    """One line on a run: verdict and key numbers."""
-    parts = [f"{_short(summary.name)}: {summary.verdict}"]
+def caption(summary: RunSummary, name: str | None = None) -> str:
+    """One line on a run: verdict and key numbers (``name``: the run's short name; ``""``:
+    none, the title names the run)."""
+    label = summary.name if name is None else name
+    parts = [f"{label or 'verdict'}: {summary.verdict}"]
     w, e = summary.planned_warmup, summary.effective_warmup
     if w is not None:
         parts.append(f"warmup {w}" + (f"→{e}" if e is not None and e != w else ""))
@@ -145,17 +149,24 @@ def caption(summary: RunSummary) -> str:
     return ", ".join(parts)
 
 
-def render_png(runs: Sequence[RunData], summaries: Sequence[RunSummary]) -> bytes:
-    """The picture of the runs, as PNG bytes (see the module docstring)."""
+def render_figure(runs: Sequence[RunData], summaries: Sequence[RunSummary]) -> Any:
+    """The picture of the runs as a matplotlib figure (see the module docstring); close it with
+    ``matplotlib.pyplot.close(fig)``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     if len(runs) > MAX_OVERLAY:
-        fig = _small_multiples(plt, runs, summaries)
-    else:
-        fig = _overlay(plt, runs, summaries)
+        return _small_multiples(plt, runs, summaries)
+    return _overlay(plt, runs, summaries)
+
+
+def render_png(runs: Sequence[RunData], summaries: Sequence[RunSummary]) -> bytes:
+    """The picture of the runs, as PNG bytes (see the module docstring)."""
+    import matplotlib.pyplot as plt
+
+    fig = render_figure(runs, summaries)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
@@ -165,32 +176,54 @@ def render_png(runs: Sequence[RunData], summaries: Sequence[RunSummary]) -> byte
 # ---------------------------------------------------------------------------------- overlay
 
 
+def logged_range(runs: Sequence[RunData]) -> tuple[int, int] | None:
+    """The first and last step with a logged value in any of the runs (``None``: none)."""
+    lo, hi = math.inf, -math.inf
+    for run in runs:
+        for s in (*run.series.values(), *run.extra.values()):
+            if len(s):
+                lo, hi = min(lo, int(s.steps[0])), max(hi, int(s.steps[-1]))
+    return None if lo > hi else (int(lo), int(hi))
+
+
 def _overlay(plt: Any, runs: Sequence[RunData], summaries: Sequence[RunSummary]) -> Any:
+    """Up to :data:`MAX_OVERLAY` runs: curves overlaid, one colour each; what the monitor
+    found in a band per run (:func:`_strip`). A single run also has its marks on its curves."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     n = len(runs)
-    caption_h = 0.22 * (n + 1)
-    fig = plt.figure(figsize=(12, 11.5 + caption_h))
-    top = 1 - (0.5 + caption_h) / (11.5 + caption_h)
+    names = run_names([r.name for r in runs])
+    single = n == 1
+    caption_h = 0.22 * (n + 1) + 0.2
+    heights = [2.4, 0.34 * n + 0.3, 2.4, 2.1, 2.1]
+    gap = 0.55
+    total = caption_h + 0.45 + sum(heights) + gap * 4 + 0.55
+    top = 1 - (0.45 + caption_h) / total
+    fig = plt.figure(figsize=(12, total))
     grid = fig.add_gridspec(
-        4, 2, left=0.07, right=0.78, top=top, bottom=0.05, hspace=0.3, wspace=0.22
-    )
+        5, 2, height_ratios=heights, left=0.07, right=0.78, top=top, bottom=0.55 / total,
+        hspace=gap / (sum(heights) / 5), wspace=0.22,
+    )  # fmt: skip
+    # In this order in fig.axes; every panel but the zoom shares the x axis of the lr.
     ax_lr = fig.add_subplot(grid[0, 0])
     ax_zoom = fig.add_subplot(grid[0, 1])
-    ax_loss = fig.add_subplot(grid[1, :])
-    ax_grad = fig.add_subplot(grid[2, :], sharex=ax_loss)
-    ax_cos = fig.add_subplot(grid[3, :], sharex=ax_loss)
+    ax_strip = fig.add_subplot(grid[1, :], sharex=ax_lr)
+    ax_loss = fig.add_subplot(grid[2, :], sharex=ax_lr)
+    ax_grad = fig.add_subplot(grid[3, :], sharex=ax_lr)
+    ax_cos = fig.add_subplot(grid[4, :], sharex=ax_lr)
     ax_zoom_lr = ax_zoom.twinx()  # the lr during warmup, where the controller acts
     colors = plt.get_cmap("tab10").colors
     peaks = [s.peak_lr for s in summaries if s.peak_lr and s.peak_lr > 0]
     log_lr = bool(peaks) and max(peaks) >= 10 * min(peaks)
+    span = logged_range(runs)
     zoom_end = 0
     legend_runs: list[Any] = []
     used: set[str] = set()
+    levels: dict[float, Any] = {}
     for i, (run, summary) in enumerate(zip(runs, summaries, strict=True)):
         color = colors[i % len(colors)]
-        legend_runs.append(Line2D([], [], color=color, lw=2, label=_short(run.name, 28)))
+        legend_runs.append(Line2D([], [], color=color, lw=2, label=names.short[i]))
         s = run.series
         _curve(ax_lr, s.get("lr"), color, log_lr)
         _curve(ax_zoom_lr, s.get("lr"), color, log_lr, alpha=0.45)
@@ -210,14 +243,19 @@ def _overlay(plt: Any, runs: Sequence[RunData], summaries: Sequence[RunSummary])
             keep = loss.steps <= end
             ax_zoom.plot(loss.steps[keep], _positive(loss.values[keep]), color=color, lw=1.0)
         if summary.initial_loss is not None and summary.initial_loss > 0:
-            level = SPIKE_FACTOR * summary.initial_loss
-            for ax in (ax_loss, ax_zoom):
-                ax.axhline(level, color=color, ls=(0, (6, 3)), lw=0.9, alpha=0.8)
+            level = float(f"{SPIKE_FACTOR * summary.initial_loss:.4g}")
+            levels[level] = color if level not in levels else "black"  # shared: once, black
             used.add("threshold")
-        used |= _marks(run, summary, color, (ax_lr, ax_zoom_lr), (ax_loss, ax_zoom), log_lr)
+        used |= _strip(ax_strip, i, run, summary, color, span)
+        if single:  # one run: its marks on its curves too (they cannot pile up)
+            used |= _marks(run, summary, color, ax_lr, (ax_loss, ax_zoom))
+    for level, color in levels.items():
+        for ax in (ax_loss, ax_zoom):
+            ax.axhline(level, color=color, ls=(0, (6, 3)), lw=0.9, alpha=0.8)
     for ax, title in (
         (ax_lr, "learning rate" + (" (log)" if log_lr else "")),
         (ax_zoom, "warmup + grace window: loss (log, left), lr (faint, right)"),
+        (ax_strip, "what the monitor found" + ("" if single else ", one band per run")),
         (ax_loss, "loss (log)"),
         (ax_grad, "gradient norm (log)"),
         (ax_cos, "cosine of consecutive gradients"),
@@ -232,42 +270,120 @@ def _overlay(plt: Any, runs: Sequence[RunData], summaries: Sequence[RunSummary])
         _log_axis(ax_lr)
         _log_axis(ax_zoom_lr)
     ax_zoom_lr.tick_params(labelsize=7)
-    if zoom_end:
-        ax_zoom.set_xlim(0, zoom_end)
+    ax_strip.set_ylim(n - 0.5, -0.5)  # the first run on top
+    ax_strip.set_yticks([] if single else range(n), [] if single else names.short, fontsize=8)
+    for label, color in zip(ax_strip.get_yticklabels(), colors, strict=False):
+        label.set_color(color)
+    ax_strip.tick_params(axis="x", labelbottom=False)
+    ax_strip.grid(False, axis="y")
+    if span is not None:
+        lo, hi = span
+        ax_lr.set_xlim(lo, max(hi, lo + 1))  # shared by every panel but the zoom
+        if zoom_end:
+            ax_zoom.set_xlim(lo, max(min(zoom_end, hi), lo + 1))
     ax_cos.axhline(0.0, color="black", lw=0.6)
     ax_cos.set_xlabel("optimizer step", fontsize=9)
     marks = _legend_marks(Line2D, Patch, used)
-    fig.legend(
-        handles=legend_runs,
-        loc="upper left",
-        bbox_to_anchor=(0.825, top),
-        fontsize=8,
-        title="runs",
-        title_fontsize=8,
-        frameon=False,
-    )
+    if not single:  # a single run is named in the title
+        fig.legend(
+            handles=legend_runs,
+            loc="upper left",
+            bbox_to_anchor=(0.815, top),
+            fontsize=8,
+            title="runs",
+            title_fontsize=8,
+            frameon=False,
+        )
     fig.legend(
         handles=marks,
         loc="upper left",
-        bbox_to_anchor=(0.825, top - 0.03 * (n + 2)),
+        bbox_to_anchor=(0.815, top - (0 if single else 0.22 * (n + 2) / total)),
         fontsize=8,
         title="marks",
         title_fontsize=8,
         frameon=False,
     )
-    fig.suptitle("warmup report", x=0.01, ha="left", y=0.995, fontsize=12, weight="bold")
-    y = 1 - 0.35 / (11.5 + caption_h)
-    for summary in summaries:
-        y -= 0.22 / (11.5 + caption_h)
+    title = "warmup report: " + (
+        runs[0].name if single else f"{n} runs, {names.pattern or 'each as given'}"
+    )
+    fig.suptitle(title, x=0.01, ha="left", y=1 - 0.12 / total, fontsize=12, weight="bold")
+    y = 1 - 0.45 / total
+    for i, (name, summary) in enumerate(zip(names.short, summaries, strict=True)):
+        y -= 0.22 / total
+        if not single:  # the run's colour, as in its curves and its band
+            fig.text(0.01, y, "■", fontsize=9, color=colors[i % len(colors)], va="top")
         fig.text(
-            0.01,
+            0.01 if single else 0.025,
             y,
-            caption(summary),
+            caption(summary, "" if single else name),
             fontsize=8.5,
             color=_verdict_color(summary.verdict),
             va="top",
         )
     return fig
+
+
+def _strip(
+    ax: Any, row: int, run: RunData, summary: RunSummary, color: Any, span: tuple[int, int] | None
+) -> set[str]:
+    """Band ``row`` of the strip: the run's unstable episodes as bars, its instability alerts
+    (filled dots) and ``transient`` alerts (hollow) on the lower line, the controller's actions
+    side by side on the upper line, and the end of warmup (dotted; the planned end grey when
+    it was extended). An end past the last logged step is written at the right edge."""
+    from matplotlib.collections import PolyCollection
+    from matplotlib.transforms import ScaledTranslation
+
+    used: set[str] = set()
+    spans = _spans(summary)
+    if spans:
+        lo_y, hi_y = row - 0.4, row + 0.4
+        verts = [[(a, lo_y), (a, hi_y), (b, hi_y), (b, lo_y)] for a, b in spans]
+        bars = PolyCollection(verts, facecolors=color, edgecolors=color, alpha=0.35, lw=0.8)
+        ax.add_collection(bars, autolim=False)
+        used.add("episode")
+    for kinds, key, style in (
+        (None, "alert", {"ms": 4, "mfc": color, "mec": "black", "mew": 0.5}),
+        ({AlertKind.TRANSIENT}, "transient", {"ms": 5, "mfc": "none", "mec": color, "mew": 1.0}),
+    ):
+        steps = sorted(
+            {
+                a.step
+                for a in run.alerts
+                if (is_instability(a.kind) if kinds is None else a.kind in kinds)
+            }
+        )
+        if steps:
+            ax.plot(steps, [row + 0.17] * len(steps), ls="none", marker="o", **style)
+            used.add(key)
+    fig = ax.figure
+    for k, (kind, (marker, _label)) in enumerate(_ACTIONS.items()):
+        steps = sorted({a.step for a in run.alerts if a.kind_name == kind})
+        if kind == AlertKind.WARMUP_EXTENDED.value and not steps:
+            steps = sorted({e.step for e in summary.extensions})
+        if not steps:
+            continue
+        # Actions taken at one step sit side by side, each kind at its own offset.
+        shift = ScaledTranslation((k - 1) * 8 / 72, 0, fig.dpi_scale_trans)
+        ax.plot(
+            steps, [row - 0.17] * len(steps), ls="none", marker=marker, ms=6, mfc=color,
+            mec="black", mew=0.6, transform=ax.transData + shift,
+        )  # fmt: skip
+        used.add(kind)
+    last = span[1] if span is not None else None
+    beyond = []
+    for end, shade, key in _warmup_ends(summary, color):
+        if last is not None and end > last:
+            beyond.append(end)
+            continue
+        ax.vlines(end, row - 0.45, row + 0.45, colors=shade, linestyles=":", lw=1.6)
+        used.add(key)
+    if beyond:
+        ax.text(
+            0.995, row, f"warmup ends at step {max(beyond)} →", transform=ax.get_yaxis_transform(),
+            ha="right", va="center", fontsize=7.5, color=color,
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 1.0},
+        )  # fmt: skip
+    return used
 
 
 def _log_axis(ax: Any) -> None:
@@ -290,18 +406,12 @@ def _curve(ax: Any, s: Series | None, color: Any, log: bool, alpha: float = 1.0)
     ax.plot(x, _positive(y) if log else y, color=color, lw=1.0, alpha=alpha)
 
 
-def _marks(
-    run: RunData,
-    summary: RunSummary,
-    color: Any,
-    lr_axes: tuple[Any, ...],
-    loss_axes: tuple[Any, ...],
-    log_lr: bool,
-) -> set[str]:
-    """Episodes, alerts, actions and the end of warmup for one run; the marks used."""
+def _marks(run: RunData, summary: RunSummary, color: Any, lr_ax: Any, loss_axes: Any) -> set[str]:
+    """A single run's marks on its curves: shaded episodes and a dot at each instability
+    alert on the loss panels, the end of warmup on those and the lr; the marks used. (The
+    controller's actions are in the strip only: at one step, they would hide each other.)"""
     used: set[str] = set()
     loss = run.series.get("loss")
-    lr = run.series.get("lr")
     spans = _spans(summary)
     if spans:
         used.add("episode")
@@ -337,30 +447,21 @@ def _marks(
                 mew=1.0,
             )
             used.add("transient")
-    for kind, (marker, _label) in _ACTIONS.items():
-        steps = np.array(sorted({a.step for a in run.alerts if a.kind_name == kind}), np.int64)
-        if kind == AlertKind.WARMUP_EXTENDED.value and not steps.size:
-            steps = np.array([e.step for e in summary.extensions], dtype=np.int64)
-        if not steps.size:
-            continue
-        y = _at(lr, steps)
-        for ax in lr_axes:
-            ax.plot(
-                steps,
-                _positive(y) if log_lr else y,
-                ls="none",
-                marker=marker,
-                ms=8,
-                mfc=color,
-                mec="black",
-                mew=0.8,
-            )
-        used.add(kind)
-    for end in sorted({x for x in (summary.planned_warmup, summary.effective_warmup) if x}):
-        for ax in (lr_axes[0], *loss_axes):
-            ax.axvline(end, color=color, ls=":", lw=1.0)
-        used.add("warmup_end")
+    for end, shade, key in _warmup_ends(summary, color):
+        for ax in (lr_ax, *loss_axes):
+            ax.axvline(end, color=shade, ls=":", lw=1.0)
+        used.add(key)
     return used
+
+
+def _warmup_ends(summary: RunSummary, color: Any) -> list[tuple[int, Any, str]]:
+    """(step, colour, legend key) of the end of warmup, in the run's colour, and of the planned
+    end in grey when warmup was extended."""
+    planned, eff = summary.planned_warmup, summary.effective_warmup
+    ends = [(eff, color, "warmup_end")] if eff else []
+    if planned and planned != eff:
+        ends.append((planned, _PLANNED_COLOR, "warmup_planned"))
+    return ends
 
 
 def _legend_marks(line: Any, patch: Any, used: set[str]) -> list[Any]:
@@ -383,6 +484,8 @@ def _legend_marks(line: Any, patch: Any, used: set[str]) -> list[Any]:
             )
     if "warmup_end" in used:
         handles.append(line([], [], color=k, ls=":", label="end of warmup"))
+    if "warmup_planned" in used:
+        handles.append(line([], [], color=_PLANNED_COLOR, ls=":", label="planned end (extended)"))
     if "threshold" in used:
         handles.append(line([], [], color=k, ls=(0, (6, 3)), label="10x initial loss"))
     if "val" in used:
@@ -399,14 +502,15 @@ def _small_multiples(plt: Any, runs: Sequence[RunData], summaries: Sequence[RunS
     from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
     n = len(runs)
-    common = os.path.commonpath([r.name for r in runs]) if all(r.name for r in runs) else ""
+    names = run_names([r.name for r in runs])
     cols = 5 if n > 12 else 4
     rows = -(-n // cols)
     height = 2.1 * rows + 1.0
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, height), squeeze=False)
     counts: dict[str, int] = {}
-    for ax, run, summary in zip(axes.flat, runs, summaries, strict=False):
+    for ax, run, summary, name in zip(axes.flat, runs, summaries, names.short, strict=False):
         color = _verdict_color(summary.verdict)
+        span = logged_range([run])
         counts[summary.verdict] = counts.get(summary.verdict, 0) + 1
         loss = run.series.get("loss")
         lo, hi = math.inf, -math.inf
@@ -425,8 +529,14 @@ def _small_multiples(plt: Any, runs: Sequence[RunData], summaries: Sequence[RunS
             level = math.log10(SPIKE_FACTOR * summary.initial_loss)
             ax.axhline(level, color="black", ls="--", lw=0.7)
             lo, hi = min(lo, level), max(hi, level)
-        if summary.effective_warmup:
-            ax.axvline(summary.effective_warmup, color="black", ls=":", lw=0.8)
+        eff = summary.effective_warmup
+        if eff and (span is None or eff <= span[1]):
+            ax.axvline(eff, color="black", ls=":", lw=0.8)
+        elif eff:  # past the run's last step: said, not drawn
+            ax.text(0.98, 0.95, f"warmup ends at {eff} →", transform=ax.transAxes, ha="right",
+                    va="top", fontsize=6)  # fmt: skip
+        if span is not None:
+            ax.set_xlim(span[0], max(span[1], span[0] + 1))
         if math.isfinite(lo):
             decades = list(range(math.floor(lo), math.ceil(hi) + 1))
             step = max(1, len(decades) // 3)
@@ -438,7 +548,7 @@ def _small_multiples(plt: Any, runs: Sequence[RunData], summaries: Sequence[RunS
         ax.text(
             0.0,
             1.04,
-            f"{_short(run.name, 32)}\n{summary.verdict}",
+            f"{name}\n{summary.verdict}",
             transform=ax.transAxes,
             fontsize=7.5,
             color=color,
@@ -452,9 +562,9 @@ def _small_multiples(plt: Any, runs: Sequence[RunData], summaries: Sequence[RunS
     fig.text(
         0.01,
         1 - 0.15 / height,
-        f"warmup report: {n} runs under {common or '.'} ({tally}).\nEach panel: the loss (log "
-        "scale) of one run; red shading and dots: instability alerts and episodes; dashed: 10x "
-        "the initial loss; dotted: end of warmup",
+        f"warmup report: {n} runs, {names.pattern or 'each as given'} ({tally}).\nEach panel: "
+        "the loss (log scale) of one run; red shading and dots: instability alerts and "
+        "episodes; dashed: 10x the initial loss; dotted: end of warmup",
         fontsize=9,
         va="top",
         ha="left",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +28,7 @@ import numpy as np
 
 from warmup_monitor.report.analysis import RunSummary
 from warmup_monitor.report.events import Series
+from warmup_monitor.report.names import run_names
 from warmup_monitor.report.runs import RunData
 from warmup_monitor.schema import is_instability
 
@@ -181,6 +181,7 @@ def render_layers_png(runs: Sequence[RunData], summaries: Sequence[RunSummary]) 
     import matplotlib.pyplot as plt
 
     grids = [g for _, _, g in chosen]
+    labels = run_names([run.name for run, _, _ in chosen])
     share_lim = _limits(grids, "grad_share", SHARE_FLOOR)
     ratio_lim = _limits(grids, "update_ratio", None)
     heights = [max(2.2, 0.16 * len(g.groups) + 1.0) for g in grids]
@@ -218,13 +219,13 @@ def render_layers_png(runs: Sequence[RunData], summaries: Sequence[RunSummary]) 
             ax.tick_params(axis="x", labelsize=8)
             ax.set_ylim(-0.5, len(names) - 0.5)
             warm = summary.effective_warmup or summary.planned_warmup
-            if warm:
+            if warm and warm - 0.5 <= edges_x[-1]:  # an end past the run's data: not drawn
                 ax.axvline(warm - 0.5, color="white", ls=":", lw=1.2)
             alerts = sorted({a.step for a in run.alerts if is_instability(a.kind)})
             if alerts:
                 ax.plot(alerts, [len(names) - 0.5] * len(alerts), ls="none", marker="v",
                         ms=5, color="#cf222e", clip_on=False)  # fmt: skip
-            label = f"{_short(run.name)}: {summary.verdict}"
+            label = f"{labels.short[row]}: {summary.verdict}"
             ax.set_title(label if col == 0 else "", fontsize=9, loc="left")
             if row == len(chosen) - 1:
                 ax.set_xlabel("optimizer step", fontsize=9)
@@ -238,7 +239,8 @@ def render_layers_png(runs: Sequence[RunData], summaries: Sequence[RunSummary]) 
         bar.ax.set_title(title, fontsize=9, loc="left")
     fig.text(
         0.01, 1 - 0.12 / total_h,
-        "Inside the model: per-group statistics. Rows are groups of layers, the bottom of the "
+        (f"Runs: {labels.pattern}\n" if labels.pattern else "")
+        + "Inside the model: per-group statistics. Rows are groups of layers, the bottom of the "
         "network at the bottom; dotted: end of warmup; red ticks: instability alerts.\n"
         "A collapse shows as the bottom rows' gradient share going dark; an exploding layer as "
         "its update ratio going bright.",
@@ -248,8 +250,3 @@ def render_layers_png(runs: Sequence[RunData], summaries: Sequence[RunSummary]) 
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
-
-
-def _short(name: str, limit: int = 60) -> str:
-    name = name.rstrip(os.sep)
-    return name if len(name) <= limit else "…" + name[-(limit - 1) :]

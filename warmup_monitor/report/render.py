@@ -17,15 +17,18 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from warmup_monitor.report.analysis import HEALTHY, RECOVERED, TOO_SHORT, RunSummary
 from warmup_monitor.report.figure import downsample, render_png
+from warmup_monitor.report.names import run_names
 from warmup_monitor.words import count, ratio, span
 
 __all__ = [
+    "TABLE_WIDTH",
     "clean_text",
     "downsample",
     "print_report",
@@ -84,7 +87,8 @@ def _extensions_text(r: RunSummary) -> str:
     )
 
 
-def _alerts_text(r: RunSummary) -> str:
+def _alerts_text(r: RunSummary, limit: int = 4) -> str:
+    """Episodes, then one line per alert kind: ``kind xN @ steps`` (``limit`` steps shown)."""
     if not r.alerts_by_kind:
         return "none"
     lines = []
@@ -92,10 +96,10 @@ def _alerts_text(r: RunSummary) -> str:
     if grouped:
         lines.append(
             f"{count(len(grouped), 'episode')}: "
-            + ", ".join(span(e.start, e.end, noun=False) for e in grouped[:4])
-            + (f" +{len(grouped) - 4}" if len(grouped) > 4 else "")
+            + ", ".join(span(e.start, e.end, noun=False) for e in grouped[:limit])
+            + (f" +{len(grouped) - limit}" if len(grouped) > limit else "")
         )
-    lines += [f"{k} x{len(v)} @ {_steps(v)}" for k, v in sorted(r.alerts_by_kind.items())]
+    lines += [f"{k} x{len(v)} @ {_steps(v, limit)}" for k, v in sorted(r.alerts_by_kind.items())]
     return "\n".join(lines)
 
 
@@ -104,36 +108,68 @@ def _cosine_text(r: RunSummary) -> str:
         return "-"
     neg = r.cosine_negative_fraction or 0.0
     aligned = "" if r.aligned_from is None else f"\naligned from {r.aligned_from}"
-    return f"{r.cosine_mean:+.2f} ({neg:.0%} neg){aligned}"
+    return f"mean {r.cosine_mean:+.2f}\n{neg:.0%} negative{aligned}"
 
 
-def summary_table(summaries: Sequence[RunSummary]) -> Table:
-    """One row per run."""
-    table = Table(title="warmup report", show_lines=True)
-    for name, justify in (
-        ("run", "left"),
-        ("verdict", "left"),
-        ("warmup\nsteps", "right"),
-        ("extended", "left"),
-        ("alerts\nkind xN @ steps", "left"),
-        ("initial\nloss", "right"),
-        ("peak loss\nratio @step", "right"),
-        ("peak grad\nnorm @step", "right"),
-        ("cosine in\nwarmup", "right"),
-    ):
-        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
-    for r in summaries:
-        table.add_row(
-            Text(clean_text(r.name)),
+#: The table's width unless ``wide``: it fits a 100-column terminal.
+TABLE_WIDTH = 100
+
+
+def summary_table(
+    summaries: Sequence[RunSummary],
+    *,
+    wide: bool = False,
+    names: Sequence[str] | None = None,
+    show_run: bool = True,
+) -> Table:
+    """One row per run. By default the columns fit :data:`TABLE_WIDTH` (2 alert steps per
+    kind); ``wide`` adds the extensions' steps, the initial loss and the peak gradient norm,
+    and lists 4 steps per kind. ``names``: the runs' names as shown (default: their names);
+    ``show_run=False`` leaves the run column out (a single run, named above the table)."""
+    shown = [r.name for r in summaries] if names is None else list(names)
+    table = Table(
+        title="warmup report", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+        collapse_padding=True,
+    )  # fmt: skip
+    # (header, justify, min width, max width): the alerts get the room, the verdict wraps.
+    columns: list[tuple[str, str, int | None, int | None]] = []
+    if show_run:
+        columns.append(("run", "left", None, None if wide else 24))
+    columns += [("verdict", "left", 9, None if wide else 12), ("warmup\nsteps", "right", 8, None)]
+    if wide:
+        columns.append(("extended", "left", None, None))
+    columns.append(("alerts\nkind xN @ steps", "left", None, None))
+    if wide:
+        columns.append(("initial\nloss", "right", None, None))
+    columns.append(("peak loss\nx initial", "right", 9, None))
+    if wide:
+        columns.append(("peak grad\nnorm", "right", None, None))
+    columns.append(("cosine in\nwarmup", "left", None, None))
+    for head, justify, least, most in columns:
+        table.add_column(
+            head,
+            justify=justify,  # type: ignore[arg-type]
+            min_width=least,
+            max_width=most,
+            overflow="fold",
+        )
+    limit = 4 if wide else 2
+    for r, name in zip(summaries, shown, strict=True):
+        cells = [Text(clean_text(name))] if show_run else []
+        cells += [
             Text(r.verdict, style=_VERDICT_STYLE.get(r.verdict, "bold red")),
             Text(_warmup_text(r)),
-            Text(_extensions_text(r)),
-            Text(clean_text(_alerts_text(r), newlines=True)),
-            Text(_fmt(r.initial_loss, ".4g")),
-            Text(f"{ratio(r.peak_loss_ratio)} @{_fmt_step(r.peak_loss_ratio_step)}"),
-            Text(f"{_fmt(r.peak_grad_norm)} @{_fmt_step(r.peak_grad_norm_step)}"),
-            Text(_cosine_text(r)),
-        )
+        ]
+        if wide:
+            cells.append(Text(_extensions_text(r)))
+        cells.append(Text(clean_text(_alerts_text(r, limit), newlines=True)))
+        if wide:
+            cells.append(Text(_fmt(r.initial_loss, ".4g")))
+        cells.append(Text(f"{ratio(r.peak_loss_ratio)}x\n@{_fmt_step(r.peak_loss_ratio_step)}"))
+        if wide:
+            cells.append(Text(f"{_fmt(r.peak_grad_norm)}\n@{_fmt_step(r.peak_grad_norm_step)}"))
+        cells.append(Text(_cosine_text(r)))
+        table.add_row(*cells, end_section=True)
     return table
 
 
@@ -141,15 +177,30 @@ def _fmt_step(step: int | None) -> str:
     return "-" if step is None else str(step)
 
 
-def print_report(summaries: Sequence[RunSummary], console: Console) -> None:
-    """The table, then each run's verdict with its reason, and its advice."""
-    console.print(summary_table(summaries))
-    for r in summaries:
-        console.print(Text.assemble(("advice for ", "bold"), (clean_text(r.name), "bold cyan")))
+def print_report(summaries: Sequence[RunSummary], console: Console, *, wide: bool = False) -> None:
+    """The table, then each run's verdict with its reason, and its advice (wrapped lines keep
+    their indent). Runs are named by what differs in their paths
+    (:func:`~warmup_monitor.report.names.run_names`); the shared part is said once."""
+    names = run_names([r.name for r in summaries])
+    single = len(summaries) == 1
+    if single:
+        console.print(Text(clean_text(f"run: {summaries[0].name}"), style="bold"))
+    elif names.pattern:
+        console.print(Text(clean_text(f"runs: {names.pattern}"), style="bold"))
+    console.print(summary_table(summaries, wide=wide, names=names.short, show_run=not single))
+    for r, name in zip(summaries, names.short, strict=True):
+        if single:
+            console.print(Text("advice", style="bold"))
+        else:
+            console.print(Text.assemble(("advice for ", "bold"), (clean_text(name), "bold cyan")))
         style = _VERDICT_STYLE.get(r.verdict, "bold red")
-        console.print(Text.assemble("  verdict: ", (r.verdict, style), f" ({r.verdict_reason})"))
+        lines = Table.grid(padding=(0, 1), pad_edge=False)
+        lines.add_column(width=3, justify="right", no_wrap=True)
+        lines.add_column(overflow="fold")
+        lines.add_row("", Text.assemble("verdict: ", (r.verdict, style), f" ({r.verdict_reason})"))
         for line in r.advice:
-            console.print(Text("  - " + clean_text(line)))
+            lines.add_row("-", Text(clean_text(line)))
+        console.print(lines)
 
 
 def to_json(summaries: Sequence[RunSummary], errors: Sequence[str] = ()) -> dict[str, Any]:

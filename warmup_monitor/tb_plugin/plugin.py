@@ -3,12 +3,17 @@
 * ``/index.js``: the tab (an ES module; every text from a run is set with ``textContent``).
 * ``/uPlot.iife.min.js``, ``/uPlot.min.css``, ``/uPlot.LICENSE``: the charting library, shipped
   in ``static/`` with its licence (see ``static/README.md`` for why uPlot).
-* ``/runs``: every run under the log directory with its verdict, the rule behind it, and counts.
-  A run that cannot be read, for any reason, is a row with its own error: it never breaks the
-  list.
+* ``/runs``: every run of the monitor under the log directory with its verdict, the rule behind
+  it, and counts. A run is the monitor's when it can be reported, or when it has an alerts file
+  or an event file naming the monitor's ``warmup_steps`` key (:func:`is_monitor_run`): such a
+  run that cannot be read, for any reason, is a row with its own error, and never breaks the
+  list. Other runs (a plain Lightning run without the monitor) are not listed, and ``/run``
+  answers 404 for them.
 * ``/run?run=NAME``: one run's summary, advice, episodes, alerts and curves, and its per-group
   statistics as a grid of group x step (``layers``, :func:`~warmup_monitor.report.heatmap.
-  layer_grid`; ``null`` when the run logged none), drawn as heatmaps by the tab.
+  layer_grid`; ``null`` when the run logged none), drawn as heatmaps by the tab. A value or
+  threshold that is not a number (an ``episode_end`` record has no threshold) is ``null``, shown
+  as an em dash: the tab never shows "nan".
 
 A run is a directory under ``--logdir`` that holds event files; its name is its path relative to
 the log directory (``.`` for the log directory itself), as in TensorBoard's own run list. ``run``
@@ -26,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 import threading
 import time
 from typing import Any
@@ -41,7 +47,7 @@ from warmup_monitor.report.heatmap import layer_grid
 from warmup_monitor.report.runs import ReportError, RunData, load_run
 from warmup_monitor.schema import ALERTS_FILENAME, WARMUP_STEPS
 
-__all__ = ["PLUGIN_NAME", "WarmupPlugin", "discover_runs"]
+__all__ = ["PLUGIN_NAME", "WarmupPlugin", "discover_runs", "is_monitor_run"]
 
 log = logging.getLogger("warmup_monitor")
 
@@ -91,10 +97,17 @@ def discover_runs(logdir: str) -> dict[str, str]:
     return runs
 
 
-def _looks_like_monitor_run(path: str) -> bool:
+def _is_regular_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)  # a link is not
+    except OSError:
+        return False
+
+
+def is_monitor_run(path: str) -> bool:
     """Whether a run directory has an alerts file or an event file naming the monitor's
     ``warmup_steps`` key (whatever the prefix) in its first bytes; reads no link."""
-    if os.path.isfile(os.path.join(path, ALERTS_FILENAME)):
+    if _is_regular_file(os.path.join(path, ALERTS_FILENAME)):
         return True
     needle = WARMUP_STEPS.encode()
     for f in event_files(path):
@@ -108,6 +121,16 @@ def _looks_like_monitor_run(path: str) -> bool:
 
 def _json_value(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
+
+
+def _alert_json(alert: Any) -> dict[str, Any]:
+    """An alert for the browser: a value or threshold that is not a number is ``null`` (the
+    tab shows an em dash); infinities stay ``"inf"``/``"-inf"``."""
+    out: dict[str, Any] = alert.to_dict()
+    for key in ("value", "threshold"):
+        if out[key] == "nan":
+            out[key] = None
+    return out
 
 
 def _curve(steps: Any, values: Any) -> list[list[float | None]]:
@@ -128,7 +151,7 @@ class WarmupPlugin(base_plugin.TBPlugin):
         self._logdir = logdir
         self._prefix: str | None = None  # found in each run's tags
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[Any, RunData | None, RunSummary | None, str | None]] = {}
+        self._cache: dict[str, tuple[Any, RunData | None, RunSummary | None, str | None, bool]] = {}
         self._active = False
         self._checked_at = -math.inf
 
@@ -153,7 +176,7 @@ class WarmupPlugin(base_plugin.TBPlugin):
             return False
         self._checked_at = now
         try:
-            self._active = any(_looks_like_monitor_run(p) for p in self._runs().values())
+            self._active = any(is_monitor_run(p) for p in self._runs().values())
         except Exception:  # never break TensorBoard's plugin listing
             log.exception("warmup_monitor: could not look for runs")
         return self._active
@@ -168,9 +191,12 @@ class WarmupPlugin(base_plugin.TBPlugin):
             return {}
         return discover_runs(self._logdir)
 
-    def _load(self, name: str, path: str) -> tuple[RunData | None, RunSummary | None, str | None]:
-        """The run and its summary, re-read only when its files changed. Never raises: any
-        failure is this run's error."""
+    def _load(
+        self, name: str, path: str
+    ) -> tuple[RunData | None, RunSummary | None, str | None, bool]:
+        """The run, its summary, its error and whether it is the monitor's (see the module
+        docstring), re-read only when its files changed. Never raises: any failure is this
+        run's error."""
         try:
             files = [*event_files(path), os.path.join(path, ALERTS_FILENAME)]
             key = []
@@ -182,11 +208,11 @@ class WarmupPlugin(base_plugin.TBPlugin):
                 key.append((f, st.st_size, st.st_mtime_ns))
             stamp = tuple(key)
         except Exception as e:  # pragma: no cover - lstat of listed files
-            return None, None, f"could not list the run's files: {e}"
+            return None, None, f"could not list the run's files: {e}", is_monitor_run(path)
         with self._lock:
             cached = self._cache.get(name)
         if cached is not None and cached[0] == stamp:
-            return cached[1], cached[2], cached[3]
+            return cached[1], cached[2], cached[3], cached[4]
         run: RunData | None = None
         summary: RunSummary | None = None
         error: str | None = None
@@ -200,9 +226,11 @@ class WarmupPlugin(base_plugin.TBPlugin):
             log.exception("warmup_monitor: could not report run %s", name)
             error = f"could not be reported ({type(e).__name__}: {e})"
             run, summary = None, None
+        # Reported: the monitor's. Not: the monitor's only if its files say so.
+        ours = error is None or is_monitor_run(path)
         with self._lock:
-            self._cache[name] = (stamp, run, summary, error)
-        return run, summary, error
+            self._cache[name] = (stamp, run, summary, error, ours)
+        return run, summary, error, ours
 
     # ------------------------------------------------------------------ routes
 
@@ -218,7 +246,9 @@ class WarmupPlugin(base_plugin.TBPlugin):
     def _serve_runs(self, request: wrappers.Request) -> wrappers.Response:
         rows = []
         for name, path in sorted(self._runs().items()):
-            _run, summary, error = self._load(name, path)
+            _run, summary, error, ours = self._load(name, path)
+            if not ours:  # a run without the monitor: not this tab's
+                continue
             row: dict[str, Any] = {"run": name, "error": error}
             if summary is not None:
                 row.update(
@@ -245,7 +275,10 @@ class WarmupPlugin(base_plugin.TBPlugin):
         path = self._runs().get(name)  # only names found under the log directory
         if path is None:
             return http_util.Respond(request, {"error": "no such run"}, "application/json", 404)
-        run, summary, error = self._load(name, path)
+        run, summary, error, ours = self._load(name, path)
+        if not ours:
+            err = {"run": name, "error": "not a run of the monitor"}
+            return http_util.Respond(request, err, "application/json", 404)
         if run is None or summary is None:
             return http_util.Respond(
                 request, {"run": name, "error": error}, "application/json", 422
@@ -273,8 +306,12 @@ class WarmupPlugin(base_plugin.TBPlugin):
         return {
             "run": name,
             "prefix": run.prefix,
-            "summary": {k: v for k, v in summary.to_dict().items() if k != "path"},
-            "alerts": [a.to_dict() for a in run.alerts],
+            "summary": {
+                k: None if v == "nan" else v  # not a number: null, never "nan"
+                for k, v in summary.to_dict().items()
+                if k != "path"
+            },
+            "alerts": [_alert_json(a) for a in run.alerts],
             "curves": curves,
             "spike_threshold": None if initial is None else SPIKE_FACTOR * initial,
             "layers": None if grid is None else grid.to_json(),

@@ -53,8 +53,8 @@ export async function render() {
     return;
   }
   status.textContent = state.runs.length ?
-    'Runs under the log directory. Click a run to see it; tick runs to overlay them.' :
-    'No run with event files under the log directory.';
+    'Runs of the monitor under the log directory. Click a run to see it; tick runs to overlay them.' :
+    'No run of the monitor under the log directory.';
   const link = readLink();
   for (const name of link.overlay) if (state.runs.some((r) => r.run === name)) state.overlay.add(name);
   list.appendChild(runTable(detail));
@@ -471,7 +471,7 @@ function episodeList(data) {
 }
 
 function alertTable(alerts) {
-  const fmt = (v) => typeof v === 'number' ? v.toPrecision(4) : String(v);
+  const fmt = (v) => v == null ? '\u2014' : typeof v === 'number' ? v.toPrecision(4) : String(v);
   return el('table', {class: 'wm-table'}, [
     el('thead', {}, el('tr', {}, ['step', 'kind', 'message', 'value', 'threshold']
       .map((h) => el('th', {}, h)))),
