@@ -155,3 +155,36 @@ def test_a_gradient_norm_spike_alone_is_a_notice_not_instability(tmp_path: Path)
     r = summarize(run)
     assert r.verdict == HEALTHY  # ... but not instability
     assert max(read_scalars(log_dir)["warmup/unstable"].values()) == 0.0
+
+
+def test_a_healthy_run_says_which_flagged_steps_it_excused_and_lists_no_unstable_episode() -> None:
+    """The ``long`` arm of the demo cell: a 4-step divergence at 49-52 that recovered at once
+    (a ``transient`` alert at 53), closed at 72 by a record that judged it "not recovered"
+    (the loss was not yet 5 % below the initial one). The verdict excuses it and said "no
+    instability alert up to step 249"; the picture's caption said "1 unstable episode(s)"."""
+    from warmup_monitor.report.figure import caption
+
+    alerts = [
+        _alert(49, "loss_divergence", episode=1),
+        _alert(53, "transient", episode_start=49, episode_steps=4, kinds=["loss_divergence"]),
+        _alert(
+            72,
+            "episode_end",
+            episode=1,
+            start=49,
+            end=52,
+            count=4,
+            recovered=False,
+            outcome="not_recovered",
+            steps=[[49, 52]],
+        ),
+    ]
+    r = summarize(synthetic_run(n=250, warmup=100, alerts=alerts))
+    assert r.verdict == HEALTHY and r.instability_steps == []
+    assert "steps 49-52 flagged, then recovered at once (transient)" in r.verdict_reason
+    assert not r.verdict_reason.startswith("no instability alert up to")
+    (episode,) = r.episodes
+    assert "recovered at once (transient): not counted by the verdict" in episode.facts()
+    assert "not recovered" not in episode.facts()
+    text = caption(r, "long")
+    assert "0 unstable episodes" in text and "1 episode recovered at once" in text

@@ -39,6 +39,7 @@ from warmup_monitor.verdict import (
     judge,
     recovery,
 )
+from warmup_monitor.words import span as step_span
 
 __all__ = [
     "HEALTHY",
@@ -319,6 +320,16 @@ def summarize(run: RunData) -> RunSummary:
     judged, reason = verdict(
         unstable_steps, loss, initial, last_step=last_step, effective_warmup=effective
     )
+    excused = sorted(raw_flagged_steps(run.alerts) - set(unstable_steps))
+    for e in episodes:  # one truth: an episode the verdict excused reads as excused
+        flagged = {s for a, b in (e.steps or [[e.start, e.end]]) for s in range(a, b + 1)}
+        e.transient = e.id is not None and bool(flagged) and flagged.isdisjoint(unstable_steps)
+    if excused and judged != UNSTABLE:  # say what was not counted, and why
+        if judged == HEALTHY:
+            reason = reason.replace("no instability alert", "no instability alert counted", 1)
+        reason += (
+            f"; {step_span(excused[0], excused[-1])} flagged, then recovered at once (transient)"
+        )
     if run.source == "alerts":
         reason += "; judged from the alerts alone: no logged scalars were found"
     summary = RunSummary(
@@ -396,6 +407,12 @@ def flagged_steps(alerts: list[Alert], loss: Series | None = None) -> list[int]:
     given), unless a :data:`SEVERE_KINDS` alert is on that step."""
     passing = transient_steps(alerts, loss)
     severe = {a.step for a in alerts if a.kind_name in SEVERE_KINDS}
+    return sorted(s for s in raw_flagged_steps(alerts) if s in severe or s not in passing)
+
+
+def raw_flagged_steps(alerts: list[Alert]) -> set[int]:
+    """Every step with an instability alert, on its own line or inside an ``episode_end``
+    record's ranges, before :func:`flagged_steps` excuses the transient ones."""
     steps = {a.step for a in alerts if a.kind_name in INSTABILITY_KINDS}
     for a in alerts:
         if a.kind != AlertKind.EPISODE_END:
@@ -411,7 +428,7 @@ def flagged_steps(alerts: list[Alert], loss: Series | None = None) -> list[int]:
                 and 0 <= pair[1] - pair[0] <= 1_000_000
             ):
                 steps.update(range(int(pair[0]), int(pair[1]) + 1))
-    return sorted(s for s in steps if s in severe or s not in passing)
+    return steps
 
 
 def transient_steps(alerts: list[Alert], loss: Series | None = None) -> set[int]:

@@ -56,6 +56,9 @@ class Episode:
     closed: bool = False
     steps: list[list[int]] = field(default_factory=list)
     alerts: list[int] = field(default_factory=list)
+    #: Set by the report: every flagged step of it was excused as transient (the loss came
+    #: back at once), so the verdict does not count it, whatever its closing record said.
+    transient: bool = False
 
     def facts(self) -> list[str]:
         """The episode in words, one fact each (the tab's row): what and where, the flagged
@@ -72,6 +75,8 @@ class Episode:
             out.append("interrupted (training crashed)")
         elif self.outcome == "open_at_end":
             out.append("still open when monitoring or training ended: not recovered")
+        elif self.transient:
+            out.append("recovered at once (transient): not counted by the verdict")
         elif self.recovered is not None:
             out.append("recovered" if self.recovered else "not recovered")
         elif self.outcome == "ended_quiet":

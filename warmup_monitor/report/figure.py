@@ -35,7 +35,7 @@ from warmup_monitor.report.events import Series
 from warmup_monitor.report.names import run_names
 from warmup_monitor.report.runs import RunData
 from warmup_monitor.schema import AlertKind, is_instability
-from warmup_monitor.words import peak_loss, ratio
+from warmup_monitor.words import count, peak_loss, ratio
 
 __all__ = ["MAX_OVERLAY", "MAX_POINTS", "downsample", "logged_range", "render_figure", "render_png"]
 
@@ -135,11 +135,14 @@ def caption(summary: RunSummary, name: str | None = None) -> str:
     w, e = summary.planned_warmup, summary.effective_warmup
     if w is not None:
         parts.append(f"warmup {w}" + (f"→{e}" if e is not None and e != w else ""))
-    with_ids = sum(1 for e in summary.episodes if e.id is not None)
+    with_ids = [e for e in summary.episodes if e.id is not None]
     if with_ids or not summary.episodes:
-        parts.append(f"{with_ids} unstable episode(s)")
+        held = [e for e in with_ids if not e.transient]
+        parts.append(count(len(held), "unstable episode"))
+        if len(with_ids) > len(held):  # excused by the verdict: said, not counted
+            parts.append(f"{count(len(with_ids) - len(held), 'episode')} recovered at once")
     else:  # a file written before episodes: one group per alert
-        parts.append(f"{len(summary.instability_steps)} unstable step(s)")
+        parts.append(count(len(summary.instability_steps), "unstable step"))
     if summary.peak_loss_ratio is not None:
         parts.append(peak_loss(summary.peak_loss_ratio, summary.peak_loss_ratio_step))
     if summary.final_loss_ratio is not None:
