@@ -18,6 +18,7 @@ from warmup_monitor import (
     schema,
 )
 from warmup_monitor.loop import LoopMonitor
+from warmup_monitor.report.guidance import VERDICTS, what_to_do
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -29,22 +30,25 @@ def _section(text: str, start: str, end: str) -> str:
     return text[text.index(start) : text.index(end, text.index(start))]
 
 
-def test_every_monitor_argument_is_in_the_readme_table_and_only_those() -> None:
+def test_the_readme_lists_six_arguments_and_the_options_page_every_one() -> None:
+    params = inspect.signature(WarmupMonitor.__init__).parameters
     table = _section(README, "| `WarmupMonitor` argument |", "\n\n")
-    rows = set(re.findall(r"^\| `(\w+)` \|", table, re.M))
-    params = set(inspect.signature(WarmupMonitor.__init__).parameters) - {"self"}
-    assert rows == params
-    loop_only = set(inspect.signature(LoopMonitor.__init__).parameters) - params - {"self"}
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", table, re.M))
+    assert len(rows) == 6 and set(rows) <= set(params)
+    for name, default in rows.items():
+        expected = params[name].default
+        shown = default.strip()
+        assert shown == ("required" if expected is inspect.Parameter.empty else f"`{expected!r}`")
+    page = _section(OPTIONS, "| argument | default | meaning |", "\n\n")
+    assert set(re.findall(r"^\| `(\w+)` \|", page, re.M)) == set(params) - {"self"}
+    loop_only = set(inspect.signature(LoopMonitor.__init__).parameters) - set(params) - {"self"}
     assert loop_only == {"optimizers", "writer", "model"}
     assert "LoopMonitor(optimizers, *, writer=None, model=None, ...)" in README
 
 
-def test_every_config_field_and_default_is_in_the_readme_and_options_page() -> None:
+def test_every_config_field_and_default_is_on_the_options_page() -> None:
     for cls in CONFIGS:
-        line = _section(README, f"- **`{cls.__name__}`**", ".\n")
-        shown = dict(re.findall(r"`(\w+)=([^`]+)`", line))
         fields = {f.name: repr(f.default) for f in dataclasses.fields(cls)}
-        assert shown == fields, cls.__name__
         page = (
             _section(OPTIONS, f"## `{cls.__name__}`", "\n\n#")
             if cls is not Window
@@ -52,6 +56,14 @@ def test_every_config_field_and_default_is_in_the_readme_and_options_page() -> N
         )
         rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]+)` \|", page, re.M))
         assert rows == fields, cls.__name__
+
+
+def test_the_verdict_paragraphs_are_the_reports_own() -> None:
+    """The README's "What to do when the verdict is" section quotes
+    ``warmup_monitor.report.guidance.what_to_do``, word for word, for every verdict."""
+    section = " ".join(_section(README, "## What to do when the verdict is", "\n## ").split())
+    for verdict in VERDICTS:
+        assert " ".join(f"**{verdict}**: {what_to_do(verdict)}".split()) in section, verdict
 
 
 def test_every_key_and_alert_kind_is_documented() -> None:
