@@ -162,7 +162,7 @@ def test_a_healthy_run_says_which_flagged_steps_it_excused_and_lists_no_unstable
     (a ``transient`` alert at 53), closed at 72 by a record that judged it "not recovered"
     (the loss was not yet 5 % below the initial one). The verdict excuses it and said "no
     instability alert up to step 249"; the picture's caption said "1 unstable episode(s)"."""
-    from warmup_monitor.report.figure import caption
+    from warmup_monitor.report.figure import _spans, caption
 
     alerts = [
         _alert(49, "loss_divergence", episode=1),
@@ -188,3 +188,4 @@ def test_a_healthy_run_says_which_flagged_steps_it_excused_and_lists_no_unstable
     assert "not recovered" not in episode.facts()
     text = caption(r, "long")
     assert "0 unstable episodes" in text and "1 episode recovered at once" in text
+    assert _spans(r) == []  # no bar or shading of an "unstable episode" in the pictures

@@ -92,9 +92,10 @@ def _at(s: Series | None, steps: np.ndarray) -> np.ndarray:
 
 
 def _spans(summary: RunSummary) -> list[tuple[int, int]]:
-    """The episodes' step spans, ``[start, end + 1)``, overlapping or touching ones merged."""
+    """The unstable episodes' step spans, ``[start, end + 1)``, overlapping or touching ones
+    merged (an episode the verdict excused as transient shows as its hollow dot only)."""
     out: list[tuple[int, int]] = []
-    for a, b in sorted((e.start, e.end + 1) for e in summary.episodes):
+    for a, b in sorted((e.start, e.end + 1) for e in summary.episodes if not e.transient):
         if out and a <= out[-1][1]:
             out[-1] = (out[-1][0], max(out[-1][1], b))
         else:
