@@ -513,3 +513,31 @@ def test_a_group_added_mid_training_gets_exact_per_group_values_after(
     _assert_logged(scalars, expected)
     # The head is a large part of the norm: the shares after step 2 are not those before.
     assert expected[2]["4"][1] > 0.1
+
+
+@pytest.mark.parametrize(("n_layers", "every"), [(3, 10), (48, 12)])
+def test_by_default_per_group_steps_are_further_apart_with_more_groups(
+    n_layers: int, every: int
+) -> None:
+    """``layers_every_n_steps=None``: every ``max(10, ceil(groups / 4))`` steps (written out
+    here: 3 groups every 10th step, 48 groups every 12th), step 0 included."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(n_layers)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = LoopMonitor(opt, warmup_steps=30, model=model, statistics=Statistics(layers="auto"))
+    seen: dict[int, int] = {}
+    monitor.engine.metrics_sinks.append(
+        lambda m, s: seen.__setitem__(s, sum("/layers/" in k for k in m))
+    )
+    for _ in range(25):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        monitor.before_step()
+        opt.step()
+        monitor.after_step(loss)
+    monitor.close()
+    assert max(10, -(-n_layers // 4)) == every
+    assert sorted(seen) == list(range(25))  # every step logs its scalars
+    assert {s for s, n in seen.items() if n} == set(range(0, 25, every))
+    assert {n for n in seen.values() if n} == {3 * n_layers}

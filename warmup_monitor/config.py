@@ -447,10 +447,12 @@ class Statistics(_Validated):
     list of them, matched in full against module names (``r"transformer\.h\.\d+"``), the
     parameters no pattern names forming the group ``_other``. Needs the model:
     ``LoopMonitor(model=...)``."""
-    layers_every_n_steps: int = _spec(10, _int(1))
-    """Per-group statistics on the logging steps that are multiples of this (step 0 always):
-    each such step costs about 0.05 ms per group on a CPU (``benchmarks/README_overhead.md``),
-    so the default keeps a 200-group model within 1 % of a step; ``1``: every logging step."""
+    layers_every_n_steps: int | None = _spec(None, _optional(_int(1)))
+    """Per-group statistics on the logging steps that are multiples of this (step 0 always);
+    ``None``: every ``max(10, ceil(groups / 4))`` steps (a 3-group model every 10th step, a
+    200-group one every 50th): each such step costs about 0.05 ms a group on a CPU, so the
+    cost per step stays bounded (``benchmarks/README_overhead.md``); ``1``: every logging
+    step."""
 
 
 @dataclass(frozen=True, repr=False)

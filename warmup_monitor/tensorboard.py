@@ -61,7 +61,7 @@ _LAYER_KEY = re.compile(r"(^|/)layers/[^/]+/(grad_norm|grad_share|update_ratio)$
 
 def split_layer_keys(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
     """``(the per-group keys, the others)`` of one step's metrics."""
-    layers = {k: v for k, v in metrics.items() if _LAYER_KEY.search(k)}
+    layers = {k: v for k, v in metrics.items() if "layers/" in k and _LAYER_KEY.search(k)}
     if not layers:
         return layers, metrics
     return layers, {k: v for k, v in metrics.items() if k not in layers}

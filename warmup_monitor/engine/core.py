@@ -403,8 +403,8 @@ class MonitorEngine:
         watch.released = False
         follow_groups(watch, self.config.statistics, self._model)
         do_log = self.should_log(watch.step, watch.index)
-        per_group = do_log and watch.groups is not None and watch.step % self._layers_every == 0
-        sums = watch.stats.local_sums(groups=per_group)  # in the same pass as the global sums
+        every = per_group.every(self._layers_every, watch.groups)
+        sums = watch.stats.local_sums(groups=every > 0 and do_log and watch.step % every == 0)
         if watch.update is not None and do_log:
             watch.update.snapshot(groups=sums.numel() > 2)
         watch.stepped = False

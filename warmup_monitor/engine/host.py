@@ -125,12 +125,26 @@ def layer_metrics(
     metrics: dict[str, float],
 ) -> None:
     """``layers/<group>/grad_norm``, ``grad_share`` and ``update_ratio``: the finite ones."""
-    n = len(names)
-    for j, name in enumerate(names):
-        for k, stat in enumerate(("grad_norm", "grad_share", "update_ratio")):
-            v = values[k * n + j]
-            if math.isfinite(v):
-                metrics[self.key(f"layers/{name}/{stat}", idx)] = v
+    keys = _layer_keys(self, tuple(names), idx)  # in ``values``' order: stat-major
+    for key, v in zip(keys, values, strict=True):
+        if math.isfinite(v):
+            metrics[key] = v
+
+
+_LAYER_KEYS: dict[tuple[str, tuple[str, ...], int], list[str]] = {}
+
+
+def _layer_keys(self: MonitorEngine, names: tuple[str, ...], idx: int) -> list[str]:
+    """The per-group keys of ``names`` (every statistic of every group), built once."""
+    cache_key = (self.key_prefix, names, idx)
+    keys = _LAYER_KEYS.get(cache_key)
+    if keys is None:
+        stats = ("grad_norm", "grad_share", "update_ratio")
+        keys = [self.key(f"layers/{name}/{stat}", idx) for stat in stats for name in names]
+        if len(_LAYER_KEYS) > 64:  # many monitors in one process: keep the cache small
+            _LAYER_KEYS.clear()
+        _LAYER_KEYS[cache_key] = keys
+    return keys
 
 
 def dispatch(self: MonitorEngine, alerts: Sequence[Alert], opt_idx: int) -> None:
