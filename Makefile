@@ -1,5 +1,6 @@
 # Two entry points, both usable on a fresh machine with only python3:
-#   make demo   train the example transformer with the monitor, write TensorBoard logs and a report
+#   make demo   train a small residual CNN twice (short fixed warmup, adaptive warmup) with the
+#               monitor, write TensorBoard logs and a report (the first run needs PyPI access)
 #   make test   lint, type-check and run the test suite
 #   make docs-images   docs/report*.png and docs/tb_plugin.png from the runs of `make demo` (and two more arms)
 # Both create (or reuse) the virtual environment in .venv.
