@@ -321,6 +321,24 @@ class _Reference(pl.Callback):
         self.expected[trainer.global_step - 1] = self._values
 
 
+def _fit_and_read(
+    tmp_path: os.PathLike, callbacks: list[Any], *, max_steps: int, accumulate: int = 1
+) -> dict[str, dict[int, float]]:
+    """Fit ``_Net`` with ``callbacks`` and a TensorBoardLogger; the scalars, read back."""
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
+        callbacks=callbacks,
+        logger=pl.loggers.TensorBoardLogger(str(tmp_path), name="", version=""),
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(_Net(), make_loader(n=4 * max_steps * accumulate, batch_size=4))
+    return read_scalars(str(tmp_path))
+
+
 def test_lightning_with_gradient_accumulation_logs_exact_per_group_values(
     tmp_path: os.PathLike,
 ) -> None:
@@ -331,18 +349,7 @@ def test_lightning_with_gradient_accumulation_logs_exact_per_group_values(
         statistics=Statistics(layers="auto", layers_every_n_steps=1),
         window=Window(log_every_n_steps=2),
     )
-    trainer = pl.Trainer(
-        max_steps=6,
-        accumulate_grad_batches=3,
-        callbacks=[monitor, ref],
-        logger=pl.loggers.TensorBoardLogger(str(tmp_path), name="", version=""),
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    trainer.fit(_Net(), make_loader(n=72, batch_size=4))
-    scalars = read_scalars(str(tmp_path))
+    scalars = _fit_and_read(tmp_path, [monitor, ref], max_steps=6, accumulate=3)
     logged = {s for s in scalars["warmup/layers/net.0/grad_norm"]}
     assert logged == {0, 2, 4}  # logging steps only
     _assert_logged(scalars, {s: v for s, v in ref.expected.items() if s in logged})
@@ -360,17 +367,7 @@ def test_per_group_values_come_on_logging_steps_that_are_multiples_of_layers_eve
         statistics=Statistics(layers="auto", layers_every_n_steps=layers_every),
         window=Window(log_every_n_steps=log_every),
     )
-    trainer = pl.Trainer(
-        max_steps=12,
-        callbacks=[monitor, ref],
-        logger=pl.loggers.TensorBoardLogger(str(tmp_path), name="", version=""),
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    trainer.fit(_Net(), make_loader(n=48, batch_size=4))
-    scalars = read_scalars(str(tmp_path))
+    scalars = _fit_and_read(tmp_path, [monitor, ref], max_steps=12)
     expected_steps = {s for s in range(12) if s % log_every == 0 and s % layers_every == 0}
     for g in groups:
         for stat in ("grad_norm", "grad_share", "update_ratio"):
