@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import shutil
@@ -79,6 +80,15 @@ def test_a_root_directory_reports_every_run_below_it(
     assert png.startswith(b"\x89PNG")
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert page.count("<tr><td>") == 2 and "data:image/png;base64," in page
+    # The page names the runs as the picture does (what differs in their paths), the whole
+    # name on hover, and says what to do in the words summarize uses for each run.
+    from warmup_monitor import summarize
+
+    for version in ("version_0", "version_1"):
+        full = str(logs / "run" / version)
+        assert f'<span title="{html.escape(full)}">{version}</span>' in page
+        assert f"<h2>advice for {version}</h2>" in page
+        assert html.escape(summarize(full).guidance) in page
 
 
 def test_missing_directory(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -234,12 +234,15 @@ def render_html(
 
     Every text from the runs (names, alert kinds, messages, paths) is escaped.
     """
+    from warmup_monitor.report.guidance import for_run  # it imports the analysis
+
     e = html.escape
+    names = run_names([r.name for r in summaries])
     rows = []
-    for r in summaries:
+    for r, short in zip(summaries, names.short, strict=True):
         color = _VERDICT_COLOR.get(r.verdict, "#cf222e")
         cells = [
-            e(r.name),
+            f'<span title="{e(r.name)}">{e(short)}</span>',
             f'<span class="verdict" style="color:{color}">{e(r.verdict)}</span>',
             e(_warmup_text(r)),
             e(_extensions_text(r)),
@@ -266,18 +269,19 @@ def render_html(
         '<html lang="en"><head><meta charset="utf-8"><title>warmup report</title>',
         f"<style>{_CSS}</style></head><body>",
         "<h1>warmup report</h1>",
+        f"<p>runs: {e(names.pattern)}</p>" if names.pattern else "",
         "<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in heads) + "</tr></thead>",
         "<tbody>" + "".join(rows) + "</tbody></table>",
     ]
-    for r in summaries:
+    for r, short in zip(summaries, names.short, strict=True):
         color = _VERDICT_COLOR.get(r.verdict, "#cf222e")
         parts.append(
-            f"<h2>advice for {e(r.name)}</h2><p>verdict: "
+            f"<h2>advice for {e(short)}</h2><p>verdict: "
             f'<span class="verdict" style="color:{color}">{e(r.verdict)}</span> '
             f"({e(r.verdict_reason)})</p><ul>"
         )
         parts.extend(f"<li>{e(line)}</li>" for line in r.advice)
-        parts.append("</ul>")
+        parts.append(f"</ul><p><b>What to do:</b> {e(for_run(r))}</p>")
         if r.problems:
             parts.append('<ul class="problems">')
             parts.extend(f"<li>skipped: {e(p)}</li>" for p in r.problems)
