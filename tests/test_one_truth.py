@@ -189,3 +189,15 @@ def test_a_healthy_run_says_which_flagged_steps_it_excused_and_lists_no_unstable
     text = caption(r, "long")
     assert "0 unstable episodes" in text and "1 episode recovered at once" in text
     assert _spans(r) == []  # no bar or shading of an "unstable episode" in the pictures
+
+
+def test_an_episode_says_when_its_recovery_was_judged() -> None:
+    """The demo's short run: its episode closed at step 50 "not recovered", and the run, judged
+    at its end, is "unstable but recovered" (its loss came back later). The tab's row said only
+    "not recovered" next to that verdict; it now says when that was judged."""
+    opening = _alert(28, "loss_divergence", episode=1)
+    end = _alert(50, "episode_end", episode=1, start=28, end=30, recovered=False, steps=[[28, 30]])
+    r = summarize(synthetic_run(n=250, warmup=10, alerts=[opening, end]))
+    assert r.verdict == RECOVERED
+    (episode,) = r.episodes
+    assert episode.facts()[-1] == "not recovered when it closed at step 50"

@@ -226,8 +226,8 @@ def test_episodes_are_rows_that_expand_to_their_steps(server: Server, browser: B
     )
     assert rows[0] == (
         "episode 0: steps 12-13 · 2 flagged steps · loss_spike, loss_trend_spike · "
-        "peak loss 50x the initial loss, at step 12 · recovered"
-    )
+        "peak loss 50x the initial loss, at step 12 · recovered when it closed at step 14"
+    )  # the closing record above, at step 14
     expanded = browser.js(
         "const d = document.querySelector('details.wm-episode');"
         "const before = d.open; d.querySelector('summary').click();"

@@ -59,6 +59,9 @@ class Episode:
     #: Set by the report: every flagged step of it was excused as transient (the loss came
     #: back at once), so the verdict does not count it, whatever its closing record said.
     transient: bool = False
+    #: The step of its ``episode_end`` record: its ``recovered`` was judged then, while the
+    #: run's verdict is judged at the run's end.
+    closed_at: int | None = None
 
     def facts(self) -> list[str]:
         """The episode in words, one fact each (the tab's row): what and where, the flagged
@@ -78,7 +81,8 @@ class Episode:
         elif self.transient:
             out.append("recovered at once (transient): not counted by the verdict")
         elif self.recovered is not None:
-            out.append("recovered" if self.recovered else "not recovered")
+            when = "" if self.closed_at is None else f" when it closed at step {self.closed_at}"
+            out.append(("recovered" if self.recovered else "not recovered") + when)
         elif self.outcome == "ended_quiet":
             out.append("ended quiet (no loss to judge recovery)")
         elif self.id is not None and not self.closed:
@@ -185,6 +189,7 @@ def group_episodes(alerts: list[Alert]) -> tuple[list[Episode], list[int]]:
             ep.alerts.append(i)
             if a.kind == AlertKind.EPISODE_END:
                 ep.closed = True
+                ep.closed_at = a.step
                 _apply_end(ep, a.details)
                 continue
             ep.start = min(ep.start, a.step)
