@@ -239,30 +239,26 @@ class PlanGroups:
         self.device = device
         self.of_tensor = of_tensor
         self._tensor_index = torch.tensor(of_tensor, dtype=torch.long, device=device)
-        #: Per block: ``None`` when the whole block is one group, else the segments'
-        #: ``(start, stop)`` within the block; and the group of each segment.
-        self.cuts: list[list[tuple[int, int]] | None] = []
+        #: Per block: ``None`` when the whole block is one group, else the lengths of its
+        #: segments (runs of one group, for ``Tensor.split``); and the group of each segment.
+        self.lengths: list[list[int] | None] = []
         self.seg_groups: list[list[int]] = []
         for first, stop, chunked in blocks or []:
             if chunked:
-                self.cuts.append(None)
+                self.lengths.append(None)
                 self.seg_groups.append([of_tensor[first]])
                 continue
-            segs: list[tuple[int, int]] = []
+            lengths: list[int] = []
             gs: list[int] = []
-            at = 0
             for i in range(first, stop):
                 g, n = of_tensor[i], sizes[i]
                 if gs and gs[-1] == g:
-                    segs[-1] = (segs[-1][0], at + n)
+                    lengths[-1] += n
                 else:
-                    segs.append((at, at + n))
+                    lengths.append(n)
                     gs.append(g)
-                at += n
-            self.cuts.append(None if len(gs) == 1 else segs)
+            self.lengths.append(None if len(gs) == 1 else lengths)
             self.seg_groups.append(gs)
-        #: Per block: the segments' lengths (``None``: one group), for ``Tensor.split``.
-        self.lengths = [None if c is None else [b - a for a, b in c] for c in self.cuts]
         self._full = [g for gs in self.seg_groups for g in gs]
         self._full_index = torch.tensor(self._full, dtype=torch.long, device=device)
         self._seen: list[int] = []
