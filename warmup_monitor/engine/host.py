@@ -7,11 +7,13 @@ alert sinks. Functions of the engine, kept apart from its device side.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from warmup_monitor import schema
 from warmup_monitor.alerts import Alert, AlertKind, is_instability
 from warmup_monitor.controller import WarmupExhaustedError
 from warmup_monitor.engine import rollback
@@ -125,26 +127,18 @@ def layer_metrics(
     metrics: dict[str, float],
 ) -> None:
     """``layers/<group>/grad_norm``, ``grad_share`` and ``update_ratio``: the finite ones."""
-    keys = _layer_keys(self, tuple(names), idx)  # in ``values``' order: stat-major
+    keys = _layer_keys(self.key_prefix, tuple(names), idx)  # in ``values``' order
     for key, v in zip(keys, values, strict=True):
         if math.isfinite(v):
             metrics[key] = v
 
 
-_LAYER_KEYS: dict[tuple[str, tuple[str, ...], int], list[str]] = {}
-
-
-def _layer_keys(self: MonitorEngine, names: tuple[str, ...], idx: int) -> list[str]:
-    """The per-group keys of ``names`` (every statistic of every group), built once."""
-    cache_key = (self.key_prefix, names, idx)
-    keys = _LAYER_KEYS.get(cache_key)
-    if keys is None:
-        stats = ("grad_norm", "grad_share", "update_ratio")
-        keys = [self.key(f"layers/{name}/{stat}", idx) for stat in stats for name in names]
-        if len(_LAYER_KEYS) > 64:  # many monitors in one process: keep the cache small
-            _LAYER_KEYS.clear()
-        _LAYER_KEYS[cache_key] = keys
-    return keys
+@functools.lru_cache(maxsize=64)
+def _layer_keys(prefix: str, names: tuple[str, ...], idx: int) -> tuple[str, ...]:
+    """The per-group keys of ``names``, every statistic of every group, stat-major (the
+    order of a record's values), built once per set of groups."""
+    stats = ("grad_norm", "grad_share", "update_ratio")
+    return tuple(schema.key(f"layers/{n}/{s}", prefix, idx) for s in stats for n in names)
 
 
 def dispatch(self: MonitorEngine, alerts: Sequence[Alert], opt_idx: int) -> None:
