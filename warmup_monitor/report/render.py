@@ -24,6 +24,7 @@ from rich.text import Text
 
 from warmup_monitor.report.analysis import HEALTHY, RECOVERED, TOO_SHORT, RunSummary
 from warmup_monitor.report.figure import downsample, render_png
+from warmup_monitor.report.guidance import for_run
 from warmup_monitor.report.names import run_names
 from warmup_monitor.words import count, ratio, span
 
@@ -234,8 +235,6 @@ def render_html(
 
     Every text from the runs (names, alert kinds, messages, paths) is escaped.
     """
-    from warmup_monitor.report.guidance import for_run  # it imports the analysis
-
     e = html.escape
     names = run_names([r.name for r in summaries])
     rows = []
