@@ -10,17 +10,11 @@ from typing import Any
 
 import pytest
 import torch
+from test_rollback import _net
 
 from warmup_monitor import AdaptiveWarmup
 from warmup_monitor.loop import LoopMonitor
 from warmup_monitor.rollback import Snapshots
-
-
-def _net() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
-    )
 
 
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, g: torch.Generator) -> torch.Tensor:
