@@ -45,10 +45,15 @@ def _train(
         opt.zero_grad()
 
 
-def test_loop_with_a_model_rolls_back_to_the_snapshot_before_the_episode() -> None:
+def _rollback_run(
+    steps: int = 12,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, list[Alert], dict[int, Any]]:
+    """A loop with a model (rollback on, a snapshot every 2 steps) and a NaN loss at step 5:
+    the model, the optimizer, the alerts and the states before each snapshot step."""
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     alerts: list[Alert] = []
+    states: dict[int, Any] = {}
     monitor = LoopMonitor(
         opt,
         warmup_steps=10,
@@ -56,9 +61,13 @@ def test_loop_with_a_model_rolls_back_to_the_snapshot_before_the_episode() -> No
         adaptive=AdaptiveWarmup(snapshot_every_n_steps=2),
         on_alert=alerts.append,
     )
-    states: dict[int, Any] = {}
     with monitor:
-        _train(monitor, model, opt, nan_at=5, snapshots=states)
+        _train(monitor, model, opt, nan_at=5, steps=steps, snapshots=states)
+    return model, opt, alerts, states
+
+
+def test_loop_with_a_model_rolls_back_to_the_snapshot_before_the_episode() -> None:
+    model, opt, alerts, _ = _rollback_run()
     rollbacks = [a for a in alerts if a.kind_name == "rollback"]
     assert len(rollbacks) == 1
     snap = rollbacks[0].details["snapshot_step"]
@@ -70,19 +79,7 @@ def test_loop_with_a_model_rolls_back_to_the_snapshot_before_the_episode() -> No
 
 
 def test_loop_rollback_restores_exactly_the_state_before_the_snapshot_step() -> None:
-    model = _model()
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
-    alerts: list[Alert] = []
-    states: dict[int, Any] = {}
-    monitor = LoopMonitor(
-        opt,
-        warmup_steps=10,
-        model=model,
-        adaptive=AdaptiveWarmup(snapshot_every_n_steps=2),
-        on_alert=alerts.append,
-    )
-    with monitor:
-        _train(monitor, model, opt, nan_at=5, steps=7, snapshots=states)
+    model, opt, alerts, states = _rollback_run(steps=7)
     (rollback,) = [a for a in alerts if a.kind_name == "rollback"]
     assert rollback.step == 6  # after the last update: nothing trained since the restore
     params, opt_state = states[rollback.details["snapshot_step"]]
