@@ -255,6 +255,7 @@ def load_run(
     name: str | None = None,
     prefix: str | None = None,
     *,
+    alerts_file: str | None = None,
     _seen: tuple[str, ...] = (),
 ) -> RunData:
     """Load one run: the monitor's scalars and alerts, from whatever logger wrote them.
@@ -275,6 +276,8 @@ def load_run(
         name: The name shown for it (default: ``path``).
         prefix: The monitor's ``log_key_prefix``; ``None`` finds it in the run's tags
             (:func:`discover_prefix`), falling back to ``"warmup/"``.
+        alerts_file: The monitor's alerts JSONL when it is not the run directory's own (an
+            absolute ``alerts_file``, a ``LoopMonitor``'s file elsewhere); a note says so.
 
     Raises:
         NoEventFilesError: ``path`` holds no run of the monitor.
@@ -286,7 +289,8 @@ def load_run(
     if source is None and os.path.isdir(path):
         below = _runs_below(path)
         if len(below) == 1:
-            return load_run(below[0], name=name, prefix=prefix, _seen=_seen)
+            return load_run(below[0], name=name, prefix=prefix, alerts_file=alerts_file,
+                            _seen=_seen)  # fmt: skip
     if source is None:
         raise NoEventFilesError(
             f"{name}: no run of the monitor: no TensorBoard event file (events.out.tfevents.*), "
@@ -317,7 +321,9 @@ def load_run(
         if VAL_LOSS.search(tag):
             extra["val_loss"] = scalars[tag]
             break
-    jsonl = alerts_file_of(path, source)
+    jsonl = alerts_file or alerts_file_of(path, source)
+    if alerts_file is not None:
+        notes.append(f"alerts read from {alerts_file}")
     texts = {t: rows for t, rows in texts.items() if t.startswith(prefix)}
     alerts: list[Alert]
     if os.path.lexists(jsonl):

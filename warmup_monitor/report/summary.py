@@ -40,7 +40,6 @@ from warmup_monitor.report.runs import (
     RunNotFoundError,
     find_run_dirs,
     load_run,
-    read_alerts_jsonl,
 )
 from warmup_monitor.schema import ALERTS_FILENAME
 
@@ -330,20 +329,20 @@ def _where(source: Any) -> tuple[str, str | None, str | None]:
     )
 
 
-def _load(path: str, prefix: str | None) -> RunData:
+def _load(path: str, prefix: str | None, alerts_file: str | None = None) -> RunData:
     if not os.path.exists(path):
         raise RunNotFoundError(f"summarize: {path}: no such directory")
     if not os.path.isdir(path):
         raise RunNotFoundError(f"summarize: {path}: not a directory (give the run's log directory)")
     try:
-        return load_run(path, prefix=prefix)
+        return load_run(path, prefix=prefix, alerts_file=alerts_file)
     except NoEventFilesError as first:
         try:
             below = find_run_dirs(path)
         except ReportError:
             below = []
         if len(below) == 1:
-            return _load(below[0], prefix)
+            return _load(below[0], prefix, alerts_file)
         if below:
             listed = ", ".join(below[:5]) + (
                 f" and {len(below) - 5} more" if len(below) > 5 else ""
@@ -378,31 +377,15 @@ def summarize(source: Any) -> Summary:
         ValueError: the Trainer or monitor has no log directory (yet).
     """
     path, prefix, alerts_file = _where(source)
-    run = _load(path, prefix)
-    elsewhere = alerts_file is not None and _use_alerts_file(run, alerts_file)
+    elsewhere = alerts_file if alerts_file and _elsewhere(path, alerts_file) else None
+    run = _load(path, prefix, elsewhere)
     report = _judge(run)
-    return Summary(
-        report=report,
-        run=run,
-        guidance=for_run(report),
-        alerts_file=alerts_file if elsewhere else None,
-    )
+    return Summary(report=report, run=run, guidance=for_run(report), alerts_file=elsewhere)
 
 
-def _use_alerts_file(run: RunData, alerts_file: str) -> bool:
-    """Read the monitor's alerts file when it is not the run directory's own (an absolute
-    ``alerts_file``, or a ``LoopMonitor``'s file outside the writer's directory); whether it
-    was read."""
-    in_dir = os.path.join(run.path, ALERTS_FILENAME)
-    if not os.path.exists(alerts_file) or (
+def _elsewhere(path: str, alerts_file: str) -> bool:
+    """Whether the monitor's ``alerts_file`` exists and is not the run directory's own."""
+    in_dir = os.path.join(path, ALERTS_FILENAME)
+    return os.path.exists(alerts_file) and not (
         os.path.exists(in_dir) and os.path.samefile(in_dir, alerts_file)
-    ):
-        return False
-    alerts, problems = read_alerts_jsonl(alerts_file)
-    run.alerts, run.alerts_source = alerts, "jsonl"
-    # What load_run said about a missing alerts file no longer holds.
-    missing = f"no {ALERTS_FILENAME}"
-    run.problems = [p for p in run.problems if not p.startswith(missing)] + problems
-    run.notes = [n for n in run.notes if not n.startswith(missing)]
-    run.notes.append(f"alerts read from {alerts_file}")
-    return True
+    )
