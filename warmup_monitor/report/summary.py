@@ -42,6 +42,7 @@ from warmup_monitor.report.runs import (
     load_run,
 )
 from warmup_monitor.schema import ALERTS_FILENAME
+from warmup_monitor.words import count, span
 
 __all__ = ["Summary", "summarize"]
 
@@ -112,7 +113,7 @@ class Summary:
             warmup = f"{r.planned_warmup} steps planned"
             if r.effective_warmup is not None and r.effective_warmup != r.planned_warmup:
                 n = len(r.extensions)
-                times = f" ({n} extension{'s' if n != 1 else ''})" if n else ""
+                times = f" ({count(n, 'extension')})" if n else ""
                 warmup += f", extended to {r.effective_warmup}{times}"
             out.append(("warmup", warmup))
         if r.first_step is not None and r.last_step is not None:
@@ -240,9 +241,8 @@ def _bullets(lines: list[str]) -> Table:
 
 
 def _episode_text(ep: Episode) -> str:
-    where = f"step {ep.start}" if ep.start == ep.end else f"steps {ep.start}-{ep.end}"
-    flagged = f"{ep.count} flagged step{'s' if ep.count != 1 else ''}"
-    text = f"{where} ({flagged}): {', '.join(ep.kinds) or 'no kind recorded'}"
+    flagged = count(ep.count, "flagged step")
+    text = f"{span(ep.start, ep.end)} ({flagged}): {', '.join(ep.kinds) or 'no kind recorded'}"
     if ep.peak_ratio is not None and math.isfinite(ep.peak_ratio):
         at = f" at step {ep.peak_step}" if ep.peak_step is not None else ""
         text += f"; peak loss {ep.peak_ratio:.3g}x the initial{at}"
