@@ -341,9 +341,7 @@ def _load(path: str, prefix: str | None, alerts_file: str | None = None) -> RunD
             below = find_run_dirs(path)
         except ReportError:
             below = []
-        if len(below) == 1:
-            return _load(below[0], prefix, alerts_file)
-        if below:
+        if below:  # a single run below was read by load_run itself
             listed = ", ".join(below[:5]) + (
                 f" and {len(below) - 5} more" if len(below) > 5 else ""
             )
