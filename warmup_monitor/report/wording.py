@@ -54,10 +54,6 @@ def _steps_text(steps: list[int], limit: int = 6) -> str:
     return shown + (f", ... (+{more} more)" if more > 0 else "")
 
 
-def _g(x: float) -> str:
-    return f"{x:.3g}"
-
-
 def advise(r: RunSummary) -> list[str]:
     """Concrete advice from the summary's numbers (each sentence states the facts it rests on)."""
     out: list[str] = []
