@@ -120,7 +120,8 @@ def _positive(y: np.ndarray) -> np.ndarray:
     return np.where(y > 0, y, np.nan)
 
 
-def _verdict_color(verdict: str) -> str:
+def verdict_color(verdict: str) -> str:
+    """The colour a verdict is shown in (pictures, HTML): green, amber, grey, else red."""
     return _VERDICT_COLOR.get(verdict, _UNSTABLE_COLOR)
 
 
@@ -321,7 +322,7 @@ def _overlay(plt: Any, runs: Sequence[RunData], summaries: Sequence[RunSummary])
             y,
             caption(summary, "" if single else name),
             fontsize=8.5,
-            color=_verdict_color(summary.verdict),
+            color=verdict_color(summary.verdict),
             va="top",
         )
     return fig
@@ -513,7 +514,7 @@ def _small_multiples(plt: Any, runs: Sequence[RunData], summaries: Sequence[RunS
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, height), squeeze=False)
     counts: dict[str, int] = {}
     for ax, run, summary, name in zip(axes.flat, runs, summaries, names.short, strict=False):
-        color = _verdict_color(summary.verdict)
+        color = verdict_color(summary.verdict)
         span = logged_range([run])
         counts[summary.verdict] = counts.get(summary.verdict, 0) + 1
         loss = run.series.get("loss")

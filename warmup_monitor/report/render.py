@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from warmup_monitor.report.analysis import HEALTHY, RECOVERED, TOO_SHORT, RunSummary
-from warmup_monitor.report.figure import downsample, render_png
+from warmup_monitor.report.figure import downsample, render_png, verdict_color
 from warmup_monitor.report.guidance import for_run
 from warmup_monitor.report.names import run_names
 from warmup_monitor.words import count, ratio, span
@@ -40,7 +40,13 @@ __all__ = [
 ]
 
 _VERDICT_STYLE = {HEALTHY: "bold green", RECOVERED: "bold yellow", TOO_SHORT: "bold"}
-_VERDICT_COLOR = {HEALTHY: "#1a7f37", RECOVERED: "#9a6700", TOO_SHORT: "#57606a"}
+
+
+def verdict_style(verdict: str) -> str:
+    """The rich style a verdict is printed in: green, yellow, plain bold, else red."""
+    return _VERDICT_STYLE.get(verdict, "bold red")
+
+
 # C0 controls but tab and newline, DEL, C1 controls (CSI is 0x9b), and the bidirectional
 # overrides that can make a name read as another.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -158,7 +164,7 @@ def summary_table(
     for r, name in zip(summaries, shown, strict=True):
         cells = [Text(clean_text(name))] if show_run else []
         cells += [
-            Text(r.verdict, style=_VERDICT_STYLE.get(r.verdict, "bold red")),
+            Text(r.verdict, style=verdict_style(r.verdict)),
             Text(_warmup_text(r)),
         ]
         if wide:
@@ -194,7 +200,7 @@ def print_report(summaries: Sequence[RunSummary], console: Console, *, wide: boo
             console.print(Text("advice", style="bold"))
         else:
             console.print(Text.assemble(("advice for ", "bold"), (clean_text(name), "bold cyan")))
-        style = _VERDICT_STYLE.get(r.verdict, "bold red")
+        style = verdict_style(r.verdict)
         lines = Table.grid(padding=(0, 1), pad_edge=False)
         lines.add_column(width=3, justify="right", no_wrap=True)
         lines.add_column(overflow="fold")
@@ -239,7 +245,7 @@ def render_html(
     names = run_names([r.name for r in summaries])
     rows = []
     for r, short in zip(summaries, names.short, strict=True):
-        color = _VERDICT_COLOR.get(r.verdict, "#cf222e")
+        color = verdict_color(r.verdict)
         cells = [
             f'<span title="{e(r.name)}">{e(short)}</span>',
             f'<span class="verdict" style="color:{color}">{e(r.verdict)}</span>',
@@ -273,7 +279,7 @@ def render_html(
         "<tbody>" + "".join(rows) + "</tbody></table>",
     ]
     for r, short in zip(summaries, names.short, strict=True):
-        color = _VERDICT_COLOR.get(r.verdict, "#cf222e")
+        color = verdict_color(r.verdict)
         parts.append(
             f"<h2>advice for {e(short)}</h2><p>verdict: "
             f'<span class="verdict" style="color:{color}">{e(r.verdict)}</span> '

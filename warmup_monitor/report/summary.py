@@ -28,11 +28,12 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from warmup_monitor.report.analysis import HEALTHY, RECOVERED, TOO_SHORT, RunSummary
+from warmup_monitor.report.analysis import RunSummary
 from warmup_monitor.report.analysis import summarize as _judge
 from warmup_monitor.report.episodes import Episode
+from warmup_monitor.report.figure import verdict_color
 from warmup_monitor.report.guidance import for_run
-from warmup_monitor.report.render import clean_text
+from warmup_monitor.report.render import clean_text, verdict_style
 from warmup_monitor.report.runs import (
     NoEventFilesError,
     ReportError,
@@ -49,8 +50,6 @@ __all__ = ["Summary", "summarize"]
 #: Episodes listed one by one; the rest are counted.
 MAX_EPISODES_SHOWN = 10
 
-_STYLE = {HEALTHY: "bold green", RECOVERED: "bold yellow", TOO_SHORT: "bold"}
-_COLOR = {HEALTHY: "#1a7f37", RECOVERED: "#9a6700", TOO_SHORT: "#57606a"}
 _OUTCOMES = {
     "recovered": "recovered",
     "not_recovered": "did not recover",
@@ -147,7 +146,7 @@ class Summary:
 
     def _group(self) -> Group:
         r = self.report
-        style = _STYLE.get(r.verdict, "bold red")
+        style = verdict_style(r.verdict)
         facts = Table.grid(padding=(0, 1))
         facts.add_column(style="bold", no_wrap=True)
         facts.add_column()
@@ -192,7 +191,7 @@ class Summary:
         script)."""
         e = html.escape
         r = self.report
-        color = _COLOR.get(r.verdict, "#cf222e")
+        color = verdict_color(r.verdict)
         rows = [
             f'<tr><th style="text-align:left">verdict</th><td><b style="color:{color}">'
             f"{e(r.verdict)}</b> ({e(r.verdict_reason)})</td></tr>"
